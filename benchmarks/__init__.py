@@ -1,0 +1,1 @@
+"""Benchmark suites and the Discord simulator they (and the tests) run against."""

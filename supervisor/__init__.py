@@ -1,0 +1,2 @@
+"""Control plane: `python -m supervisor`. Plans shards, runs one worker process per core, coordinates IDENTIFY,
+restarts what dies, serves metrics and health (not built yet; see the project's issues)."""
