@@ -1,0 +1,164 @@
+"""The gateway's ledger: what the simulator saw and did, for tests and the fault suite to judge.
+
+Dispatch accounting is per session: seqs are dense (1..last_seq), so "every dispatch sent" is the pair
+`(session_id, last_seq)` plus how often each was written to a socket; a consumer that deduplicates on
+`(shard, session_id, seq)` has lost nothing exactly when it holds every seq up to `last_seq` of every session.
+Rule violations carry a stable `rule` name so tests can assert on them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final, Protocol
+
+import trio
+
+#: Bounded lists keep a long benchmark run from growing the ledger without limit; counters stay exact.
+MAX_RECORDS: Final = 20_000
+
+
+class SessionView(Protocol):
+    """What the ledger reads from a gateway session."""
+
+    session_id: str
+    shard_id: int
+    shard_count: int
+    last_seq: int
+    sent: int
+    replayed: int
+    resumes: int
+    invalid: bool
+
+    @property
+    def state(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    at: float
+    rule: str
+    shard: int | None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifyRecord:
+    at: float
+    shard: int
+    shard_count: int
+    key: int
+    accepted: bool
+    reason: str
+    since_previous_s: float | None
+    session_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRecord:
+    at: float
+    shard: int | None
+    session_id: str
+    seq: int
+    ok: bool
+    reason: str
+    replayed: int
+    via_resume_url: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRecord:
+    at: float
+    shard: int | None
+    code: int | None
+    by: str  # "client" or "server"
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatRecord:
+    at: float
+    shard: int | None
+    delay_s: float
+    fraction_of_interval: float
+
+
+@dataclass
+class GatewayLedger:
+    started_at: float = field(default_factory=trio.current_time)
+    counters: Counter[str] = field(default_factory=Counter)
+    events_by_type: Counter[str] = field(default_factory=Counter)
+    closes_received: Counter[str] = field(default_factory=Counter)
+    closes_sent: Counter[str] = field(default_factory=Counter)
+    violations: list[Violation] = field(default_factory=list)
+    identifies: list[IdentifyRecord] = field(default_factory=list)
+    resumes: list[ResumeRecord] = field(default_factory=list)
+    closes: list[CloseRecord] = field(default_factory=list)
+    first_heartbeats: list[HeartbeatRecord] = field(default_factory=list)
+    #: Every session created since the last reset, ended ones included (their dispatches still count).
+    sessions: dict[str, SessionView] = field(default_factory=dict)
+
+    def now(self) -> float:
+        return round(trio.current_time() - self.started_at, 6)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        self.counters[name] += amount
+
+    def violation(self, rule: str, shard: int | None, detail: str = "") -> None:
+        self.counters["violations"] += 1
+        _append(self.violations, Violation(self.now(), rule, shard, detail))
+
+    def identify(self, record: IdentifyRecord) -> None:
+        self.counters["identifies"] += 1
+        self.counters["identifies_accepted" if record.accepted else "identifies_refused"] += 1
+        _append(self.identifies, record)
+
+    def resume(self, record: ResumeRecord) -> None:
+        self.counters["resumes"] += 1
+        self.counters["resumes_ok" if record.ok else "resumes_failed"] += 1
+        _append(self.resumes, record)
+
+    def close(self, shard: int | None, code: int | None, by: str) -> None:
+        (self.closes_received if by == "client" else self.closes_sent)[str(code)] += 1
+        _append(self.closes, CloseRecord(self.now(), shard, code, by))
+
+    def first_heartbeat(self, shard: int | None, delay_s: float, interval_s: float) -> None:
+        _append(self.first_heartbeats, HeartbeatRecord(self.now(), shard, delay_s, delay_s / interval_s))
+
+    def rules_broken(self) -> dict[str, int]:
+        return dict(Counter(v.rule for v in self.violations))
+
+    def reset(self) -> None:
+        sessions = self.sessions
+        self.__init__()  # type: ignore[misc]
+        self.sessions = {sid: view for sid, view in sessions.items() if view.state != "ended"}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "counters": dict(self.counters),
+            "events_by_type": dict(self.events_by_type),
+            "closes_received": dict(self.closes_received),
+            "closes_sent": dict(self.closes_sent),
+            "rules_broken": self.rules_broken(),
+            "violations": [asdict(v) for v in self.violations],
+            "identifies": [asdict(r) for r in self.identifies],
+            "resumes": [asdict(r) for r in self.resumes],
+            "closes": [asdict(r) for r in self.closes],
+            "first_heartbeats": [asdict(r) for r in self.first_heartbeats],
+            "sessions": {
+                sid: {
+                    "shard": view.shard_id,
+                    "shard_count": view.shard_count,
+                    "last_seq": view.last_seq,
+                    "sent": view.sent,
+                    "replayed": view.replayed,
+                    "resumes": view.resumes,
+                    "state": view.state,
+                }
+                for sid, view in self.sessions.items()
+            },
+        }
+
+
+def _append(records: list[Any], record: object) -> None:
+    if len(records) < MAX_RECORDS:
+        records.append(record)
