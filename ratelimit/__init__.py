@@ -1,1 +1,4 @@
-"""The shared REST ratelimit engine and the REST proxy built on it (not built yet; see the project's issues)."""
+"""The shared REST ratelimit engine and the REST proxy built on it.
+
+Not built yet; see the project's issues.
+"""

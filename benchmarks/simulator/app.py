@@ -66,8 +66,13 @@ class SimulatorAddresses:
 class Simulator:
     """A running simulator. Create it with `open_simulator`."""
 
-    def __init__(self, config: SimulatorConfig, addresses: SimulatorAddresses, gateway: GatewaySimulator,
-                 rest: RestSimulator) -> None:
+    def __init__(
+        self,
+        config: SimulatorConfig,
+        addresses: SimulatorAddresses,
+        gateway: GatewaySimulator,
+        rest: RestSimulator,
+    ) -> None:
         self.config = config
         self.addresses = addresses
         self.gateway = gateway

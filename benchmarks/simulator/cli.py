@@ -54,22 +54,37 @@ def _add_field(group: Any, cls: type, field: dataclasses.Field[Any], docs: dict[
     help_text = docs.get(field.name, field.name.replace("_", " "))
     annotation = str(field.type)
     if annotation == "bool":
-        group.add_argument(_flag(field.name), dest=dest, action=argparse.BooleanOptionalAction,
-                           default=default, help=help_text)
+        group.add_argument(
+            _flag(field.name),
+            dest=dest,
+            action=argparse.BooleanOptionalAction,
+            default=default,
+            help=help_text,
+        )
     elif annotation.startswith("tuple["):
         shown = ",".join(default) if isinstance(default, tuple) else ""
         if field.name == "tokens":
-            group.add_argument("--token", dest=dest, action="append", default=None,
-                               help=f"{help_text} (repeatable; default: the built-in DEFAULT_TOKEN)")
+            group.add_argument(
+                "--token",
+                dest=dest,
+                action="append",
+                default=None,
+                help=f"{help_text} (repeatable; default: the built-in DEFAULT_TOKEN)",
+            )
         else:
             choices = get_args(config_module.Compression) if "Compression" in annotation else None
-            group.add_argument(_flag(field.name), dest=dest, default=shown,
-                               help=f"{help_text} (comma-separated{'; from ' + ', '.join(choices) if choices else ''};"
-                               f" default: {shown})")
+            group.add_argument(
+                _flag(field.name),
+                dest=dest,
+                default=shown,
+                help=f"{help_text} (comma-separated{'; from ' + ', '.join(choices) if choices else ''};"
+                f" default: {shown})",
+            )
     else:
         kind = {"int": int, "float": float, "str": str}[annotation]
-        group.add_argument(_flag(field.name), dest=dest, type=kind, default=default,
-                           help=f"{help_text} (default: {default})")
+        group.add_argument(
+            _flag(field.name), dest=dest, type=kind, default=default, help=f"{help_text} (default: {default})"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,8 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
     try:
         trio.run(_serve, config)
     except KeyboardInterrupt:
@@ -142,10 +160,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _serve(config: SimulatorConfig) -> None:
     async with open_simulator(config) as simulator:
         addresses = simulator.addresses
-        print(json.dumps({
-            "rest_url": addresses.rest_url,
-            "control_url": addresses.control_url,
-            "gateway_url": addresses.gateway_url,
-            "resume_gateway_url": addresses.resume_gateway_url,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "rest_url": addresses.rest_url,
+                    "control_url": addresses.control_url,
+                    "gateway_url": addresses.gateway_url,
+                    "resume_gateway_url": addresses.resume_gateway_url,
+                }
+            ),
+            flush=True,
+        )
         await trio.sleep_forever()

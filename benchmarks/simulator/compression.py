@@ -27,7 +27,12 @@ class TransportCompressor:
     """Turns one gateway payload into the WebSocket messages that carry it: `(data, is_binary)` pairs."""
 
     def __init__(
-        self, compression: Compression, *, zlib_level: int = 6, zlib_split_bytes: int = 0, zstd_window_log: int = 18
+        self,
+        compression: Compression,
+        *,
+        zlib_level: int = 6,
+        zlib_split_bytes: int = 0,
+        zstd_window_log: int = 18,
     ) -> None:
         self.compression: Compression = compression
         self._split = zlib_split_bytes
@@ -46,7 +51,9 @@ class TransportCompressor:
                 return [(chunk, True) for chunk in _split_zlib(data, self._split)]
             return [(data, True)]
         if self._zstd is not None:
-            return [(self._zstd.compress(payload) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK), True)]
+            return [
+                (self._zstd.compress(payload) + self._zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK), True)
+            ]
         return [(payload, False)]
 
     def corrupt_message(self) -> tuple[bytes, bool]:

@@ -89,6 +89,14 @@ class RestConfig:
     scope_on_success: bool = False
     #: Offset added to the server's wall clock in `X-RateLimit-Reset` (to test clients for skew).
     wall_clock_offset_s: float = 0.0
+    #: Probability that a reaction request gets a shared-scope 429 ("other users" on that message's channel).
+    reaction_shared_probability: float = 0.0
+    #: `retry_after` of those random shared-scope 429s, in seconds (Discord's can be minutes).
+    shared_retry_after_s: float = 30.0
+    #: Draw every bucket's limit, window and sliding/fixed kind from `seed` instead of the realistic table.
+    random_bucket_shapes: bool = False
+    #: Request records the REST ledger keeps for its `requests` list (counters are always exact).
+    ledger_records: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,34 @@ DISCORD_EPOCH_MS: Final = 1_420_070_400_000
 #: Relative weights of the firehose's event types.
 FIREHOSE_MIX: Final = (("MESSAGE_CREATE", 6), ("PRESENCE_UPDATE", 3), ("TYPING_START", 1))
 POOL_SIZE: Final = 24
-WORDS: Final = (
-    "shard gateway resume heartbeat identify guild channel message presence typing trio nursery cancel "
-    "scope deadline bucket ratelimit zlib zstd stream broker rabbit redis session sequence dispatch"
-).split()
+WORDS: Final = [
+    "shard",
+    "gateway",
+    "resume",
+    "heartbeat",
+    "identify",
+    "guild",
+    "channel",
+    "message",
+    "presence",
+    "typing",
+    "trio",
+    "nursery",
+    "cancel",
+    "scope",
+    "deadline",
+    "bucket",
+    "ratelimit",
+    "zlib",
+    "zstd",
+    "stream",
+    "broker",
+    "rabbit",
+    "redis",
+    "session",
+    "sequence",
+    "dispatch",
+]
 
 
 def snowflake(timestamp_ms: int, increment: int) -> int:
@@ -33,7 +57,8 @@ def snowflake(timestamp_ms: int, increment: int) -> int:
 def guild_ids_for_shard(shard_id: int, shard_count: int, count: int) -> list[int]:
     """`count` guild ids that Discord's routing rule places on `shard_id`."""
     base = 1_600_000_000_000 - DISCORD_EPOCH_MS  # a fixed, plausible creation time
-    ids = []
+    base -= base % shard_count
+    ids: list[int] = []
     step = 0
     while len(ids) < count:
         timestamp = base + shard_id + step * shard_count
@@ -80,7 +105,9 @@ def ready_payload(
     return ready
 
 
-def guild_create_payload(guild_id: int, *, target_bytes: int = 0, rng: random.Random | None = None) -> dict[str, Any]:
+def guild_create_payload(
+    guild_id: int, *, target_bytes: int = 0, rng: random.Random | None = None
+) -> dict[str, Any]:
     """A GUILD_CREATE; with `target_bytes` it is padded with members until about that size."""
     rng = rng or random.Random(guild_id)
     channel_id = guild_id + 1
@@ -94,15 +121,42 @@ def guild_create_payload(guild_id: int, *, target_bytes: int = 0, rng: random.Ra
         "member_count": 2,
         "joined_at": "2024-01-01T00:00:00.000000+00:00",
         "features": [],
-        "roles": [{"id": str(guild_id), "name": "@everyone", "permissions": "104324673", "position": 0,
-                   "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
+        "roles": [
+            {
+                "id": str(guild_id),
+                "name": "@everyone",
+                "permissions": "104324673",
+                "position": 0,
+                "color": 0,
+                "hoist": False,
+                "managed": False,
+                "mentionable": False,
+                "flags": 0,
+            }
+        ],
         "emojis": [],
         "stickers": [],
-        "channels": [{"id": str(channel_id), "type": 0, "name": "general", "position": 0,
-                      "permission_overwrites": [], "guild_id": str(guild_id)}],
+        "channels": [
+            {
+                "id": str(channel_id),
+                "type": 0,
+                "name": "general",
+                "position": 0,
+                "permission_overwrites": [],
+                "guild_id": str(guild_id),
+            }
+        ],
         "threads": [],
-        "members": [{"user": bot_user(), "roles": [], "joined_at": "2024-01-01T00:00:00.000000+00:00",
-                     "deaf": False, "mute": False, "flags": 0}],
+        "members": [
+            {
+                "user": bot_user(),
+                "roles": [],
+                "joined_at": "2024-01-01T00:00:00.000000+00:00",
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            }
+        ],
         "presences": [],
         "voice_states": [],
         "stage_instances": [],
@@ -121,11 +175,21 @@ def guild_create_payload(guild_id: int, *, target_bytes: int = 0, rng: random.Ra
         member_bytes = 160
         for index in range(max(0, target_bytes // member_bytes)):
             user_id = snowflake(1_650_000_000_000 + index, rng.getrandbits(22))
-            guild["members"].append({
-                "user": {"id": str(user_id), "username": f"member{index}", "discriminator": "0",
-                         "avatar": None, "global_name": None},
-                "roles": [], "joined_at": "2024-01-01T00:00:00.000000+00:00", "deaf": False, "mute": False,
-            })
+            guild["members"].append(
+                {
+                    "user": {
+                        "id": str(user_id),
+                        "username": f"member{index}",
+                        "discriminator": "0",
+                        "avatar": None,
+                        "global_name": None,
+                    },
+                    "roles": [],
+                    "joined_at": "2024-01-01T00:00:00.000000+00:00",
+                    "deaf": False,
+                    "mute": False,
+                }
+            )
         guild["member_count"] = len(guild["members"])
     return guild
 
@@ -161,30 +225,68 @@ def _event_body(name: str, guild_id: int, rng: random.Random) -> dict[str, Any]:
     now_ms = 1_700_000_000_000 + rng.randrange(10**9)
     user_id = snowflake(now_ms - 10**8, rng.getrandbits(22))
     channel_id = guild_id + 1
-    user = {"id": str(user_id), "username": f"user{user_id % 10000}", "global_name": None,
-            "discriminator": "0", "avatar": "a" * 32, "public_flags": 0}
+    user = {
+        "id": str(user_id),
+        "username": f"user{user_id % 10000}",
+        "global_name": None,
+        "discriminator": "0",
+        "avatar": "a" * 32,
+        "public_flags": 0,
+    }
     if name == "MESSAGE_CREATE":
         # 0.5-2 KB messages: content, an author, a member, and sometimes an embed.
         content = " ".join(rng.choices(WORDS, k=rng.randrange(20, 140)))
         body: dict[str, Any] = {
-            "id": str(snowflake(now_ms, rng.getrandbits(22))), "type": 0, "content": content,
-            "channel_id": str(channel_id), "guild_id": str(guild_id), "author": user,
-            "member": {"roles": [], "joined_at": "2024-01-01T00:00:00.000000+00:00", "deaf": False,
-                       "mute": False, "flags": 0},
-            "attachments": [], "embeds": [], "mentions": [], "mention_roles": [], "pinned": False,
-            "mention_everyone": False, "tts": False, "timestamp": "2026-11-27T20:00:00.000000+00:00",
-            "edited_timestamp": None, "flags": 0, "components": [], "nonce": str(rng.getrandbits(60)),
+            "id": str(snowflake(now_ms, rng.getrandbits(22))),
+            "type": 0,
+            "content": content,
+            "channel_id": str(channel_id),
+            "guild_id": str(guild_id),
+            "author": user,
+            "member": {
+                "roles": [],
+                "joined_at": "2024-01-01T00:00:00.000000+00:00",
+                "deaf": False,
+                "mute": False,
+                "flags": 0,
+            },
+            "attachments": [],
+            "embeds": [],
+            "mentions": [],
+            "mention_roles": [],
+            "pinned": False,
+            "mention_everyone": False,
+            "tts": False,
+            "timestamp": "2026-11-27T20:00:00.000000+00:00",
+            "edited_timestamp": None,
+            "flags": 0,
+            "components": [],
+            "nonce": str(rng.getrandbits(60)),
         }
         if rng.random() < 0.2:
             body["embeds"] = [{"type": "rich", "title": "embed", "description": content[:200]}]
         return body
     if name == "PRESENCE_UPDATE":
-        return {"user": {"id": str(user_id)}, "guild_id": str(guild_id), "status": rng.choice(
-            ["online", "idle", "dnd"]), "activities": [{"name": "a game", "type": 0, "created_at": now_ms}],
-            "client_status": {"desktop": "online"}}
-    return {"channel_id": str(channel_id), "guild_id": str(guild_id), "user_id": str(user_id),
-            "timestamp": now_ms // 1000, "member": {"user": user, "roles": [], "joined_at":
-            "2024-01-01T00:00:00.000000+00:00", "deaf": False, "mute": False}}
+        return {
+            "user": {"id": str(user_id)},
+            "guild_id": str(guild_id),
+            "status": rng.choice(["online", "idle", "dnd"]),
+            "activities": [{"name": "a game", "type": 0, "created_at": now_ms}],
+            "client_status": {"desktop": "online"},
+        }
+    return {
+        "channel_id": str(channel_id),
+        "guild_id": str(guild_id),
+        "user_id": str(user_id),
+        "timestamp": now_ms // 1000,
+        "member": {
+            "user": user,
+            "roles": [],
+            "joined_at": "2024-01-01T00:00:00.000000+00:00",
+            "deaf": False,
+            "mute": False,
+        },
+    }
 
 
 def dispatch_bytes(event_name: bytes, seq: int, body_json: bytes) -> bytes:

@@ -184,7 +184,9 @@ class GatewaySimulator:
             self.gw.session_start_remaining,
             self.gw.session_start_reset_after_ms,
         )
-        self.rates = FirehoseRates(self.gw.event_rate, self.gw.large_guild_probability, self.gw.large_guild_bytes)
+        self.rates = FirehoseRates(
+            self.gw.event_rate, self.gw.large_guild_probability, self.gw.large_guild_bytes
+        )
         self.sessions: dict[str, Session] = {}
         self.connections: set[GatewayConnection] = set()
         self.gateway_url = ""
@@ -225,15 +227,19 @@ class GatewaySimulator:
                 }
                 for conn in self.connections
             ],
-            "sessions": {sid: {"shard": s.shard_id, "state": s.state, "last_seq": s.last_seq}
-                         for sid, s in self.sessions.items()},
+            "sessions": {
+                sid: {"shard": s.shard_id, "state": s.state, "last_seq": s.last_seq}
+                for sid, s in self.sessions.items()
+            },
             "identify": self.gateway_bot_info()["session_start_limit"],
             "event_rate": self.rates.event_rate,
         }
 
     # -- serving --------------------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[int, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Serve the gateway and resume-gateway ports until cancelled; reports `(port, resume_port)`."""
         host = self.config.host
         main = await trio.open_tcp_listeners(self.config.gateway_port, host=host)
@@ -256,7 +262,9 @@ class GatewaySimulator:
             await trio.sleep(SESSION_REAPER_PERIOD_S)
             now = trio.current_time()
             for session_id, session in list(self.sessions.items()):
-                expired = session.detached_at is not None and now - session.detached_at > self.gw.session_ttl_s
+                expired = (
+                    session.detached_at is not None and now - session.detached_at > self.gw.session_ttl_s
+                )
                 if session.invalid or expired:
                     if expired and not session.invalid:
                         self.ledger.count("sessions_expired")
@@ -288,7 +296,9 @@ class GatewaySimulator:
                         nursery.start_soon(self._close_later, conn)
                     else:
                         conn.hello_at = trio.current_time()
-                        conn.send_payload({"op": 10, "d": {"heartbeat_interval": self.gw.heartbeat_interval_ms}})
+                        conn.send_payload(
+                            {"op": 10, "d": {"heartbeat_interval": self.gw.heartbeat_interval_ms}}
+                        )
                         nursery.start_soon(self._watch_heartbeats, conn)
                     await self._read_loop(conn)
                     nursery.cancel_scope.cancel()
@@ -316,7 +326,7 @@ class GatewaySimulator:
             await self._server_close(conn, 4002, "Unknown compression.")
             return False
         conn.compressor = TransportCompressor(
-            compression,  # type: ignore[arg-type]
+            compression,
             zlib_split_bytes=self.gw.zlib_split_bytes,
             zstd_window_log=self.gw.zstd_window_log,
         )
@@ -335,10 +345,9 @@ class GatewaySimulator:
                 await self._server_close(conn, 4002, "Payload too large.")
                 return
             except ConnectionEnded as ended:
-                self._client_closed(conn, ended.code)
+                if not ended.reply:
+                    self._client_closed(conn, ended.code)
                 return
-            if conn.blackholed:
-                continue
             await self._handle_payload(conn, message)
             if conn.ws.closed:
                 return
@@ -350,6 +359,8 @@ class GatewaySimulator:
             conn.session.invalidate()
 
     async def _handle_payload(self, conn: GatewayConnection, message: bytes | str) -> None:
+        if conn.blackholed:
+            return  # read while the blackhole began: dropped unanswered
         raw = message.encode() if isinstance(message, str) else message
         now = trio.current_time()
         window = conn.sent_times
@@ -357,7 +368,9 @@ class GatewaySimulator:
         while window and window[0] <= now - SEND_WINDOW_S:
             window.popleft()
         if len(window) > SEND_LIMIT:
-            self.ledger.violation("send_rate", conn.shard_id, f"{len(window)} payloads in {SEND_WINDOW_S:g} s")
+            self.ledger.violation(
+                "send_rate", conn.shard_id, f"{len(window)} payloads in {SEND_WINDOW_S:g} s"
+            )
             await self._server_close(conn, 4008, "Rate limited.")
             return
         if len(raw) > MAX_PAYLOAD_BYTES:
@@ -398,7 +411,9 @@ class GatewaySimulator:
             delay = now - conn.hello_at
             self.ledger.first_heartbeat(conn.shard_id, delay, interval_s)
             if delay < NO_JITTER_FRACTION * interval_s:
-                self.ledger.violation("heartbeat_no_jitter", conn.shard_id, f"first beat after {delay * 1000:.1f} ms")
+                self.ledger.violation(
+                    "heartbeat_no_jitter", conn.shard_id, f"first beat after {delay * 1000:.1f} ms"
+                )
         if data is not None and not isinstance(data, int):
             self.ledger.violation("heartbeat_bad_seq", conn.shard_id, repr(data)[:40])
         elif isinstance(data, int) and data > conn.sent_seq:
@@ -460,24 +475,58 @@ class GatewaySimulator:
         decision = self.identify.check(shard_id)
         key = shard_id % self.identify.max_concurrency
         if decision.reason == "budget_exhausted":
-            self.ledger.identify(IdentifyRecord(self.ledger.now(), shard_id, shard_count, key, False,
-                                                decision.reason, decision.since_previous_s, None))
-            self.ledger.violation("identify_budget", shard_id, "daily session start limit exceeded; token reset")
+            self.ledger.identify(
+                IdentifyRecord(
+                    self.ledger.now(),
+                    shard_id,
+                    shard_count,
+                    key,
+                    False,
+                    decision.reason,
+                    decision.since_previous_s,
+                    None,
+                )
+            )
+            self.ledger.violation(
+                "identify_budget", shard_id, "daily session start limit exceeded; token reset"
+            )
             await self._reset_token()
             return
         if not decision.allowed:
-            self.ledger.identify(IdentifyRecord(self.ledger.now(), shard_id, shard_count, key, False,
-                                                decision.reason, decision.since_previous_s, None))
+            self.ledger.identify(
+                IdentifyRecord(
+                    self.ledger.now(),
+                    shard_id,
+                    shard_count,
+                    key,
+                    False,
+                    decision.reason,
+                    decision.since_previous_s,
+                    None,
+                )
+            )
             self.ledger.violation(
-                "identify_rate", shard_id, f"key {key} identified {decision.since_previous_s:.3f} s after the last"
+                "identify_rate",
+                shard_id,
+                f"key {key} identified {decision.since_previous_s:.3f} s after the last",
             )
             assert self._nursery is not None
             self._nursery.start_soon(self._invalid_session_later, conn)
             return
         guild_ids = guild_ids_for_shard(shard_id, shard_count, math.ceil(total_guilds / shard_count))
         session = Session.create(token, (shard_id, shard_count), guild_ids, self.gw.replay_buffer)
-        self.ledger.identify(IdentifyRecord(self.ledger.now(), shard_id, shard_count, key, True, "",
-                                            decision.since_previous_s, session.session_id))
+        self.ledger.identify(
+            IdentifyRecord(
+                self.ledger.now(),
+                shard_id,
+                shard_count,
+                key,
+                True,
+                "",
+                decision.since_previous_s,
+                session.session_id,
+            )
+        )
         self.sessions[session.session_id] = session
         self.ledger.sessions[session.session_id] = session
         conn.identified = True
@@ -513,8 +562,18 @@ class GatewaySimulator:
             self.ledger.violation("resume_not_on_resume_url", session.shard_id if session else None)
 
         def record(ok: bool, reason: str, replayed: int = 0) -> None:
-            self.ledger.resume(ResumeRecord(self.ledger.now(), session.shard_id if session else None, session_id,
-                                            seq_value, ok, reason, replayed, conn.via_resume_port))
+            self.ledger.resume(
+                ResumeRecord(
+                    self.ledger.now(),
+                    session.shard_id if session else None,
+                    session_id,
+                    seq_value,
+                    ok,
+                    reason,
+                    replayed,
+                    conn.via_resume_port,
+                )
+            )
 
         if session is None or session.invalid or session.token != token:
             record(False, "unknown_session" if session is None else "session_ended")
@@ -561,14 +620,22 @@ class GatewaySimulator:
             now = trio.current_time()
             previous = self._member_requests.get(guild_id)
             if previous is not None and now - previous < MEMBER_REQUEST_WINDOW_S:
-                body = {"opcode": 8, "retry_after": round(MEMBER_REQUEST_WINDOW_S - (now - previous), 3),
-                        "meta": {"guild_id": str(guild_id), "nonce": data.get("nonce")}}
+                body = {
+                    "opcode": 8,
+                    "retry_after": round(MEMBER_REQUEST_WINDOW_S - (now - previous), 3),
+                    "meta": {"guild_id": str(guild_id), "nonce": data.get("nonce")},
+                }
                 session.append(b"RATE_LIMITED", orjson.dumps(body))
                 self.ledger.violation("member_request_rate", conn.shard_id, str(guild_id))
                 return
             self._member_requests[guild_id] = now
-        chunk = {"guild_id": str(guild_id), "members": [], "chunk_index": 0, "chunk_count": 1,
-                 "nonce": data.get("nonce")}
+        chunk: dict[str, Any] = {
+            "guild_id": str(guild_id),
+            "members": [],
+            "chunk_index": 0,
+            "chunk_count": 1,
+            "nonce": data.get("nonce"),
+        }
         session.append(b"GUILD_MEMBERS_CHUNK", orjson.dumps(chunk))
 
     async def _server_close(self, conn: GatewayConnection, code: int, reason: str) -> None:

@@ -62,9 +62,11 @@ async def serve_http(
     bound_port: int = listeners[0].socket.getsockname()[1]
     async with trio.open_nursery() as nursery:
         task_status.started(bound_port)
-        await trio.serve_listeners(
-            lambda stream: _serve_connection(stream, handler), listeners, handler_nursery=nursery
-        )
+
+        async def serve_one(stream: trio.SocketStream) -> None:
+            await _serve_connection(stream, handler)
+
+        await trio.serve_listeners(serve_one, listeners, handler_nursery=nursery)
 
 
 async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None:
@@ -132,7 +134,9 @@ async def _read_request(
     )
 
 
-async def _write_response(stream: trio.SocketStream, connection: h11.Connection, response: HttpResponse) -> None:
+async def _write_response(
+    stream: trio.SocketStream, connection: h11.Connection, response: HttpResponse
+) -> None:
     headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.headers]
     headers.append((b"content-length", str(len(response.body)).encode("ascii")))
     out = connection.send(h11.Response(status_code=response.status, headers=headers))

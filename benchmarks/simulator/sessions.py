@@ -57,8 +57,12 @@ class Session:
     pool: FirehosePool | None = None
 
     @classmethod
-    def create(cls, token: str, shard: tuple[int, int], guild_ids: list[int], replay_capacity: int) -> Session:
-        return cls(uuid.uuid4().hex, shard[0], shard[1], token, guild_ids, replay_capacity, trio.current_time())
+    def create(
+        cls, token: str, shard: tuple[int, int], guild_ids: list[int], replay_capacity: int
+    ) -> Session:
+        return cls(
+            uuid.uuid4().hex, shard[0], shard[1], token, guild_ids, replay_capacity, trio.current_time()
+        )
 
     @property
     def state(self) -> str:
@@ -178,8 +182,14 @@ class IdentifyLimiter:
         elapsed_ms = int((trio.current_time() - self._budget_set_at) * 1000)
         return max(0, self.reset_after_ms - elapsed_ms)
 
-    def set_budget(self, *, remaining: int | None = None, total: int | None = None,
-                   max_concurrency: int | None = None, reset_after_ms: int | None = None) -> None:
+    def set_budget(
+        self,
+        *,
+        remaining: int | None = None,
+        total: int | None = None,
+        max_concurrency: int | None = None,
+        reset_after_ms: int | None = None,
+    ) -> None:
         if remaining is not None:
             self.remaining = remaining
         if total is not None:

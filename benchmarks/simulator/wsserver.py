@@ -11,6 +11,7 @@ wsproto still parses everything the client sends and drives the closing handshak
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import urllib.parse
@@ -40,12 +41,16 @@ OPCODE_BINARY: Final = 0x2
 
 
 class ConnectionEnded(Exception):
-    """The peer closed (with `code`, None for a bare TCP close) or the socket broke."""
+    """The peer closed (with `code`, None for a bare TCP close) or the socket broke.
 
-    def __init__(self, code: int | None, reason: str = "") -> None:
+    `reply` is true when the close frame only answered one that the server sent first.
+    """
+
+    def __init__(self, code: int | None, reason: str = "", *, reply: bool = False) -> None:
         super().__init__(f"connection ended with code {code}")
         self.code = code
         self.reason = reason
+        self.reply = reply
 
 
 class MessageTooLarge(Exception):
@@ -94,13 +99,15 @@ class ServerWebSocket:
                 try:
                     self._ws.receive_data(data)
                 except Exception:  # wsproto raises RemoteProtocolError and h11 errors for non-WS input
-                    return await self._reject()
+                    await self._reject()
+                    return None
                 for event in self._ws.events():
                     if isinstance(event, Request):
                         await self._stream.send_all(self._ws.send(AcceptConnection()))
                         path, _, query = event.target.partition("?")
                         return HandshakeInfo(path, dict(urllib.parse.parse_qsl(query)))
-                    return await self._reject()
+                    await self._reject()
+                    return None
 
     async def _reject(self) -> None:
         with trio.move_on_after(1):
@@ -108,7 +115,6 @@ class ServerWebSocket:
                 b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
             )
         await self.abort()
-        return None
 
     async def receive(self) -> bytes | str:
         """The next complete message from the client.
@@ -130,12 +136,13 @@ class ServerWebSocket:
             while self._pending:
                 event = self._pending.pop(0)
                 if isinstance(event, CloseConnection):
-                    self.close_code_received = event.code
-                    if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    reply = self._ws.state is not ConnectionState.REMOTE_CLOSING
+                    if not reply:
+                        self.close_code_received = event.code
                         await self._send_raw(self._ws.send(event.response()))
                     self.closed = True
-                    raise ConnectionEnded(event.code, event.reason or "")
-                self._partial.append(event.data)
+                    raise ConnectionEnded(event.code, event.reason or "", reply=reply)
+                self._partial.append(event.data if isinstance(event.data, str) else bytes(event.data))
                 self._partial_size += len(event.data)
                 if self._partial_size > MAX_CLIENT_MESSAGE_BYTES:
                     raise MessageTooLarge
@@ -157,11 +164,11 @@ class ServerWebSocket:
             except Exception as exc:  # a protocol violation by the client ends the connection
                 self.closed = True
                 raise ConnectionEnded(1002, str(exc)) from exc
-            for event in self._ws.events():
-                if isinstance(event, Ping):
-                    await self._send_raw(self._ws.send(event.response()))
-                elif isinstance(event, TextMessage | BytesMessage | CloseConnection):
-                    self._pending.append(event)
+            for received in self._ws.events():
+                if isinstance(received, Ping):
+                    await self._send_raw(self._ws.send(received.response()))
+                elif isinstance(received, TextMessage | BytesMessage | CloseConnection):
+                    self._pending.append(received)
 
     async def send_messages(self, messages: Iterable[tuple[bytes, bool]]) -> None:
         """Send several `(payload, binary)` messages in one write."""
@@ -180,10 +187,8 @@ class ServerWebSocket:
     async def close(self, code: int, reason: str = "") -> None:
         """Send a close frame with `code`, give the client a moment to answer, then close the socket."""
         if not self.closed and self._ws.state is ConnectionState.OPEN:
-            try:
+            with contextlib.suppress(ConnectionEnded):
                 await self._send_raw(self._ws.send(CloseConnection(code=code, reason=reason)))
-            except ConnectionEnded:
-                pass
             with trio.move_on_after(1.0):
                 if self._receiving:  # another task reads; it sees the client's reply
                     await self._ended.wait()
@@ -199,8 +204,6 @@ class ServerWebSocket:
         """Close the TCP connection now, without a closing handshake; `reset` sends an RST."""
         self.closed = True
         if reset:
-            try:
+            with contextlib.suppress(OSError):
                 self._stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass
         await trio.aclose_forcefully(self._stream)

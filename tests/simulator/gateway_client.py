@@ -15,7 +15,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 ZLIB_SUFFIX = b"\x00\x00\xff\xff"
 
 
-class TestGatewayClient:
+class GatewayTestClient:
     def __init__(self, ws: WebSocketConnection, compress: str) -> None:
         self.ws = ws
         self.compress = compress
@@ -40,7 +40,9 @@ class TestGatewayClient:
                 self._buffer.clear()
                 return orjson.loads(data)  # type: ignore[no-any-return]
 
-    async def recv_until(self, predicate: Any, timeout: float = 10.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def recv_until(
+        self, predicate: Any, timeout: float = 10.0
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Receive until `predicate(payload)`; returns it and everything received before it."""
         seen: list[dict[str, Any]] = []
         with trio.fail_after(timeout):
@@ -68,8 +70,11 @@ class TestGatewayClient:
         return int(payload["d"]["heartbeat_interval"])
 
     async def identify(self, token: str, shard: tuple[int, int] | None = (0, 1), intents: int = 513) -> None:
-        d: dict[str, Any] = {"token": token, "intents": intents,
-                             "properties": {"os": "linux", "browser": "test", "device": "test"}}
+        d: dict[str, Any] = {
+            "token": token,
+            "intents": intents,
+            "properties": {"os": "linux", "browser": "test", "device": "test"},
+        }
         if shard is not None:
             d["shard"] = list(shard)
         await self.send({"op": 2, "d": d})
@@ -88,9 +93,15 @@ class TestGatewayClient:
 @asynccontextmanager
 async def open_gateway_client(
     url: str, compress: str = "zlib-stream", query: str | None = None
-) -> AsyncIterator[TestGatewayClient]:
+) -> AsyncIterator[GatewayTestClient]:
     if query is None:
         query = "v=10&encoding=json" + ("" if compress == "none" else f"&compress={compress}")
-    async with open_websocket_url(f"{url}/?{query}", max_message_size=64 * 1024 * 1024,
-                                  disconnect_timeout=1.0) as ws:
-        yield TestGatewayClient(ws, compress)
+    async with open_websocket_url(
+        f"{url}/?{query}", max_message_size=64 * 1024 * 1024, disconnect_timeout=1.0
+    ) as ws:
+        try:
+            yield GatewayTestClient(ws, compress)
+        finally:
+            # trio-websocket 0.12's client reader stops at EOF after a completed close handshake without
+            # closing its socket (a ResourceWarning); close it here.
+            await trio.aclose_forcefully(ws._stream)
