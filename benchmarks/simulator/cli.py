@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, Final, get_args
@@ -51,7 +52,8 @@ def _flag(name: str) -> str:
 
 def _add_field(group: Any, cls: type, field: dataclasses.Field[Any], docs: dict[str, str], dest: str) -> None:
     default = field.default if field.default is not dataclasses.MISSING else None
-    help_text = docs.get(field.name, field.name.replace("_", " "))
+    help_text = docs[field.name]  # every setting is documented in config.py (a test checks it)
+    metavar = field.name.upper()
     annotation = str(field.type)
     if annotation == "bool":
         group.add_argument(
@@ -69,6 +71,7 @@ def _add_field(group: Any, cls: type, field: dataclasses.Field[Any], docs: dict[
                 dest=dest,
                 action="append",
                 default=None,
+                metavar="TOKEN",
                 help=f"{help_text} (repeatable; default: the built-in DEFAULT_TOKEN)",
             )
         else:
@@ -77,13 +80,19 @@ def _add_field(group: Any, cls: type, field: dataclasses.Field[Any], docs: dict[
                 _flag(field.name),
                 dest=dest,
                 default=shown,
+                metavar=metavar,
                 help=f"{help_text} (comma-separated{'; from ' + ', '.join(choices) if choices else ''};"
                 f" default: {shown})",
             )
     else:
         kind = {"int": int, "float": float, "str": str}[annotation]
         group.add_argument(
-            _flag(field.name), dest=dest, type=kind, default=default, help=f"{help_text} (default: {default})"
+            _flag(field.name),
+            dest=dest,
+            type=kind,
+            default=default,
+            metavar=metavar,
+            help=f"{help_text} (default: {default})",
         )
 
 
@@ -150,25 +159,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    try:
-        trio.run(_serve, config)
-    except KeyboardInterrupt:
-        return 0
+    trio.run(_serve, config)
     return 0
 
 
 async def _serve(config: SimulatorConfig) -> None:
-    async with open_simulator(config) as simulator:
-        addresses = simulator.addresses
-        print(
-            json.dumps(
-                {
-                    "rest_url": addresses.rest_url,
-                    "control_url": addresses.control_url,
-                    "gateway_url": addresses.gateway_url,
-                    "resume_gateway_url": addresses.resume_gateway_url,
-                }
-            ),
-            flush=True,
-        )
-        await trio.sleep_forever()
+    """Serve until SIGINT or SIGTERM, then close everything and return (exit status 0)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_simulator(config) as simulator:
+            addresses = simulator.addresses
+            print(
+                json.dumps(
+                    {
+                        "rest_url": addresses.rest_url,
+                        "control_url": addresses.control_url,
+                        "gateway_url": addresses.gateway_url,
+                        "resume_gateway_url": addresses.resume_gateway_url,
+                    }
+                ),
+                flush=True,
+            )
+            async for signum in signals:
+                LOGGER.info("simulator.stopping", extra={"signal": signal.Signals(signum).name})
+                break

@@ -30,8 +30,9 @@ class GatewayConfig:
     shard_count: int = 4
     #: `session_start_limit.max_concurrency`: identify buckets per 5 s.
     max_concurrency: int = 1
-    #: `session_start_limit.total` and the starting `remaining` of the daily identify budget.
+    #: `session_start_limit.total`: the daily identify budget.
     session_start_total: int = 1000
+    #: `session_start_limit.remaining` at start; an IDENTIFY when it is 0 resets the token (every session ends).
     session_start_remaining: int = 1000
     #: `session_start_limit.reset_after` in milliseconds.
     session_start_reset_after_ms: int = 86_400_000
@@ -45,11 +46,13 @@ class GatewayConfig:
     large_guild_probability: float = 0.0
     #: Size of a large GUILD_CREATE in bytes (before compression).
     large_guild_bytes: int = 1_000_000
-    #: Compressions the gateway accepts; a client asking for another gets a plain connection refusal.
+    #: Transport compressions the gateway accepts; asking for another closes the connection with 4002.
     compressions: tuple[Compression, ...] = ("zlib-stream", "zstd-stream", "none")
     #: zlib-stream: compressed messages longer than this are sent as several WS messages of at most this
     #: many bytes each (0 = never split). Discord splits only large messages.
     zlib_split_bytes: int = 0
+    #: zlib-stream compression level (1 fastest, 9 smallest).
+    zlib_level: int = 6
     #: zstd window log (Discord's captured HELLO decodes to 18).
     zstd_window_log: int = 18
     #: Seconds a disconnected session stays resumable.
@@ -74,16 +77,19 @@ class RestConfig:
     global_limit: int = 50
     #: Multiplies every bucket window (0.1 makes a 5 s bucket a 0.5 s one, for fast tests).
     bucket_time_scale: float = 1.0
-    #: Added response latency: median milliseconds of a lognormal delay, and its sigma (0 = fixed).
+    #: Added response latency: the median milliseconds of a lognormal delay.
     latency_ms: float = 0.0
+    #: Sigma of that lognormal delay (0 = always exactly `latency_ms`).
     latency_sigma: float = 0.0
     #: Invalid requests (401, 403, non-shared 429) per source IP within `invalid_window_s` before a ban.
     invalid_request_limit: int = 10_000
+    #: The sliding window of that invalid-request count, in seconds (Discord: 10 minutes).
     invalid_window_s: float = 600.0
     #: How long a ban lasts; while banned every answer is a non-JSON 429.
     ban_duration_s: float = 3600.0
     #: Hidden sub-limit on channel name/topic edits: this many per `sublimit_window_s` per channel.
     sublimit_count: int = 2
+    #: The window of that sub-limit, in seconds (Discord: 10 minutes).
     sublimit_window_s: float = 600.0
     #: Send `X-RateLimit-Scope` on successful answers too (Discord documents it for 429s only).
     scope_on_success: bool = False
@@ -103,12 +109,17 @@ class RestConfig:
 class SimulatorConfig:
     """Everything a simulator run needs. Ports 0 pick free ports; read them back from the running app."""
 
+    #: Address every port listens on (keep it on loopback).
     host: str = "127.0.0.1"
+    #: Port of the REST API and the control endpoint (0 = any free port).
     rest_port: int = 0
+    #: Port of the gateway, the `url` in `GET /gateway/bot` (0 = any free port).
     gateway_port: int = 0
+    #: Port of READY's `resume_gateway_url` (0 = any free port).
     resume_port: int = 0
-    #: Tokens that authenticate; `accept_any_token` accepts every non-empty token instead.
+    #: Bot tokens that authenticate.
     tokens: tuple[str, ...] = (DEFAULT_TOKEN,)
+    #: Accept every non-empty token instead of only `tokens`.
     accept_any_token: bool = False
     #: Seeds the route catalogue's bucket hashes and the firehose's content.
     seed: int = 0

@@ -327,6 +327,7 @@ class GatewaySimulator:
             return False
         conn.compressor = TransportCompressor(
             compression,
+            zlib_level=self.gw.zlib_level,
             zlib_split_bytes=self.gw.zlib_split_bytes,
             zstd_window_log=self.gw.zstd_window_log,
         )
