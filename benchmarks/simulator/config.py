@@ -32,7 +32,7 @@ class GatewayConfig:
     max_concurrency: int = 1
     #: `session_start_limit.total`: the daily identify budget.
     session_start_total: int = 1000
-    #: `session_start_limit.remaining` at start; an IDENTIFY when it is 0 resets the token (every session ends).
+    #: `session_start_limit.remaining` at start; an IDENTIFY when it is 0 resets the token (all sessions end).
     session_start_remaining: int = 1000
     #: `session_start_limit.reset_after` in milliseconds.
     session_start_reset_after_ms: int = 86_400_000
