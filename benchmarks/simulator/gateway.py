@@ -659,10 +659,13 @@ class GatewaySimulator:
     async def _reset_token(self) -> None:
         """The daily budget ran out: Discord resets the token and every session ends."""
         self.tokens.revoke_all()
-        for conn in list(self.connections):
-            await self._server_close(conn, 4004, "Authentication failed.")
         for session in self.sessions.values():
             session.invalidate()
+        # Closed from the gateway's nursery: the caller is one of these connections' readers, and closing its
+        # own connection cancels it.
+        assert self._nursery is not None
+        for conn in list(self.connections):
+            self._nursery.start_soon(self._server_close, conn, 4004, "Authentication failed.")
 
     # -- control -----------------------------------------------------------------------------------------
 
