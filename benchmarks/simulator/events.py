@@ -188,6 +188,7 @@ def guild_create_payload(
                     "joined_at": "2024-01-01T00:00:00.000000+00:00",
                     "deaf": False,
                     "mute": False,
+                    "flags": 0,
                 }
             )
         guild["member_count"] = len(guild["members"])
@@ -285,6 +286,7 @@ def _event_body(name: str, guild_id: int, rng: random.Random) -> dict[str, Any]:
             "joined_at": "2024-01-01T00:00:00.000000+00:00",
             "deaf": False,
             "mute": False,
+            "flags": 0,
         },
     }
 

@@ -139,7 +139,8 @@ class ServerWebSocket:
                     reply = self._ws.state is not ConnectionState.REMOTE_CLOSING
                     if not reply:
                         self.close_code_received = event.code
-                        await self._send_raw(self._ws.send(event.response()))
+                        with contextlib.suppress(ConnectionEnded):  # the client may reset right after closing
+                            await self._send_raw(self._ws.send(event.response()))
                     self.closed = True
                     raise ConnectionEnded(event.code, event.reason or "", reply=reply)
                 self._partial.append(event.data if isinstance(event.data, str) else bytes(event.data))
