@@ -64,7 +64,7 @@ async def run_peer(script: str, *args: str, timeout: float) -> dict[str, Any]:
 async def wait_until(predicate: Callable[[], bool], timeout: float) -> None:
     """Poll `predicate` (a look at a ledger, which has no event to wait on) until it holds."""
     with trio.fail_after(timeout):
-        while not predicate():  # noqa: ASYNC110 - the ledgers are plain data, nothing to wait on
+        while not predicate():
             await trio.sleep(0.02)
 
 
