@@ -1,0 +1,261 @@
+"""`python -m workers`: the shards of one range, their publisher, session store and command source.
+
+Standalone (tests, benchmarks) it is its own identify gate and session store; under the supervisor the
+same process gets those over its control channel (the supervisor issue). Exit status: 0 clean stop, 2 bad
+configuration (the message names the key), 3 a fatal close code or a refused token, 1 anything else.
+
+Lifetimes, outermost first: the trio-asyncio loop (only when AMQP or Redis is used), the session store, the
+publisher, the publish pump, then one nursery with a `ShardRunner` per shard and the command source.
+SIGTERM/SIGINT stop the shards with a resumable close, drain the pump (so committed seqs are final) and
+flush the store before the process exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+import httpx
+import trio
+
+from . import logs
+from .commands import GatewayCommand, read_stdin_commands
+from .config import WorkerConfig, parse_int, parse_shard_ids, worker_config_from_env
+from .errors import CommandRejected, ConfigError, FatalCloseCode
+from .identify import IDENTIFY_INTERVAL_S, InMemoryIdentifyGate
+from .publish.base import OutboundEvent, Publisher
+from .publish.null import NullPublisher
+from .publish.pump import open_publish_pump
+from .publish.stdio import StdioPublisher
+from .sessions import InMemorySessionStore, SessionStore, open_redis_session_store
+from .shard import CommandAck, ShardRunner
+
+LOGGER: Final = logging.getLogger("workers")
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_CONFIG: Final = 2
+EXIT_FATAL: Final = 3
+#: Events the publish pump may hold per shard before shards stop reading (bounded memory).
+PUMP_EVENTS_PER_SHARD: Final = 2048
+PUMP_MIN_CAPACITY: Final = 8192
+GATEWAY_BOT_TIMEOUT_S: Final = 30.0
+GRACEFUL_STOP_S: Final = 10.0
+#: Added to Discord's 5 s identify window: grants are timed here, but Discord times IDENTIFYs on arrival, and
+#: two sends of one key can take different times to get there (seen here under load: over 50 ms).
+IDENTIFY_MARGIN_S: Final = 0.15
+
+
+class GatewayInfoError(Exception):
+    """`GET /gateway/bot` failed; `refused` when Discord rejected the token (401)."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+async def fetch_gateway_bot(api_url: str, token: str) -> tuple[str, int, int]:
+    """`(url, recommended shards, max_concurrency)` from `GET /gateway/bot`."""
+    try:
+        async with httpx.AsyncClient(timeout=GATEWAY_BOT_TIMEOUT_S) as http:
+            response = await http.get(f"{api_url}/gateway/bot", headers={"Authorization": f"Bot {token}"})
+    except httpx.HTTPError as exc:
+        raise GatewayInfoError(f"GET /gateway/bot failed: {exc.__class__.__name__}") from exc
+    if response.status_code == 401:
+        raise GatewayInfoError("Discord refused the token (401 on /gateway/bot)", refused=True)
+    if response.status_code != 200:
+        raise GatewayInfoError(f"GET /gateway/bot answered {response.status_code}")
+    body = response.json()
+    return str(body["url"]), int(body["shards"]), int(body["session_start_limit"]["max_concurrency"])
+
+
+@contextlib.asynccontextmanager
+async def _open_loop_if_needed(config: WorkerConfig) -> AsyncIterator[None]:
+    """The process's one trio-asyncio loop, for redis-py; AMQP runs on its own thread (workers/amqp_bridge)."""
+    if config.shard_store_type == "redis":
+        import trio_asyncio
+
+        async with trio_asyncio.open_loop():
+            yield
+    else:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _open_store(config: WorkerConfig) -> AsyncIterator[SessionStore]:
+    if config.shard_store_type == "redis":
+        async with open_redis_session_store(
+            config.redis_url, prefix=config.shard_store_prefix, pool_size=config.redis_pool_size
+        ) as store:
+            yield store
+    else:
+        yield InMemorySessionStore()
+
+
+@contextlib.asynccontextmanager
+async def _open_publisher(config: WorkerConfig) -> AsyncIterator[Publisher]:
+    if config.broker_type == "amqp":
+        from .amqp_bridge import open_amqp
+
+        async with open_amqp(config.amqp_url) as amqp:
+            yield amqp.publisher(config.broker_group, config.broker_encoding, config.broker_message_timeout_s)
+    elif config.broker_type == "null":
+        yield NullPublisher()
+    else:
+        yield StdioPublisher()
+
+
+async def run_worker(
+    config: WorkerConfig,
+    *,
+    publisher: Publisher | None = None,
+    pump_capacity: int | None = None,
+    task_status: trio.TaskStatus[dict[int, ShardRunner]] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Run every shard of `config` until a signal or a fatal close code; returns the exit status.
+
+    `publisher` replaces the configured sink and `pump_capacity` the pump's size (tests and benchmarks);
+    `task_status` reports the shard runners once they are starting.
+    """
+    logs.SECRETS.add(config.token)
+    logs.SECRETS.add_url(config.amqp_url)
+    logs.SECRETS.add_url(config.redis_url)
+    gateway_url, max_concurrency = config.gateway_url, config.max_concurrency
+    if not gateway_url or not max_concurrency:
+        url, _, concurrency = await fetch_gateway_bot(config.api_url, config.token)
+        gateway_url = gateway_url or url
+        max_concurrency = max_concurrency or concurrency
+    gate = InMemoryIdentifyGate(max_concurrency, IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S)
+    runners: dict[int, ShardRunner] = {}
+
+    def on_confirmed(batch: Sequence[OutboundEvent]) -> None:
+        for event in batch:
+            runner = runners.get(event.shard_id)
+            if runner is not None:
+                runner.on_confirmed(event)
+
+    capacity = pump_capacity or max(PUMP_MIN_CAPACITY, PUMP_EVENTS_PER_SHARD * len(config.shard_ids))
+    async with (
+        _open_loop_if_needed(config),
+        _open_store(config) as store,
+        _open_publisher(config) as sink,
+    ):
+        async with open_publish_pump(publisher or sink, capacity=capacity, on_confirmed=on_confirmed) as pump:
+            for shard_id in config.shard_ids:
+                runners[shard_id] = ShardRunner(
+                    config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
+                )
+            status = await _run_shards(config, runners, task_status)
+        await store.flush()
+    return status
+
+
+async def _run_shards(
+    config: WorkerConfig,
+    runners: dict[int, ShardRunner],
+    task_status: trio.TaskStatus[dict[int, ShardRunner]],
+) -> int:
+    status = EXIT_OK
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            shards_done = trio.Event()
+
+            async def run_shards() -> None:
+                nonlocal status
+                try:
+                    async with trio.open_nursery() as shards:
+                        for runner in runners.values():
+                            shards.start_soon(runner.run)
+                except* FatalCloseCode as group:
+                    codes = [exc.code for exc in group.exceptions if isinstance(exc, FatalCloseCode)]
+                    LOGGER.error("worker.fatal_close_code", extra={"codes": codes})
+                    status = EXIT_FATAL
+                shards_done.set()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run_shards)
+            if config.broker_type == "stdio":
+                nursery.start_soon(_consume_stdin, config, runners)
+            task_status.started(runners)
+            async for signum in signals:
+                LOGGER.info("worker.stopping", extra={"signal": signal.Signals(signum).name})
+                with trio.move_on_after(GRACEFUL_STOP_S):
+                    async with trio.open_nursery() as stopping:
+                        for runner in runners.values():
+                            stopping.start_soon(runner.stop)
+                    await shards_done.wait()
+                nursery.cancel_scope.cancel()
+                break
+    return status
+
+
+async def _consume_stdin(config: WorkerConfig, runners: dict[int, ShardRunner]) -> None:
+    """Commands from stdin, one JSON line each (DESIGN 3.3); bad lines are logged and skipped."""
+    stream = trio.lowlevel.FdStream(_dup_stdin())
+
+    async def log_outcome(rejection: CommandRejected | None) -> None:
+        if rejection is not None:
+            LOGGER.warning("command.rejected", extra={"reason": rejection.reason})
+
+    async with stream:
+        async for item in read_stdin_commands(stream, config.shard_count):
+            if isinstance(item, CommandRejected):
+                LOGGER.warning("command.rejected", extra={"reason": item.reason})
+                continue
+            await _route(item, runners, log_outcome)
+
+
+async def _route(command: GatewayCommand, runners: dict[int, ShardRunner], ack: CommandAck) -> None:
+    runner = runners.get(command.shard_id)
+    if runner is None:
+        LOGGER.warning("command.not_here", extra={"shard": command.shard_id})
+        return
+    rejection = runner.submit_command(command, ack)
+    if rejection is not None:
+        LOGGER.warning("command.rejected", extra={"reason": rejection.reason})
+
+
+def _dup_stdin() -> int:
+    return os.dup(sys.stdin.fileno())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers",
+        description="Run the gateway shards of one range (started by the supervisor; standalone for tests "
+        "and benchmarks). Settings come from the environment (see README); flags override.",
+    )
+    parser.add_argument("--shard-ids", help="shard ids to run, e.g. 0-15 or 0-7,16-23 (default: all)")
+    parser.add_argument("--shard-count", help="total shards of the bot (default: DISCORD_SHARD_COUNT)")
+    parser.add_argument("--gateway-url", default="", help="gateway URL (default: from GET /gateway/bot)")
+    parser.add_argument(
+        "--max-concurrency", default="0", help="identify buckets (default: from /gateway/bot)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        shard_count = parse_int("--shard-count", args.shard_count, minimum=1) if args.shard_count else None
+        shard_ids = parse_shard_ids("--shard-ids", args.shard_ids) if args.shard_ids else None
+        config = worker_config_from_env(
+            shard_ids=shard_ids,
+            shard_count=shard_count,
+            gateway_url=args.gateway_url,
+            max_concurrency=parse_int("--max-concurrency", args.max_concurrency),
+        )
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure_logging(config.log_level, config.log_format)
+    try:
+        return trio.run(run_worker, config)
+    except GatewayInfoError as exc:
+        LOGGER.error("worker.gateway_info_failed", extra={"error": str(exc)})
+        return EXIT_FATAL if exc.refused else EXIT_ERROR
