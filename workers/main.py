@@ -76,7 +76,7 @@ async def fetch_gateway_bot(api_url: str, token: str) -> tuple[str, int, int]:
 
 @contextlib.asynccontextmanager
 async def _open_loop_if_needed(config: WorkerConfig) -> AsyncIterator[None]:
-    """The process's one trio-asyncio loop, for redis-py; AMQP runs on its own thread (workers/amqp_bridge)."""
+    """The one trio-asyncio loop of the process, for redis-py (AMQP runs on its own thread)."""
     if config.shard_store_type == "redis":
         import trio_asyncio
 
