@@ -25,6 +25,8 @@ import httpx
 import trio
 
 from . import logs
+from .amqp_bridge import Amqp, open_amqp
+from .command_consumer import consume_amqp_commands
 from .commands import GatewayCommand, read_stdin_commands
 from .config import WorkerConfig, parse_int, parse_shard_ids, worker_config_from_env
 from .errors import CommandRejected, ConfigError, FatalCloseCode
@@ -98,16 +100,18 @@ async def _open_store(config: WorkerConfig) -> AsyncIterator[SessionStore]:
 
 
 @contextlib.asynccontextmanager
-async def _open_publisher(config: WorkerConfig) -> AsyncIterator[Publisher]:
+async def _open_broker(config: WorkerConfig) -> AsyncIterator[tuple[Publisher, Amqp | None]]:
+    """The configured event sink, and the AMQP connection when there is one (commands use it too)."""
     if config.broker_type == "amqp":
-        from .amqp_bridge import open_amqp
-
         async with open_amqp(config.amqp_url) as amqp:
-            yield amqp.publisher(config.broker_group, config.broker_encoding, config.broker_message_timeout_s)
+            yield (
+                amqp.publisher(config.broker_group, config.broker_encoding, config.broker_message_timeout_s),
+                amqp,
+            )
     elif config.broker_type == "null":
-        yield NullPublisher()
+        yield NullPublisher(), None
     else:
-        yield StdioPublisher()
+        yield StdioPublisher(), None
 
 
 async def run_worker(
@@ -143,14 +147,14 @@ async def run_worker(
     async with (
         _open_loop_if_needed(config),
         _open_store(config) as store,
-        _open_publisher(config) as sink,
+        _open_broker(config) as (sink, amqp),
     ):
         async with open_publish_pump(publisher or sink, capacity=capacity, on_confirmed=on_confirmed) as pump:
             for shard_id in config.shard_ids:
                 runners[shard_id] = ShardRunner(
                     config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
                 )
-            status = await _run_shards(config, runners, task_status)
+            status = await _run_shards(config, runners, amqp, task_status)
         await store.flush()
     return status
 
@@ -158,6 +162,7 @@ async def run_worker(
 async def _run_shards(
     config: WorkerConfig,
     runners: dict[int, ShardRunner],
+    amqp: Amqp | None,
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
 ) -> int:
     status = EXIT_OK
@@ -179,7 +184,9 @@ async def _run_shards(
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(run_shards)
-            if config.broker_type == "stdio":
+            if amqp is not None:
+                await nursery.start(consume_amqp_commands, amqp, config, runners)
+            elif config.broker_type == "stdio":
                 nursery.start_soon(_consume_stdin, config, runners)
             task_status.started(runners)
             async for signum in signals:

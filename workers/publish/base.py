@@ -61,13 +61,18 @@ def encode_spectacles(data: bytes) -> bytes:
     return msgpack_str_header(len(data)) + data
 
 
-def encode_body(event: OutboundEvent, encoding: Encoding) -> tuple[bytes, str]:
-    """The AMQP body and content type of ``event`` under ``encoding``."""
+def encode_json_text(data: bytes, encoding: Encoding) -> tuple[bytes, str]:
+    """An AMQP body and content type carrying the JSON text ``data`` under ``encoding``."""
     if encoding == "spectacles":
-        return encode_spectacles(event.data), CONTENT_TYPE_MSGPACK
+        return encode_spectacles(data), CONTENT_TYPE_MSGPACK
     if encoding == "msgpack":
-        packed: bytes = msgpack.packb(orjson.loads(event.data))
+        packed: bytes = msgpack.packb(orjson.loads(data))
         return packed, CONTENT_TYPE_MSGPACK
     if encoding == "json":
-        return event.data, CONTENT_TYPE_JSON
+        return data, CONTENT_TYPE_JSON
     raise ValueError(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
+
+
+def encode_body(event: OutboundEvent, encoding: Encoding) -> tuple[bytes, str]:
+    """The AMQP body and content type of ``event`` under ``encoding``."""
+    return encode_json_text(event.data, encoding)
