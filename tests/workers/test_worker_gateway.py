@@ -224,3 +224,34 @@ async def test_graceful_stop_closes_with_a_resumable_code() -> None:
             assert status == [EXIT_OK]
             assert dict(sim.gateway.ledger.closes_received) == {"4900": 2}
             assert all(session.state == "detached" for session in sim.gateway.ledger.sessions.values())
+
+
+async def test_events_filter_publishes_only_the_named_events_and_still_commits() -> None:
+    sink = RecordingPublisher()
+    with trio.fail_after(TIMEOUT_S):
+        only_messages = frozenset({"MESSAGE_CREATE"})
+        async with running(gateway(event_rate=200), 1, sink, events=only_messages) as (_sim, runners, _):
+            await wait_until(lambda: len(sink.events) >= 100)
+            assert {event.name for event in sink.events} == {"MESSAGE_CREATE"}
+            # Filtered events (READY, GUILD_CREATE, presences...) count as committed once all before them are.
+            await wait_until(
+                lambda: runners[0].statistics().committed_seq > max(e.seq for e in sink.events[:50])
+            )
+            seq = runners[0].statistics().committed_seq
+            published = {event.seq for event in sink.events}
+            assert any(s not in published for s in range(1, seq + 1))
+
+
+@pytest.mark.parametrize("compression", ["zlib-stream", "zstd-stream"])
+async def test_large_guild_create_split_across_frames(compression: str) -> None:
+    sink = RecordingPublisher()
+    settings = gateway(
+        event_rate=40, large_guild_probability=0.1, large_guild_bytes=3_000_000, zlib_split_bytes=65_536
+    )
+    with trio.fail_after(TIMEOUT_S):
+        async with running(settings, 1, sink, compression=compression) as (sim, _runners, _):
+            await wait_until(
+                lambda: sum(e.name == "GUILD_CREATE" and len(e.data) > 2_000_000 for e in sink.events) >= 1
+            )
+            assert_no_gaps(sink, sim)
+            assert sim.gateway.ledger.counters["connections"] == 1  # no reconnect: nothing was too large
