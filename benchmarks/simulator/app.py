@@ -23,9 +23,10 @@ from typing import Any, Final
 import orjson
 import trio
 
+from workers.httpserver import HttpRequest, HttpResponse, serve_http
+
 from .config import SimulatorConfig
 from .gateway import GatewaySimulator
-from .http import HttpRequest, HttpResponse, serve_http
 from .rest import RestSimulator
 from .tokens import TokenRegistry
 

@@ -35,9 +35,10 @@ from typing import Any, Final
 import orjson
 import trio
 
+from workers.httpserver import HttpRequest, HttpResponse
+
 from .buckets import EMPTY_STATE, BucketState, BucketView, SlidingLog, peek, take
 from .config import BOT_USER_ID, SimulatorConfig
-from .http import HttpRequest, HttpResponse
 from .payloads import BUILDERS, SnowflakeMinter
 from .rest_ledger import BanRecord, Category, RequestRecord, RestLedger
 from .routes import (

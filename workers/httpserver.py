@@ -1,8 +1,9 @@
-"""A small HTTP/1.1 server on trio and h11, just enough for the simulator's REST API and control endpoint.
+"""A small HTTP/1.1 server on trio and h11, for every HTTP endpoint we serve: the simulator's REST API,
+the supervisor's metrics and health, the HTTP REST proxy.
 
 Why not a framework: the simulator must answer in exactly Discord's shape (headers, non-JSON ban pages,
 keep-alive under load) and add latency per request, which is simplest with the sans-io h11 core driven by a
-thin trio loop. Each connection is served by one task; requests on it are answered in order (HTTP/1.1
+thin trio loop; the other endpoints need nothing more. Each connection is served by one task; requests on it are answered in order (HTTP/1.1
 without pipelining concurrency), so clients that want parallel requests open several connections, as httpx
 and aiohttp do.
 """
@@ -18,7 +19,7 @@ from typing import Final
 import h11
 import trio
 
-LOGGER: Final = logging.getLogger("benchmarks.simulator.http")
+LOGGER: Final = logging.getLogger("workers.httpserver")
 #: Largest request body accepted (Discord accepts 25 MiB uploads; the simulator needs far less).
 MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 #: A connection that sends nothing for this long is closed.
