@@ -3,9 +3,9 @@ the supervisor's metrics and health, the HTTP REST proxy.
 
 Why not a framework: the simulator must answer in exactly Discord's shape (headers, non-JSON ban pages,
 keep-alive under load) and add latency per request, which is simplest with the sans-io h11 core driven by a
-thin trio loop; the other endpoints need nothing more. Each connection is served by one task; requests on it are answered in order (HTTP/1.1
-without pipelining concurrency), so clients that want parallel requests open several connections, as httpx
-and aiohttp do.
+thin trio loop; the other endpoints need nothing more. Each connection is served by one task; requests on it
+are answered in order (no pipelining), so clients that want parallel requests open several connections, as
+httpx and aiohttp do.
 """
 
 from __future__ import annotations
