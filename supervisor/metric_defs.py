@@ -1,0 +1,102 @@
+"""Every metric the gateway exports, defined once for the supervisor and the workers.
+
+Import this module only where metrics are updated, and only after `PROMETHEUS_MULTIPROC_DIR` is set (the
+supervisor: after `supervisor.metrics.prepare_multiprocess_dir()`; workers: the supervisor puts it in their
+environment). prometheus_client decides at its first import whether values go to the shared mmap files or
+stay in this process's memory, and values in memory never reach the supervisor's `/metrics`; importing this
+module in that state raises instead of losing them quietly. Without the variable at all (a test, a one-off
+run) the metrics count in memory, which is harmless.
+
+Names follow Prometheus conventions: a `discord_` prefix, base units (`_seconds`), `_total` counters. Labels
+come from bounded sets (`supervisor.metrics.SHARD_STATES`, `RECONNECT_REASONS`, `WORKER_RESTART_CAUSES`);
+there is deliberately no per-event or per-shard label, so the number of series does not grow with the bot.
+Gauges name their multiprocess mode: `livesum` adds up the processes that are alive, so a dead worker's shards
+vanish from `discord_shards` once it is reaped (`mark_worker_dead`). Histograms and counters of dead processes
+keep counting, so totals never go backwards across restarts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram, values
+
+from .metrics import (
+    MULTIPROC_DIR_ENV,
+    SHARD_STATES,
+    WORKER_RESTART_CAUSES,
+    reconnect_reason_label,
+)
+
+__all__ = [
+    "EVENTS_PUBLISHED",
+    "EVENTS_RECEIVED",
+    "HEARTBEAT_LATENCY",
+    "IDENTIFIES",
+    "PUBLISH_CONFIRM_LAG",
+    "RECONNECTS",
+    "RESUMES",
+    "SHARDS",
+    "WORKERS",
+    "WORKER_RESTARTS",
+    "count_reconnect",
+]
+
+if os.environ.get(MULTIPROC_DIR_ENV) and values.ValueClass is values.MutexValue:
+    raise RuntimeError(
+        f"prometheus_client was imported before {MULTIPROC_DIR_ENV} was set, so its values would stay in "
+        "this process; set the variable (prepare_multiprocess_dir) before importing anything that uses it"
+    )
+
+#: Broker confirms arrive in a few ms (the publish benchmark's p99 target is 50 ms); the tail goes to 10 s.
+CONFIRM_LAG_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Gateway round trips: tens of ms normally; seconds mean a struggling connection (the ACK deadline is 10 s).
+HEARTBEAT_BUCKETS_S: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# -- workers -----------------------------------------------------------------------------------------------
+
+SHARDS: Final = Gauge(
+    "discord_shards",
+    "Gateway shards on this host by connection state.",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+EVENTS_RECEIVED: Final = Counter(
+    "discord_events_received_total", "Dispatch events received from the gateway."
+)
+EVENTS_PUBLISHED: Final = Counter(
+    "discord_events_published_total", "Dispatch events published to the broker and confirmed by it."
+)
+PUBLISH_CONFIRM_LAG: Final = Histogram(
+    "discord_publish_confirm_lag_seconds",
+    "Time from receiving a dispatch to the broker's publish confirm.",
+    buckets=CONFIRM_LAG_BUCKETS_S,
+)
+HEARTBEAT_LATENCY: Final = Histogram(
+    "discord_heartbeat_latency_seconds",
+    "Time from sending a gateway heartbeat to its ACK.",
+    buckets=HEARTBEAT_BUCKETS_S,
+)
+IDENTIFIES: Final = Counter("discord_identifies_total", "IDENTIFY payloads sent (each spends daily budget).")
+RESUMES: Final = Counter("discord_resumes_total", "RESUME payloads sent.")
+RECONNECTS: Final = Counter("discord_reconnects_total", "Gateway reconnects by reason.", ["reason"])
+
+# -- supervisor --------------------------------------------------------------------------------------------
+
+WORKER_RESTARTS: Final = Counter(
+    "discord_worker_restarts_total", "Worker processes respawned by the supervisor, by cause.", ["cause"]
+)
+# Only the supervisor sets it; livesum of one live process is its value, and it vanishes if that dies.
+WORKERS: Final = Gauge("discord_workers", "Worker processes running.", multiprocess_mode="livesum")
+
+# Known label values start at 0, so a rate() over them works before the first increment.
+for _state in SHARD_STATES:
+    SHARDS.labels(state=_state)
+for _cause in WORKER_RESTART_CAUSES:
+    WORKER_RESTARTS.labels(cause=_cause)
+
+
+def count_reconnect(reason: str, amount: int = 1) -> None:
+    """Count `amount` reconnects; `reason` as workers.protocol's `Reconnect.reason` gives it."""
+    RECONNECTS.labels(reason=reconnect_reason_label(reason)).inc(amount)
