@@ -8,6 +8,7 @@ expected; entry points turn it into exit status 2.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ Compression = Literal["zlib-stream", "zstd-stream", "none"]
 BrokerType = Literal["stdio", "amqp", "null"]
 StoreType = Literal["memory", "redis"]
 Encoding = Literal["spectacles", "msgpack", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 INTENT_BITS: Final = {
     "GUILDS": 0,
@@ -71,7 +73,7 @@ def parse_duration(key: str, text: str) -> float:
             pos = match.end()
         if pos != len(text) or not text:
             raise ConfigError(key, f"a duration such as 30s, 2m or 1h30m, got {text!r}") from None
-    if value < 0:
+    if value < 0 or not math.isfinite(value):
         raise ConfigError(key, f"a non-negative duration, got {text!r}")
     return value
 
@@ -137,6 +139,20 @@ def parse_choice(key: str, text: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def parse_address(key: str, text: str) -> tuple[str, int]:
+    """`(host, port)` from `host:port` or `[v6addr]:port`; port 0 asks the OS for a free one."""
+    host, sep, port_text = text.strip().rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    valid_host = bool(host) and not any(c in host for c in " /[]@") and (bracketed or ":" not in host)
+    if not sep or not valid_host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(
+            key, f"host:port such as 127.0.0.1:9100 (0.0.0.0:PORT for every interface), got {text!r}"
+        )
+    return host, int(port_text)
+
+
 def read_token(environ: Mapping[str, str]) -> str:
     """`DISCORD_TOKEN`, or the contents of the file named by `DISCORD_TOKEN_FILE`."""
     token = environ.get("DISCORD_TOKEN", "").strip()
@@ -192,7 +208,11 @@ def worker_config_from_env(
     gateway_url: str = "",
     max_concurrency: int = 0,
 ) -> WorkerConfig:
-    """Build a `WorkerConfig` from the environment; explicit arguments (the command line) win."""
+    """Build a `WorkerConfig` from the environment; explicit arguments (the command line) win.
+
+    `DISCORD_GATEWAY_URL` and `DISCORD_MAX_CONCURRENCY` are how the supervisor hands a worker what it learnt
+    from `GET /gateway/bot`; unset, the worker asks Discord itself.
+    """
     env = os.environ if environ is None else environ
 
     def get(key: str, default: str = "") -> str:
@@ -235,8 +255,9 @@ def worker_config_from_env(
         shard_ids=shard_ids,
         shard_count=shard_count,
         api_url=get("DISCORD_API_URL", DEFAULT_API_URL).rstrip("/"),
-        gateway_url=gateway_url,
-        max_concurrency=max_concurrency,
+        gateway_url=gateway_url or get("DISCORD_GATEWAY_URL"),
+        max_concurrency=max_concurrency
+        or parse_int("DISCORD_MAX_CONCURRENCY", get("DISCORD_MAX_CONCURRENCY") or "0"),
         intents=intents,
         events=events,
         presence=presence,
@@ -258,6 +279,6 @@ def worker_config_from_env(
         shard_store_prefix=get("SHARD_STORE_PREFIX", "gateway"),
         redis_url=get("REDIS_URL", "redis://127.0.0.1:6379"),
         redis_pool_size=parse_int("REDIS_POOL_SIZE", get("REDIS_POOL_SIZE", "5"), minimum=1),
-        log_level=parse_choice("LOG_LEVEL", get("LOG_LEVEL", "info"), ("debug", "info", "warning", "error")),
+        log_level=parse_choice("LOG_LEVEL", get("LOG_LEVEL", "info"), get_args(LogLevel)),
         log_format=parse_choice("LOG_FORMAT", get("LOG_FORMAT", "auto"), ("auto", "json", "console")),  # type: ignore[arg-type]
     )

@@ -1,0 +1,5 @@
+"""`python -m supervisor`: see `supervisor.cli`."""
+
+from .cli import main
+
+raise SystemExit(main())
