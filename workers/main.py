@@ -18,8 +18,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
-from typing import Final
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import asdict
+from typing import Any, Final
 
 import httpx
 import trio
@@ -29,14 +30,16 @@ from .amqp_bridge import Amqp, open_amqp
 from .command_consumer import consume_amqp_commands
 from .commands import GatewayCommand, read_stdin_commands
 from .config import WorkerConfig, parse_int, parse_shard_ids, worker_config_from_env
+from .control import SupervisorLink, control_fd_from_env, open_supervisor_link
 from .errors import CommandRejected, ConfigError, FatalCloseCode
-from .identify import IDENTIFY_INTERVAL_S, InMemoryIdentifyGate
+from .identify import IDENTIFY_INTERVAL_S, IdentifyGate, InMemoryIdentifyGate
 from .publish.base import OutboundEvent, Publisher
 from .publish.null import NullPublisher
 from .publish.pump import open_publish_pump
 from .publish.stdio import StdioPublisher
 from .sessions import InMemorySessionStore, SessionStore, open_redis_session_store
 from .shard import CommandAck, ShardRunner
+from .telemetry import feed_metrics, metrics_enabled, observe_confirmed
 
 LOGGER: Final = logging.getLogger("workers")
 EXIT_OK: Final = 0
@@ -89,12 +92,14 @@ async def _open_loop_if_needed(config: WorkerConfig) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _open_store(config: WorkerConfig) -> AsyncIterator[SessionStore]:
+async def _open_store(config: WorkerConfig, link: SupervisorLink | None) -> AsyncIterator[SessionStore]:
     if config.shard_store_type == "redis":
         async with open_redis_session_store(
             config.redis_url, prefix=config.shard_store_prefix, pool_size=config.redis_pool_size
         ) as store:
             yield store
+    elif link is not None:
+        yield link  # the supervisor holds the sessions, so a replaced worker RESUMEs
     else:
         yield InMemorySessionStore()
 
@@ -134,21 +139,34 @@ async def run_worker(
         url, _, concurrency = await fetch_gateway_bot(config.api_url, config.token)
         gateway_url = gateway_url or url
         max_concurrency = max_concurrency or concurrency
-    gate = InMemoryIdentifyGate(max_concurrency, IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S)
     runners: dict[int, ShardRunner] = {}
+
+    metrics = metrics_enabled()
 
     def on_confirmed(batch: Sequence[OutboundEvent]) -> None:
         for event in batch:
             runner = runners.get(event.shard_id)
             if runner is not None:
                 runner.on_confirmed(event)
+        if metrics:
+            observe_confirmed(batch)
 
+    def shard_stats() -> dict[str, Any]:
+        return {str(shard): asdict(runner.statistics()) for shard, runner in runners.items()}
+
+    status = EXIT_ERROR  # unless the shards run and stop (the supervisor may vanish first)
     capacity = pump_capacity or max(PUMP_MIN_CAPACITY, PUMP_EVENTS_PER_SHARD * len(config.shard_ids))
     async with (
+        _open_supervisor_link(config, shard_stats) as link,
         _open_loop_if_needed(config),
-        _open_store(config) as store,
+        _open_store(config, link) as store,
         _open_broker(config) as (sink, amqp),
     ):
+        gate: IdentifyGate = (
+            link
+            if link is not None
+            else InMemoryIdentifyGate(max_concurrency, IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S)
+        )
         async with open_publish_pump(publisher or sink, capacity=capacity, on_confirmed=on_confirmed) as pump:
             for shard_id in config.shard_ids:
                 runners[shard_id] = ShardRunner(
@@ -157,6 +175,19 @@ async def run_worker(
             status = await _run_shards(config, runners, amqp, task_status)
         await store.flush()
     return status
+
+
+@contextlib.asynccontextmanager
+async def _open_supervisor_link(
+    config: WorkerConfig, stats: Callable[[], dict[str, Any]]
+) -> AsyncIterator[SupervisorLink | None]:
+    """The control channel when started by the supervisor (its gate and, with `memory`, its sessions)."""
+    fd = control_fd_from_env()
+    if fd is None:
+        yield None
+        return
+    async with open_supervisor_link(fd, config.shard_ids, stats) as link:
+        yield link
 
 
 async def _run_shards(
@@ -184,6 +215,8 @@ async def _run_shards(
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(run_shards)
+            if metrics_enabled():
+                nursery.start_soon(feed_metrics, runners)
             if amqp is not None:
                 await nursery.start(consume_amqp_commands, amqp, config, runners)
             elif config.broker_type == "stdio":

@@ -416,7 +416,7 @@ class ShardRunner:
         if wanted:
             data = orjson.dumps(payload.d)
             queued = self._pump.try_put(
-                OutboundEvent(self.shard_id, session.session_id, seq, event.name, data)
+                OutboundEvent(self.shard_id, session.session_id, seq, event.name, data, trio.current_time())
             )
             assert queued, "the reader checks for room before the core sees a dispatch"
             self._counters.published += 1

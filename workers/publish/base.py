@@ -36,6 +36,8 @@ class OutboundEvent:
     seq: int
     name: str
     data: bytes
+    #: `trio.current_time()` when the dispatch arrived (for the publish-confirm lag metric).
+    received_at: float = 0.0
 
 
 class Publisher(Protocol):

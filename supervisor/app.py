@@ -1,0 +1,346 @@
+"""The supervisor's run loop: plan, spawn a worker per core, coordinate IDENTIFY, restart, drain.
+
+Lifetimes, outermost first: the trio-asyncio loop (only for the Redis identify gate), the metrics and health
+endpoint, one `WorkerSlot` per shard range, the signal loop. Signals (gunicorn's table, written in trio):
+- SIGTERM / SIGINT: drain. Workers get SIGTERM, close their shards with a resumable code, flush committed
+  seqs and sessions; after `shutdown_timeout_s` whatever is left is killed. A second SIGINT kills at once.
+- SIGHUP: rolling restart, one worker at a time; the next waits until the new one has RESUMEd its shards
+  (0 identifies: the sessions stay with the supervisor or in Redis).
+Exit status: 0 clean stop, 3 a worker met a fatal close code (or the token was refused), 1 a crash loop or
+any other failure (2, bad configuration, is decided before this module runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import trio
+
+from workers import logs
+from workers.identify import IDENTIFY_INTERVAL_S, IdentifyGate, InMemoryIdentifyGate
+from workers.main import IDENTIFY_MARGIN_S
+
+from .config import Settings
+from .metrics import HealthState, mark_worker_dead, prepare_multiprocess_dir, serve_metrics
+from .planning import check_session_budget, plan_workers
+from .processes import WORKER_EXIT_FATAL, SessionBook, WorkerSlot
+from .restart import HEALTHY_UPTIME_S, RestartPolicy
+from .sdnotify import SystemdNotifier, child_environment
+
+LOGGER: Final = logging.getLogger("supervisor")
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_FATAL: Final = 3
+GATEWAY_BOT_TIMEOUT_S: Final = 30.0
+STATUS_PERIOD_S: Final = 2.0
+ROLLING_READY_TIMEOUT_S: Final = 120.0
+
+
+class SupervisorError(Exception):
+    """A failure that stops the supervisor; `status` is the exit status to use."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayBot:
+    url: str
+    shards: int
+    total: int
+    remaining: int
+    reset_after_ms: int
+    max_concurrency: int
+
+
+async def fetch_gateway_bot(api_url: str, token: str) -> GatewayBot:
+    """`GET /gateway/bot`; a 401 is `SupervisorError(status=3)`: systemd must not restart into a loop."""
+    try:
+        async with httpx.AsyncClient(timeout=GATEWAY_BOT_TIMEOUT_S) as http:
+            response = await http.get(f"{api_url}/gateway/bot", headers={"Authorization": f"Bot {token}"})
+    except httpx.HTTPError as exc:
+        raise SupervisorError(f"GET /gateway/bot failed: {exc.__class__.__name__}") from exc
+    if response.status_code == 401:
+        raise SupervisorError("Discord refused the token (401 on GET /gateway/bot)", EXIT_FATAL)
+    if response.status_code != 200:
+        raise SupervisorError(f"GET /gateway/bot answered HTTP {response.status_code}")
+    body = response.json()
+    limit = body["session_start_limit"]
+    return GatewayBot(
+        str(body["url"]),
+        int(body["shards"]),
+        int(limit["total"]),
+        int(limit["remaining"]),
+        int(limit["reset_after"]),
+        int(limit["max_concurrency"]),
+    )
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, environ: dict[str, str]) -> None:
+        self.settings = settings
+        self.environ = environ
+        self.slots: list[WorkerSlot] = []
+        self.notifier = SystemdNotifier.from_environ(environ)
+        self.policy = RestartPolicy(crash_limit=settings.restart_max, window_s=settings.restart_window_s)
+        self.status = EXIT_OK
+        self.shard_total = 0
+        self._stop = trio.Event()
+        self._crash_loop = False
+        self._rolling = False
+        self._nursery: trio.Nursery | None = None
+
+    # -- health ----------------------------------------------------------------------------------------------
+
+    def ready_shards(self) -> int:
+        return sum(slot.ready_shards() for slot in self.slots)
+
+    def health(self) -> HealthState:
+        return HealthState(
+            live=not self._crash_loop,
+            ready=self.shard_total > 0 and self.ready_shards() == self.shard_total,
+            detail={
+                "shards": self.shard_total,
+                "ready_shards": self.ready_shards(),
+                "workers": [slot.statistics() for slot in self.slots],
+            },
+        )
+
+    # -- worker exits ----------------------------------------------------------------------------------------
+
+    def _on_worker_exit(self, slot: WorkerSlot, returncode: int | None) -> float | None:
+        if slot.pid is not None:
+            mark_worker_dead(slot.pid)
+        if self._stop.is_set():
+            return None
+        from . import metric_defs as metrics
+
+        if returncode == 0:
+            metrics.WORKER_RESTARTS.labels(cause="rolling_restart" if self._rolling else "clean_exit").inc()
+            return 0.0  # asked to stop (a rolling restart): replace it at once, not a crash
+        if returncode == WORKER_EXIT_FATAL:
+            LOGGER.error("supervisor.fatal_close_code", extra={"worker": slot.index})
+            self.status = EXIT_FATAL
+            self._stop.set()
+            return None
+        now = trio.current_time()
+        if now - slot.started_at >= HEALTHY_UPTIME_S:
+            self.policy.on_healthy(slot.index, now)
+        decision = self.policy.on_exit(slot.index, now, clean=returncode == 0)
+        if decision.give_up:
+            LOGGER.error("supervisor.crash_loop", extra={"worker": slot.index, "code": returncode})
+            self._crash_loop = True
+            self.status = EXIT_ERROR
+            self._stop.set()
+            return None
+        metrics.WORKER_RESTARTS.labels(cause="unresponsive" if slot.unresponsive else "crash").inc()
+        LOGGER.warning(
+            "worker.restarting",
+            extra={"worker": slot.index, "code": returncode, "delay_s": round(decision.delay_s, 3)},
+        )
+        return decision.delay_s
+
+    # -- run -------------------------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        # First: prometheus_client must see this directory before anything imports it (metric_defs).
+        named_dir = self.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        metrics_dir = prepare_multiprocess_dir(named_dir)
+        try:
+            return await self._run(metrics_dir)
+        finally:
+            if named_dir is None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    async def _run(self, metrics_dir: Path) -> int:
+        settings = self.settings
+        logs.SECRETS.add(settings.token)
+        logs.SECRETS.add_url(settings.amqp_url)
+        logs.SECRETS.add_url(settings.redis_url)
+        info = await fetch_gateway_bot(settings.api_url, settings.token)
+        shard_count = settings.shards or info.shards
+        shard_ids = settings.shard_ids or tuple(range(shard_count))
+        if max(shard_ids) >= shard_count:
+            raise SupervisorError(f"shard ids go up to {max(shard_ids)} but there are {shard_count} shards")
+        self.shard_total = len(shard_ids)
+        budget = check_session_budget(
+            len(shard_ids), info.remaining, info.total, info.reset_after_ms, settings.identify_reserve
+        )
+        if not budget.ok:
+            raise SupervisorError(budget.message)
+        plan = plan_workers(shard_ids, settings.workers, os.cpu_count() or 1)
+        LOGGER.info(
+            "supervisor.plan",
+            extra={
+                "shards": shard_count,
+                "running": len(shard_ids),
+                "workers": len(plan),
+                "max_concurrency": info.max_concurrency,
+            },
+        )
+        book = SessionBook() if settings.shard_store_type == "memory" else None
+        async with self._open_gate(info.max_concurrency) as gate, trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if settings.prometheus_address:
+                await nursery.start(
+                    functools.partial(serve_metrics, directory=metrics_dir),
+                    settings.prometheus_address,
+                    settings.prometheus_endpoint,
+                    self.health,
+                )
+            for worker_range in plan:
+                ids = worker_range.shard_ids
+
+                def environment(ids: tuple[int, ...] = ids) -> dict[str, str]:
+                    env = child_environment(self.environ)
+                    env.update(settings.worker_environment(ids, shard_count, info.url, info.max_concurrency))
+                    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+                    return env
+
+                slot = WorkerSlot(
+                    worker_range.worker_index,
+                    ids,
+                    environment=environment,
+                    gate=gate,
+                    book=book,
+                    on_exit=self._on_worker_exit,
+                )
+                self.slots.append(slot)
+                await nursery.start(slot.run)
+            nursery.start_soon(self._report_status)
+            nursery.start_soon(self._watchdog)
+            await self._control_loop(nursery)
+        return self.status
+
+    @contextlib.asynccontextmanager
+    async def _open_gate(self, max_concurrency: int) -> AsyncIterator[IdentifyGate]:
+        interval = IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S
+        if self.settings.shard_store_type == "redis":
+            import trio_asyncio
+
+            from workers.identify_redis import open_redis_identify_gate
+
+            async with (
+                trio_asyncio.open_loop(),
+                open_redis_identify_gate(
+                    self.settings.redis_url,
+                    prefix=self.settings.shard_store_prefix,
+                    max_concurrency=max_concurrency,
+                    interval_s=interval,
+                ) as gate,
+            ):
+                yield gate
+        else:
+            yield InMemoryIdentifyGate(max_concurrency, interval)
+
+    async def _control_loop(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            for slot in self.slots:
+                await slot.connected.wait()
+            self.notifier.ready()
+            LOGGER.info("supervisor.ready", extra={"workers": len(self.slots)})
+            async with trio.open_nursery() as waiting:
+
+                async def stop_requested() -> None:
+                    await self._stop.wait()
+                    waiting.cancel_scope.cancel()
+
+                waiting.start_soon(stop_requested)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        waiting.start_soon(self._rolling_restart)
+                        continue
+                    LOGGER.info("supervisor.stopping", extra={"signal": signal.Signals(signum).name})
+                    break
+                waiting.cancel_scope.cancel()
+            await self._drain(signals)
+            nursery.cancel_scope.cancel()
+
+    async def _drain(self, signals: Any) -> None:
+        """Stop every worker gracefully within the deadline; a second SIGINT kills at once."""
+        self._stop.set()
+        self.notifier.stopping()
+        for slot in self.slots:
+            await slot.stop(signal.SIGTERM)
+        with trio.move_on_after(self.settings.shutdown_timeout_s) as deadline:
+            async with trio.open_nursery() as nursery:
+
+                async def wait_all() -> None:
+                    for slot in self.slots:
+                        if slot.process is not None:
+                            await slot.process.wait()
+                    nursery.cancel_scope.cancel()
+
+                async def fast_stop() -> None:
+                    async for signum in signals:
+                        if signum == signal.SIGINT:
+                            LOGGER.warning("supervisor.fast_stop")
+                            break
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(wait_all)
+                nursery.start_soon(fast_stop)
+        if deadline.cancelled_caught:
+            LOGGER.warning(
+                "supervisor.drain_deadline", extra={"deadline_s": self.settings.shutdown_timeout_s}
+            )
+        for slot in self.slots:
+            slot.signal(signal.SIGKILL)
+
+    async def _rolling_restart(self) -> None:
+        """SIGHUP: replace workers one at a time, each after the previous one's shards are back."""
+        self.notifier.reloading()
+        LOGGER.info("supervisor.rolling_restart")
+        self._rolling = True
+        for slot in self.slots:
+            if self._stop.is_set():
+                return
+            old = slot.process
+            slot.signal(signal.SIGTERM)
+            if old is not None:
+                await old.wait()
+            with trio.move_on_after(ROLLING_READY_TIMEOUT_S):
+                while slot.process is old or slot.ready_shards() < len(slot.shard_ids):
+                    await slot.wait_heartbeat()
+        self._rolling = False
+        self.notifier.ready()
+        LOGGER.info("supervisor.rolling_restart_done")
+
+    async def _report_status(self) -> None:
+        from . import metric_defs as metrics
+
+        while True:
+            metrics.WORKERS.set(
+                sum(1 for slot in self.slots if slot.process and slot.process.returncode is None)
+            )
+            self.notifier.status(
+                f"{self.ready_shards()}/{self.shard_total} shards ready, {len(self.slots)} workers"
+            )
+            await trio.sleep(STATUS_PERIOD_S)
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval_s()
+        if interval is None:
+            return
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+
+async def run_supervisor(settings: Settings, environ: dict[str, str]) -> int:
+    try:
+        return await Supervisor(settings, environ).run()
+    except SupervisorError as exc:
+        LOGGER.error("supervisor.failed", extra={"error": str(exc)})
+        return exc.status

@@ -1,0 +1,246 @@
+"""One worker process slot: spawn, serve its control channel, watch its heartbeats, restart it.
+
+Design note. Workers are fresh interpreters started with `trio.lowlevel.open_process([sys.executable, "-m",
+"workers"])` (never fork inside trio; anchors/style-and-ecosystem.md), each given one end of a Unix socketpair
+(`SUPERVISOR_CONTROL_FD`, protocol in workers/control.py). The slot answers identify requests from the
+supervisor's one gate, so IDENTIFYs of all processes follow one schedule, and (with `SHARD_STORE_TYPE=memory`)
+holds the sessions its worker hands back, so the replacement of a dead worker RESUMEs every shard. A worker
+whose heartbeats stop for `HEARTBEAT_TIMEOUT_S` (a stalled trio loop, a deadlock) is killed and replaced like
+a crashed one. Exit status 3 from a worker (a fatal close code) is not a crash: the supervisor stops
+everything, since no restart can succeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+import trio
+
+from workers.control import CONTROL_FD_ENV
+from workers.identify import IdentifyGate
+
+LOGGER: Final = logging.getLogger("supervisor.processes")
+HEARTBEAT_TIMEOUT_S: Final = 10.0
+WORKER_EXIT_FATAL: Final = 3
+MAX_LINE_BYTES: Final = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class SessionBook:
+    """Sessions handed back by workers (`SHARD_STORE_TYPE=memory`), keyed by shard id."""
+
+    sessions: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def update(self, save: Mapping[str, Any], delete: list[Any]) -> None:
+        for shard, session in save.items():
+            if isinstance(session, dict):
+                self.sessions[int(shard)] = session
+        for shard in delete:
+            self.sessions.pop(int(shard), None)
+
+
+class WorkerExited(Exception):
+    def __init__(self, returncode: int | None) -> None:
+        super().__init__(f"worker exited with {returncode}")
+        self.returncode = returncode
+
+
+class WorkerSlot:
+    """A place for one worker process and its shard range; `run` keeps a worker in it."""
+
+    def __init__(
+        self,
+        index: int,
+        shard_ids: tuple[int, ...],
+        *,
+        environment: Callable[[], dict[str, str]],
+        gate: IdentifyGate,
+        book: SessionBook | None,
+        on_exit: Callable[[WorkerSlot, int | None], float | None],
+    ) -> None:
+        self.index = index
+        self.shard_ids = shard_ids
+        self._environment = environment
+        self._gate = gate
+        self._book = book
+        self._on_exit = on_exit
+        self.process: trio.Process | None = None
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.last_heartbeat = -math.inf
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.connected = trio.Event()
+        self.restarts = 0
+        self.stopping = False
+        #: Set when the slot killed its worker for missing heartbeats (the restart's cause).
+        self.unresponsive = False
+        self._identify_scopes: dict[int, trio.CancelScope] = {}
+        self._heartbeat = trio.Event()
+
+    # -- queries -------------------------------------------------------------------------------------------
+
+    async def wait_heartbeat(self) -> None:
+        """Wait for the next heartbeat (new shard statistics) of this slot's worker, whichever it is."""
+        await self._heartbeat.wait()
+
+    def ready_shards(self) -> int:
+        return sum(1 for stats in self.stats.values() if stats.get("state") == "ready")
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "pid": self.pid,
+            "shards": f"{self.shard_ids[0]}-{self.shard_ids[-1]}",
+            "ready": self.ready_shards(),
+            "restarts": self.restarts,
+        }
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a worker running until `stop()` or until the supervisor says not to restart (returns)."""
+        started = False
+        while True:
+            returncode = await self._run_once(task_status if not started else trio.TASK_STATUS_IGNORED)
+            started = True
+            if self.stopping:
+                return
+            delay = self._on_exit(self, returncode)
+            if delay is None:
+                return
+            self.restarts += 1
+            await trio.sleep(delay)
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Ask the worker to stop (SIGTERM: resumable closes, flushed sessions); `run` then returns."""
+        self.stopping = True
+        self.signal(sig)
+
+    def signal(self, sig: int) -> None:
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.send_signal(sig)
+
+    async def _run_once(self, task_status: trio.TaskStatus[None]) -> int | None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = self._environment()
+        env[CONTROL_FD_ENV] = str(child.fileno())
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "workers"],
+                env=env,
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        self.process = process
+        self.pid = process.pid
+        self.started_at = trio.current_time()
+        self.last_heartbeat = self.started_at
+        self.stats = {}
+        self.connected = trio.Event()
+        self.unresponsive = False
+        LOGGER.info(
+            "worker.started", extra={"worker": self.index, "pid": process.pid, "shards": len(self.shard_ids)}
+        )
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
+        async with stream, trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_control, stream, nursery)
+            nursery.start_soon(self._watch_heartbeats, process)
+            task_status.started()
+            await process.wait()
+            nursery.cancel_scope.cancel()
+        returncode = process.returncode
+        level = logging.INFO if returncode == 0 or self.stopping else logging.WARNING
+        LOGGER.log(
+            level, "worker.exited", extra={"worker": self.index, "pid": process.pid, "code": returncode}
+        )
+        return returncode
+
+    async def _watch_heartbeats(self, process: trio.Process) -> None:
+        while process.returncode is None:
+            await trio.sleep(1.0)
+            silent = trio.current_time() - self.last_heartbeat
+            if silent > HEARTBEAT_TIMEOUT_S and not self.stopping:
+                LOGGER.error(
+                    "worker.unresponsive", extra={"worker": self.index, "silent_s": round(silent, 1)}
+                )
+                process.kill()
+                return
+
+    # -- control channel -----------------------------------------------------------------------------------
+
+    async def _serve_control(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        buffer = b""
+        send_lock = trio.Lock()
+
+        async def reply(message: dict[str, Any]) -> None:
+            async with send_lock:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(orjson.dumps(message) + b"\n")
+
+        while True:
+            try:
+                chunk = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not chunk:
+                return
+            buffer += chunk
+            if len(buffer) > MAX_LINE_BYTES:
+                LOGGER.error("worker.control_line_too_long", extra={"worker": self.index})
+                return
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                try:
+                    message = orjson.loads(line)
+                    kind = message["type"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    LOGGER.warning("worker.bad_control_message", extra={"worker": self.index})
+                    continue
+                self._handle(kind, message, reply, nursery)
+
+    def _handle(self, kind: str, message: dict[str, Any], reply: Any, nursery: trio.Nursery) -> None:
+        if kind == "heartbeat":
+            self.last_heartbeat = trio.current_time()
+            shards = message.get("shards")
+            if isinstance(shards, dict):
+                self.stats = shards
+            self._heartbeat.set()
+            self._heartbeat = trio.Event()
+        elif kind == "hello":
+            self.last_heartbeat = trio.current_time()
+            self.connected.set()
+        elif kind == "identify":
+            nursery.start_soon(self._grant, int(message["id"]), int(message["shard"]), reply)
+        elif kind == "identify_cancel":
+            scope = self._identify_scopes.pop(int(message["id"]), None)
+            if scope is not None:
+                scope.cancel()
+        elif kind == "session_load":
+            session = self._book.sessions.get(int(message["shard"])) if self._book is not None else None
+            nursery.start_soon(reply, {"type": "session", "id": message["id"], "session": session})
+        elif kind == "sessions" and self._book is not None:
+            self._book.update(message.get("save") or {}, message.get("delete") or [])
+        else:
+            LOGGER.debug("worker.control_ignored", extra={"worker": self.index, "kind": kind})
+
+    async def _grant(self, request_id: int, shard_id: int, reply: Any) -> None:
+        with trio.CancelScope() as scope:
+            self._identify_scopes[request_id] = scope
+            try:
+                await self._gate.wait_for_permit(shard_id)
+            finally:
+                self._identify_scopes.pop(request_id, None)
+            await reply({"type": "permit", "id": request_id})

@@ -1,0 +1,257 @@
+"""`python -m supervisor` as a real process tree against the simulator: start-up, identify coordination,
+restarts without identifies, signals, systemd notify, metrics and health, exit statuses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
+
+TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def supervisor(
+    sim: Simulator, log: Path, *args: str, **env_extra: str
+) -> AsyncIterator[tuple[trio.Process, str]]:
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
+    env.update(
+        {
+            "DISCORD_TOKEN": DEFAULT_TOKEN,
+            "DISCORD_API_URL": sim.addresses.rest_url,
+            "BROKER_TYPE": "null",
+            "LOG_FORMAT": "json",
+            "PROMETHEUS_ADDRESS": f"127.0.0.1:{port}",
+            "SHUTDOWN_TIMEOUT": "10s",
+        }
+    )
+    env.update(env_extra)
+    with open(log, "wb") as log_file:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "supervisor", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+        try:
+            yield process, f"http://127.0.0.1:{port}"
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def wait_until(predicate: Any, timeout: float = 30.0) -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.1)
+
+
+async def ready(base: str) -> bool:
+    try:
+        async with httpx.AsyncClient() as http:
+            return (await http.get(base + "/readyz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def health(base: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as http:
+        body: dict[str, Any] = (await http.get(base + "/healthz")).json()
+        return body
+
+
+def worker_pids(detail: dict[str, Any]) -> list[int]:
+    return [int(w["pid"]) for w in detail["detail"]["workers"] if w["pid"]]
+
+
+def gateway(**changes: Any) -> SimulatorConfig:
+    settings: dict[str, Any] = {
+        "shard_count": 4,
+        "max_concurrency": 2,
+        "event_rate": 20,
+        "guilds_per_shard": 1,
+    }
+    settings.update(changes)
+    return SimulatorConfig(gateway=GatewayConfig(**settings))
+
+
+async def test_start_kill_worker_rolling_restart_and_drain(tmp_path: Path) -> None:
+    log = tmp_path / "supervisor.log"
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            open_simulator(gateway()) as sim,
+            supervisor(sim, log, "--workers", "2") as (process, base),
+        ):
+            ledger = sim.gateway.ledger
+            started = trio.current_time()
+
+            async def all_ready() -> bool:
+                return await ready(base)
+
+            await wait_until(all_ready)
+            # 4 shards, max_concurrency 2: two identify rounds, one 5 s apart; across two processes.
+            assert trio.current_time() - started < 5.0 + 8.0  # the tight bound is a benchmark, not a test
+            assert ledger.counters["identifies_accepted"] == 4
+            assert "identify_rate" not in ledger.rules_broken()
+
+            pids = worker_pids(await health(base))
+            assert len(pids) == 2
+            os.kill(pids[0], signal.SIGKILL)
+
+            async def replaced_and_resumed() -> bool:
+                return ledger.counters["resumes_ok"] >= 2 and await ready(base)
+
+            await wait_until(replaced_and_resumed)
+            assert ledger.counters["identifies"] == 4  # the replacement RESUMEd both of its shards
+            assert pids[0] not in worker_pids(await health(base))
+
+            process.send_signal(signal.SIGHUP)
+
+            async def rolled() -> bool:
+                return ledger.counters["resumes_ok"] >= 6 and await ready(base)
+
+            await wait_until(rolled, timeout=40)
+            assert ledger.counters["identifies"] == 4
+
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(base + "/metrics")).text
+            assert "discord_" in metrics
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                await process.wait()
+            assert process.returncode == 0, log.read_text()[-3000:]
+            closes = dict(ledger.closes_received)
+            assert set(closes) <= {"4900", "None"} and closes.get("4900", 0) >= 4
+    text = log.read_text()
+    assert DEFAULT_TOKEN not in text
+
+
+async def test_fatal_close_code_stops_everything_with_status_3(tmp_path: Path) -> None:
+    log = tmp_path / "supervisor.log"
+    with trio.fail_after(TIMEOUT_S):
+        async with open_simulator(gateway(shard_count=2)) as sim, supervisor(sim, log) as (process, base):
+
+            async def all_ready() -> bool:
+                return await ready(base)
+
+            await wait_until(all_ready)
+            await sim.gateway.control("close", {"shards": [1], "code": 4014})
+            with trio.fail_after(30):
+                await process.wait()
+            assert process.returncode == 3, log.read_text()[-3000:]
+            assert sim.gateway.ledger.counters["identifies"] == 2  # no reconnect loop
+
+
+async def test_crash_loop_stops_with_status_1(tmp_path: Path) -> None:
+    log = tmp_path / "supervisor.log"
+    with trio.fail_after(TIMEOUT_S):
+        async with open_simulator(gateway(shard_count=1)) as sim:
+            closed = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+            async with supervisor(sim, log, BROKER_TYPE="amqp", AMQP_URL=closed, RESTART_MAX="2") as (
+                process,
+                _,
+            ):
+                with trio.fail_after(60):
+                    await process.wait()
+            assert process.returncode == 1
+            assert "crash_loop" in log.read_text()
+
+
+async def test_systemd_notify_and_watchdog(tmp_path: Path) -> None:
+    log = tmp_path / "supervisor.log"
+    notify_path = tmp_path / "notify.sock"
+    receiver = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await receiver.bind(str(notify_path))
+    messages: list[str] = []
+    with trio.fail_after(TIMEOUT_S), receiver:
+        async with (
+            open_simulator(gateway(shard_count=2)) as sim,
+            supervisor(sim, log, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="1000000") as (process, base),
+        ):
+
+            async def got(prefix: str) -> bool:
+                while True:
+                    with trio.move_on_after(0.05):
+                        messages.append((await receiver.recv(4096)).decode())
+                        continue
+                    return any(m.startswith(prefix) for m in messages)
+
+            await wait_until(lambda: got("READY=1"))
+            await wait_until(lambda: got("WATCHDOG=1"))
+            await wait_until(lambda: got("STATUS=2/2"))
+            process.send_signal(signal.SIGTERM)
+            await wait_until(lambda: got("STOPPING=1"))
+            await process.wait()
+            assert process.returncode == 0
+    # Workers never see the notify socket: only the supervisor (NotifyAccess=main) talks to systemd.
+    assert not any("pid" in m.lower() and "worker" in m.lower() for m in messages)
+
+
+async def test_workers_exit_when_the_supervisor_dies(tmp_path: Path) -> None:
+    log = tmp_path / "supervisor.log"
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            open_simulator(gateway(shard_count=2)) as sim,
+            supervisor(sim, log, "--workers", "2") as (
+                process,
+                base,
+            ),
+        ):
+
+            async def all_ready() -> bool:
+                return await ready(base)
+
+            await wait_until(all_ready)
+            pids = worker_pids(await health(base))
+            process.kill()
+            await process.wait()
+
+            async def workers_gone() -> bool:
+                return not any(Path(f"/proc/{pid}").exists() and _alive(pid) for pid in pids)
+
+            await wait_until(workers_gone, timeout=15)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def test_print_config_shows_sources_and_hides_secrets(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
+    env.update({"DISCORD_TOKEN": DEFAULT_TOKEN, "AMQP_URL": "amqp://user:hunter2secret@rabbit/"})
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "--print-config", "--shards", "8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert DEFAULT_TOKEN not in result.stdout and "hunter2secret" not in result.stdout
+    assert "flag" in result.stdout and "env" in result.stdout

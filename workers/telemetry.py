@@ -1,0 +1,64 @@
+"""Worker metrics: the shards' statistics fed to Prometheus (multiprocess mode) for the supervisor to serve.
+
+Only when the supervisor gave this process `PROMETHEUS_MULTIPROC_DIR` (metrics live in shared mmap files
+there; supervisor/metric_defs.py defines them once for every process). Counters advance by the difference
+between two statistics snapshots, once per `FEED_PERIOD_S`, so the hot path pays nothing for metrics except
+the confirm-lag observation, one per published batch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from .publish.base import OutboundEvent
+
+if TYPE_CHECKING:
+    from .shard import ShardRunner
+
+FEED_PERIOD_S: Final = 1.0
+MULTIPROC_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def metrics_enabled() -> bool:
+    return bool(os.environ.get(MULTIPROC_DIR_ENV))
+
+
+def observe_confirmed(batch: Sequence[OutboundEvent]) -> None:
+    """Record the confirm lag of a published batch (its newest event) and count its events."""
+    from supervisor import metric_defs as metrics
+
+    metrics.EVENTS_PUBLISHED.inc(len(batch))
+    newest = batch[-1]
+    if newest.received_at:
+        metrics.PUBLISH_CONFIRM_LAG.observe(max(0.0, trio.current_time() - newest.received_at))
+
+
+async def feed_metrics(runners: Mapping[int, ShardRunner]) -> None:
+    """Update the shard gauges and counters from statistics until cancelled."""
+    from supervisor import metric_defs as metrics
+    from supervisor.metrics import SHARD_STATES
+
+    last: dict[int, tuple[int, int, int, Counter[str]]] = {}
+    while True:
+        states: Counter[str] = Counter()
+        for shard_id, runner in runners.items():
+            stats = runner.statistics()
+            states[stats.state] += 1
+            dispatches, identifies, resumes, reconnects = last.get(shard_id, (0, 0, 0, Counter()))
+            metrics.EVENTS_RECEIVED.inc(stats.dispatches - dispatches)
+            metrics.IDENTIFIES.inc(stats.identifies - identifies)
+            metrics.RESUMES.inc(stats.resumes - resumes)
+            now_reconnects = Counter(stats.reconnects)
+            for reason, count in (now_reconnects - reconnects).items():
+                metrics.count_reconnect(reason, count)
+            if stats.heartbeat_latency_s is not None:
+                metrics.HEARTBEAT_LATENCY.observe(stats.heartbeat_latency_s)
+            last[shard_id] = (stats.dispatches, stats.identifies, stats.resumes, now_reconnects)
+        for state in SHARD_STATES:
+            metrics.SHARDS.labels(state=state).set(states.get(state, 0))
+        await trio.sleep(FEED_PERIOD_S)
