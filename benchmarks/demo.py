@@ -1,0 +1,106 @@
+"""`python -m benchmarks.demo`: the whole service on embedded defaults, no token, Redis or RabbitMQ needed.
+
+Starts the bundled Discord simulator, then `python -m supervisor --shards auto` pointed at it with the stdio
+broker, so every dispatch of every shard appears on stdout as one JSON line (DESIGN 3.3) while the logs go
+to stderr. Stops after `--seconds` (or on Ctrl-C) with SIGTERM, as systemd would, and prints a summary from
+the simulator's ledger: sessions, identifies, resumes, dispatches sent, rule violations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import trio
+
+from .simulator import DEFAULT_TOKEN
+
+
+async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = await stream.receive_some(1)
+        if not chunk:
+            raise RuntimeError("the simulator exited before it was ready")
+        line += chunk
+    return line
+
+
+async def run_demo(shards: int, seconds: float, event_rate: float) -> int:
+    simulator = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.simulator",
+            "--shard-count",
+            str(shards),
+            "--max-concurrency",
+            str(min(shards, 16)),
+            "--event-rate",
+            str(event_rate),
+            "--heartbeat-interval-ms",
+            "41250",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert simulator.stdout is not None
+        addresses: dict[str, Any] = json.loads(await _read_line(simulator.stdout))
+        env = dict(os.environ)
+        env.update(
+            {"DISCORD_TOKEN": DEFAULT_TOKEN, "DISCORD_API_URL": addresses["rest_url"], "BROKER_TYPE": "stdio"}
+        )
+        supervisor = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "supervisor", "--shards", "auto"], env=env
+        )
+        with trio.move_on_after(seconds if seconds > 0 else float("inf")):
+            await supervisor.wait()
+        if supervisor.returncode is None:
+            supervisor.send_signal(signal.SIGTERM)
+            await supervisor.wait()
+        async with httpx.AsyncClient() as http:
+            ledger = (await http.get(addresses["control_url"] + "/ledger")).json()["gateway"]
+        counters = ledger["counters"]
+        summary = {
+            "supervisor_exit": supervisor.returncode,
+            "sessions": len(ledger["sessions"]),
+            "identifies": counters.get("identifies_accepted", 0),
+            "resumes": counters.get("resumes_ok", 0),
+            "dispatches_sent": sum(s["sent"] for s in ledger["sessions"].values()),
+            "rules_broken": ledger["rules_broken"],
+        }
+        print("demo summary: " + json.dumps(summary), file=sys.stderr)
+        return int(supervisor.returncode or 0)
+    finally:
+        simulator.send_signal(signal.SIGINT)
+        with trio.move_on_after(5):
+            await simulator.wait()
+        if simulator.returncode is None:
+            simulator.kill()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__)
+    parser.add_argument("--shards", type=int, default=4, help="shards the simulator recommends (default 4)")
+    parser.add_argument(
+        "--seconds", type=float, default=15.0, help="run this long, 0 = until Ctrl-C (default 15)"
+    )
+    parser.add_argument(
+        "--event-rate", type=float, default=5.0, help="dispatches per second per shard (default 5)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        return trio.run(run_demo, args.shards, args.seconds, args.event_rate)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
