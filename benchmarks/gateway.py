@@ -1,0 +1,620 @@
+"""Gateway benchmark (anchors/gateway.md 6.2, B1-B3): `python -m benchmarks gateway [--quick] [--json PATH]`.
+
+Every figure is per CPU-second of the measured client process (user + system time of all its threads, read
+from /proc), so the simulator and RabbitMQ sharing the machine do not distort it. Where the machine has at
+least two CPUs the simulator and the client are pinned to different ones; RabbitMQ floats.
+
+Throughput (B1, B2): a fresh simulator with `shards` sessions (`--max-concurrency` = shards, one guild per
+shard, the firehose off), one client process running every shard. Once every session is attached and has
+sent READY and its GUILD_CREATE, the firehose goes to `event_rate` per session; after a warm-up the window
+measures Δ(dispatches the simulator wrote to sockets, summed over the ledger's sessions) / Δ(client CPU
+time). The simulator never runs more than 4,096 events ahead of a client (sessions.py), so at steady state
+what it sends is what the client consumes. Also reported: events per wall second and each process's share
+of one core, which tell whether the simulator or the client was the bottleneck (the per-CPU-second figure
+holds either way). Clients: `python -m workers` with `BROKER_TYPE=null` (zlib-stream and zstd-stream), with
+`BROKER_TYPE=amqp` (publisher confirms, spectacles encoding, zlib-stream; the exchange has a bound
+non-durable queue capped at AMQP_QUEUE_MAX_LENGTH messages, so RabbitMQ really routes and enqueues), and
+discord.py's `AutoShardedClient` (zlib-stream) through benchmarks/peers/discordpy_bench.py.
+
+Idle memory (B3): a fresh simulator per point with the firehose off and Discord's heartbeat interval; the
+client runs `low` and then `high` shards (max_concurrency = shards, so they connect at once); RSS is read
+once every session is ready and a settle time has passed. RSS per idle shard = (RSS_high - RSS_low) /
+(high - low) in KiB. The simulator speaks plain ws:// (no TLS), so TLS buffers are not in these figures.
+
+Run to run, the same configuration varies by up to about 20% on a shared 2-core VM, so each throughput
+configuration runs `repeats` times (quick 2, full 3), round-robin over the configurations, and the figure is
+the median. `--only PREFIX` measures a subset; `--profile DIR` runs the worker under cProfile (the last
+repeat's profile is kept; the profiler inflates CPU time several-fold, so those figures are marked).
+
+Results (nested keys; `null` where that run failed, with the reason under `errors`):
+`events_per_cpu_s.{zlib,zstd}.null`, `events_per_cpu_s.zlib.amqp`, `rss_kib_per_idle_shard.{zlib,zstd}`,
+`peer.discordpy.events_per_cpu_s.zlib`, `peer.discordpy.rss_kib_per_idle_shard.zlib`, and their ratio
+`ours_over_discordpy.events_per_cpu_s.zlib` (target > 1); the details of every
+run under `runs`, the targets and verdicts under `targets` and `verdicts`, the machine under `machine`.
+Targets are informational: the exit status is 0 unless the run itself failed (every figure missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import pstats
+import statistics
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import trio
+
+from benchmarks.harness import (
+    ROOT,
+    BenchmarkError,
+    ChildProcess,
+    Progress,
+    SimulatorProcess,
+    cpu_sets,
+    machine_info,
+    open_child,
+    open_simulator_process,
+    read_json_line,
+    run_or_error,
+    sessions_sent,
+    stop_child,
+    wait_sessions_ready,
+    write_results,
+)
+from benchmarks.simulator.config import DEFAULT_TOKEN
+
+DESCRIPTION: Final = "events per worker CPU-second and RSS per idle shard, against discord.py (B1-B3)"
+Compression = Literal["zlib", "zstd"]
+Sink = Literal["null", "amqp"]
+ClientName = Literal["worker", "discordpy"]
+COMPRESSIONS: Final[tuple[Compression, ...]] = ("zlib", "zstd")
+WIRE_COMPRESSION: Final[dict[Compression, str]] = {"zlib": "zlib-stream", "zstd": "zstd-stream"}
+
+TARGET_EVENTS_PER_CPU_S_NULL: Final = 25_000
+TARGET_EVENTS_PER_CPU_S_AMQP: Final = 10_000
+TARGET_RSS_KIB_PER_IDLE_SHARD: Final = 1024
+#: Our events per CPU-second over discord.py's on the same stream (zlib-stream, null sink).
+RATIO_KEY: Final = "ours_over_discordpy.events_per_cpu_s.zlib"
+#: A bottleneck is a process using at least this share of its one core during the window.
+SATURATED_CPU_SHARE: Final = 0.9
+DISCORD_HEARTBEAT_INTERVAL_MS: Final = 41_250
+AMQP_EXCHANGE: Final = "bench-gateway-events"
+AMQP_QUEUE: Final = "bench-gateway-events"
+AMQP_QUEUE_MAX_LENGTH: Final = 200_000
+#: Routing keys of what the firehose sends (simulator events.py FIREHOSE_MIX) and of the handshake.
+AMQP_ROUTING_KEYS: Final = ("READY", "GUILD_CREATE", "MESSAGE_CREATE", "PRESENCE_UPDATE", "TYPING_START")
+#: (figure, client, compression, sink) of every throughput configuration.
+THROUGHPUT_RUNS: Final[tuple[tuple[str, ClientName, Compression, Sink], ...]] = (
+    ("events_per_cpu_s.zlib.null", "worker", "zlib", "null"),
+    ("events_per_cpu_s.zstd.null", "worker", "zstd", "null"),
+    ("events_per_cpu_s.zlib.amqp", "worker", "zlib", "amqp"),
+    ("peer.discordpy.events_per_cpu_s.zlib", "discordpy", "zlib", "null"),
+)
+DISCORDPY_SCRIPT: Final = ROOT / "benchmarks" / "peers" / "discordpy_bench.py"
+PEER_REPORT_TIMEOUT_S: Final = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The size of one run. `smoke` is for tests (figures are meaningless), `quick` fits in 3 minutes."""
+
+    name: str
+    shards: int
+    event_rate: float
+    warmup_s: float
+    window_s: float
+    idle_shards: tuple[int, int]
+    peer_idle_shards: tuple[int, int]
+    settle_s: float
+    ready_timeout_s: float
+    #: Throughput runs per configuration; the figure is the median run's.
+    repeats: int = 1
+
+
+SETTINGS: Final = {
+    "smoke": Settings("smoke", 2, 300.0, 0.5, 1.0, (4, 24), (4, 24), 0.5, 30.0),
+    "quick": Settings("quick", 16, 4000.0, 2.0, 6.0, (100, 1000), (100, 1000), 2.0, 60.0, repeats=2),
+    "full": Settings("full", 16, 4000.0, 5.0, 20.0, (100, 1000), (100, 1000), 5.0, 180.0, repeats=3),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputRun:
+    client: ClientName
+    compression: Compression
+    sink: Sink
+    shards: int
+    events: int
+    client_cpu_s: float
+    simulator_cpu_s: float
+    wall_s: float
+    profiled: bool
+    client_rss_kib: int
+    #: The simulator's counters at the end (connections, identifies, resumes...): more than `shards`
+    #: connections means the client reconnected during the run.
+    counters: dict[str, int] = field(default_factory=dict)
+    #: What the peer printed on exit (discord.py: its own count of messages, a cross-check).
+    peer_report: dict[str, Any] | None = None
+
+    @property
+    def events_per_cpu_s(self) -> float:
+        return self.events / self.client_cpu_s if self.client_cpu_s > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        client_share = self.client_cpu_s / self.wall_s
+        simulator_share = self.simulator_cpu_s / self.wall_s
+        if client_share >= SATURATED_CPU_SHARE:
+            bottleneck = "client"
+        elif simulator_share >= SATURATED_CPU_SHARE:
+            bottleneck = "simulator"
+        else:
+            bottleneck = "neither (latency or a third process: the broker, the scheduler)"
+        return {
+            **asdict(self),
+            "events_per_cpu_s": round(self.events_per_cpu_s),
+            "events_per_wall_s": round(self.events / self.wall_s),
+            "client_cpu_share": round(client_share, 3),
+            "simulator_cpu_share": round(simulator_share, 3),
+            "bottleneck": bottleneck,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IdleRun:
+    client: ClientName
+    compression: Compression
+    shards: int
+    rss_kib: int
+    ready_after_s: float
+
+
+@dataclass(slots=True)
+class Bench:
+    """One invocation's context: settings, where logs go, what failed."""
+
+    settings: Settings
+    log_dir: Path
+    progress: Progress
+    amqp_url: str
+    profile_dir: Path | None
+    #: Figure-name prefixes to measure (empty: all).
+    only: tuple[str, ...] = ()
+    errors: dict[str, str] = field(default_factory=dict)
+    simulator_cpus: frozenset[int] | None = None
+    client_cpus: frozenset[int] | None = None
+
+
+ClientOpener = Callable[
+    [Bench, SimulatorProcess, int, Compression, Sink, str], AbstractAsyncContextManager[ChildProcess]
+]
+
+
+def worker_env(sim: SimulatorProcess, compression: Compression, sink: Sink, amqp_url: str) -> dict[str, str]:
+    prefixes = ("DISCORD_", "BROKER_", "GATEWAY_", "AMQP_", "SHARD_STORE_", "LOG_")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    env.update(
+        {
+            "DISCORD_TOKEN": DEFAULT_TOKEN,
+            "DISCORD_API_URL": sim.rest_url,
+            "GATEWAY_COMPRESSION": WIRE_COMPRESSION[compression],
+            "BROKER_TYPE": sink,
+            "BROKER_ENCODING": "spectacles",
+            "BROKER_GROUP": AMQP_EXCHANGE,
+            "AMQP_URL": amqp_url,
+            "SHARD_STORE_TYPE": "memory",
+            "LOG_LEVEL": "warning",
+            "LOG_FORMAT": "json",
+        }
+    )
+    return env
+
+
+@contextlib.asynccontextmanager
+async def open_worker(
+    bench: Bench, sim: SimulatorProcess, shards: int, compression: Compression, sink: Sink, name: str
+) -> AsyncIterator[ChildProcess]:
+    """`python -m workers` running shards 0..shards-1 (under cProfile when profiling a throughput run)."""
+    argv = [sys.executable]
+    if bench.profile_dir is not None and name.startswith("throughput"):
+        bench.profile_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["-m", "cProfile", "-o", str(bench.profile_dir / f"{name}.prof")]
+    argv += ["-m", "workers", "--shard-ids", f"0-{shards - 1}", "--shard-count", str(shards)]
+    argv += ["--gateway-url", sim.gateway_url, "--max-concurrency", str(shards)]
+    env = worker_env(sim, compression, sink, bench.amqp_url)
+    async with open_child(name, argv, log_dir=bench.log_dir, env=env, cpus=bench.client_cpus) as child:
+        yield child
+
+
+@contextlib.asynccontextmanager
+async def open_discordpy(
+    bench: Bench, sim: SimulatorProcess, shards: int, compression: Compression, sink: Sink, name: str
+) -> AsyncIterator[ChildProcess]:
+    """discord.py's AutoShardedClient (benchmarks/peers/discordpy_bench.py); it learns `shards` from the
+    simulator's `GET /gateway/bot`."""
+    argv = [sys.executable, str(DISCORDPY_SCRIPT), "--rest-url", sim.rest_url, "--token", DEFAULT_TOKEN]
+    argv += ["--compression", WIRE_COMPRESSION[compression]]
+    async with open_child(
+        name, argv, log_dir=bench.log_dir, cpus=bench.client_cpus, capture_stdout=True
+    ) as child:
+        yield child
+
+
+CLIENTS: Final[dict[ClientName, ClientOpener]] = {"worker": open_worker, "discordpy": open_discordpy}
+
+
+def simulator_args(shards: int, *, heartbeat_interval_ms: int = DISCORD_HEARTBEAT_INTERVAL_MS) -> list[str]:
+    return [
+        *("--shard-count", str(shards), "--max-concurrency", str(shards)),
+        *("--session-start-total", "100000", "--session-start-remaining", "100000"),
+        *("--guilds-per-shard", "1", "--event-rate", "0"),
+        *("--heartbeat-interval-ms", str(heartbeat_interval_ms)),
+    ]
+
+
+async def measure_throughput(
+    bench: Bench, client: ClientName, compression: Compression, sink: Sink
+) -> ThroughputRun:
+    settings = bench.settings
+    name = f"throughput-{client}-{compression}-{sink}"
+    bench.progress.say(f"{name}: {settings.shards} shards, {settings.event_rate:g} ev/s offered per shard")
+    peer_report = None
+    async with (
+        amqp_queue(bench.amqp_url) if sink == "amqp" else contextlib.nullcontext(),
+        open_simulator_process(
+            simulator_args(settings.shards),
+            log_dir=bench.log_dir,
+            cpus=bench.simulator_cpus,
+            name=f"{name}-sim",
+        ) as sim,
+        CLIENTS[client](bench, sim, settings.shards, compression, sink, name) as child,
+    ):
+        await wait_sessions_ready(
+            sim, settings.shards, min_sent=2, within_s=settings.ready_timeout_s, watch=[child]
+        )
+        await sim.set_event_rate(settings.event_rate)
+        await trio.sleep(settings.warmup_s)
+        child.check_alive()
+        sent_0 = sessions_sent(await sim.gateway_ledger())
+        client_0, sim_0 = child.usage(), sim.child.usage()
+        wall_0 = trio.current_time()
+        await trio.sleep(settings.window_s)
+        ledger = await sim.gateway_ledger()
+        sent_1, client_1, sim_1 = sessions_sent(ledger), child.usage(), sim.child.usage()
+        wall_1 = trio.current_time()
+        child.check_alive()
+        await sim.set_event_rate(0)
+        if client == "discordpy":
+            peer_report = await _finish_peer(child)
+    run = ThroughputRun(
+        client=client,
+        compression=compression,
+        sink=sink,
+        shards=settings.shards,
+        events=sent_1 - sent_0,
+        client_cpu_s=round(client_1.cpu_s - client_0.cpu_s, 3),
+        simulator_cpu_s=round(sim_1.cpu_s - sim_0.cpu_s, 3),
+        wall_s=round(wall_1 - wall_0, 3),
+        profiled=bench.profile_dir is not None and client == "worker",
+        client_rss_kib=client_1.rss_kib,
+        counters={k: int(v) for k, v in ledger["counters"].items()},
+        peer_report=peer_report,
+    )
+    if run.events <= 0 or run.client_cpu_s <= 0:
+        raise BenchmarkError(f"{name}: no events measured ({run})")
+    summary = run.to_json()
+    bench.progress.say(
+        f"  {summary['events_per_cpu_s']:,} ev/CPU-s, {summary['events_per_wall_s']:,} ev/s wall, "
+        f"client {summary['client_cpu_share']:.0%} of a core, simulator {summary['simulator_cpu_share']:.0%}"
+    )
+    return run
+
+
+async def _finish_peer(child: ChildProcess) -> dict[str, Any]:
+    """Stop the discord.py peer and read the report it prints on exit (a cross-check, kept in the log)."""
+    child.process.terminate()
+    report = await read_json_line(child, PEER_REPORT_TIMEOUT_S)
+    if report.get("errors"):
+        raise BenchmarkError(f"{child.name} reported errors: {report['errors'][:3]}")
+    await stop_child(child)
+    return report
+
+
+async def measure_idle(bench: Bench, client: ClientName, compression: Compression, shards: int) -> IdleRun:
+    name = f"idle-{client}-{compression}-{shards}"
+    bench.progress.say(f"{name}: RSS with {shards} idle shards")
+    async with open_simulator_process(
+        simulator_args(shards), log_dir=bench.log_dir, cpus=bench.simulator_cpus, name=f"{name}-sim"
+    ) as sim:
+        started = trio.current_time()
+        async with CLIENTS[client](bench, sim, shards, compression, "null", name) as child:
+            await wait_sessions_ready(
+                sim,
+                shards,
+                min_sent=2,
+                within_s=bench.settings.ready_timeout_s,
+                watch=[child],
+                progress=bench.progress,
+            )
+            ready_after = trio.current_time() - started
+            await trio.sleep(bench.settings.settle_s)
+            child.check_alive()
+            rss_kib = child.usage().rss_kib
+            if client == "discordpy":
+                await _finish_peer(child)
+    bench.progress.say(f"  ready after {ready_after:.1f} s, RSS {rss_kib:,} KiB")
+    return IdleRun(client, compression, shards, rss_kib, round(ready_after, 2))
+
+
+async def rss_slope(
+    bench: Bench, client: ClientName, compression: Compression, counts: tuple[int, int], runs: list[IdleRun]
+) -> float:
+    """KiB of RSS per idle shard between `counts[0]` and `counts[1]` shards; both runs go to `runs`."""
+    low = await measure_idle(bench, client, compression, counts[0])
+    runs.append(low)
+    high = await measure_idle(bench, client, compression, counts[1])
+    runs.append(high)
+    return round((high.rss_kib - low.rss_kib) / (high.shards - low.shards), 1)
+
+
+async def _declare_amqp_queue(url: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(AMQP_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+        queue = await channel.declare_queue(
+            AMQP_QUEUE, durable=False, arguments={"x-max-length": AMQP_QUEUE_MAX_LENGTH}
+        )
+        for key in AMQP_ROUTING_KEYS:
+            await queue.bind(exchange, key)
+        await queue.purge()
+
+
+async def _delete_amqp_queue(url: str) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(AMQP_QUEUE)
+
+
+@contextlib.asynccontextmanager
+async def amqp_queue(url: str) -> AsyncIterator[None]:
+    """The benchmark's bound queue, for the length of the AMQP run (aio-pika on a thread of its own)."""
+    try:
+        await trio.to_thread.run_sync(lambda: asyncio.run(_declare_amqp_queue(url)))
+    except Exception as exc:
+        raise BenchmarkError(f"RabbitMQ at {url.rsplit('@', 1)[-1]}: {exc!r}") from exc
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await trio.to_thread.run_sync(lambda: asyncio.run(_delete_amqp_queue(url)))
+
+
+async def run_suite(bench: Bench) -> dict[str, Any]:
+    """Every measurement; a failed one leaves its figure None and a message in `bench.errors`.
+
+    Throughput repeats go round-robin over the configurations, so drift in the machine's speed (other work
+    on it) spreads over all of them instead of favouring whichever ran first."""
+    runs: dict[str, list[ThroughputRun]] = {}
+    slopes: dict[str, float | None] = {}
+    idle: list[IdleRun] = []
+    settings, errors, progress = bench.settings, bench.errors, bench.progress
+
+    def wanted(label: str) -> bool:
+        return not bench.only or any(label.startswith(prefix) for prefix in bench.only)
+
+    for _ in range(settings.repeats):
+        for label, client, compression, sink in THROUGHPUT_RUNS:
+            if wanted(label) and label not in errors:
+                run = await run_or_error(
+                    label, errors, progress, measure_throughput, bench, client, compression, sink
+                )
+                runs.setdefault(label, []).extend([run] if run is not None else [])
+    for compression in COMPRESSIONS:
+        label = f"rss_kib_per_idle_shard.{compression}"
+        if wanted(label):
+            slopes[label] = await run_or_error(
+                label, errors, progress, rss_slope, bench, "worker", compression, settings.idle_shards, idle
+            )
+    label = "peer.discordpy.rss_kib_per_idle_shard.zlib"
+    if wanted(label):
+        slopes[label] = await run_or_error(
+            label, errors, progress, rss_slope, bench, "discordpy", "zlib", settings.peer_idle_shards, idle
+        )
+    figures: dict[str, float | None] = {
+        label: round(statistics.median(r.events_per_cpu_s for r in done)) if done else None
+        for label, done in runs.items()
+    }
+    figures.update(slopes)
+    return {
+        "figures": figures,
+        "throughput_runs": {
+            label: {"events_per_cpu_s": figures[label], "runs": [r.to_json() for r in done]}
+            for label, done in runs.items()
+        },
+        "idle_runs": [asdict(run) for run in idle],
+    }
+
+
+#: Figure -> (comparison, threshold) from the issue; figures not listed are reported without a target.
+TARGETS: Final[dict[str, tuple[Literal[">=", "<=", ">"], float]]] = {
+    "events_per_cpu_s.zlib.null": (">=", TARGET_EVENTS_PER_CPU_S_NULL),
+    "events_per_cpu_s.zlib.amqp": (">=", TARGET_EVENTS_PER_CPU_S_AMQP),
+    RATIO_KEY: (">", 1.0),
+    "rss_kib_per_idle_shard.zlib": ("<=", TARGET_RSS_KIB_PER_IDLE_SHARD),
+    "rss_kib_per_idle_shard.zstd": ("<=", TARGET_RSS_KIB_PER_IDLE_SHARD),
+}
+
+
+def with_ratio(figures: dict[str, float | None]) -> dict[str, float | None]:
+    """`figures` plus RATIO_KEY (ours / discord.py, zlib, null sink) when both sides were measured."""
+    ours = figures.get("events_per_cpu_s.zlib.null", 0)
+    peer_key = "peer.discordpy.events_per_cpu_s.zlib"
+    if peer_key not in figures or "events_per_cpu_s.zlib.null" not in figures:
+        return figures
+    peer = figures[peer_key]
+    return {**figures, RATIO_KEY: round(ours / peer, 2) if ours and peer else None}
+
+
+def verdicts(figures: dict[str, float | None]) -> dict[str, str]:
+    """PASS, FAIL, or ERROR (no figure) for each measured figure that has a target."""
+    out: dict[str, str] = {}
+    for key, (comparison, threshold) in TARGETS.items():
+        if key not in figures:
+            continue
+        value = figures[key]
+        if value is None:
+            out[key] = "ERROR"
+            continue
+        ok = {">=": value >= threshold, "<=": value <= threshold, ">": value > threshold}[comparison]
+        out[key] = "PASS" if ok else "FAIL"
+    return out
+
+
+def nest(flat: dict[str, float | None]) -> dict[str, Any]:
+    """`{"a.b.c": 1}` -> `{"a": {"b": {"c": 1}}}`."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def format_table(figures: dict[str, float | None], results: dict[str, Any]) -> str:
+    verdict = results["verdicts"]
+    rows: list[tuple[str, str, str, str]] = []
+    for key, value in figures.items():
+        shown = "-" if value is None else f"{value:,.2f}" if key == RATIO_KEY else f"{value:,.1f}"
+        target = results["targets"].get(key, "")
+        rows.append((key, shown, target, verdict.get(key, "")))
+    width = max(len(row[0]) for row in rows)
+    lines = [f"{'figure':<{width}}  {'value':>12}  {'target':<10}  verdict"]
+    lines += [f"{k:<{width}}  {v:>12}  {t:<10}  {s}" for k, v, t, s in rows]
+    lines.append("")
+    lines.append(f"{'throughput run':<{width}}  {'ev/s wall':>12}  client core  simulator core  bottleneck")
+    for key, entry in results["runs"]["throughput"].items():
+        for number, run in enumerate(entry["runs"], 1):
+            name = f"{key} #{number}"
+            shares = f"{run['client_cpu_share']:>11.0%}  {run['simulator_cpu_share']:>14.0%}"
+            lines.append(f"{name:<{width}}  {run['events_per_wall_s']:>12,}  {shares}  {run['bottleneck']}")
+    for key, message in results["errors"].items():
+        lines.append(f"ERROR {key}: {message.splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def profile_summary(profile_dir: Path, top: int = 25) -> str:
+    """Write `<name>.txt` next to each `.prof` (top functions by own and by cumulative time); return the
+    own-time tables."""
+    out: list[str] = []
+    for prof in sorted(profile_dir.glob("*.prof")):
+        text = io.StringIO()
+        stats = pstats.Stats(str(prof), stream=text)
+        stats.strip_dirs().sort_stats("tottime").print_stats(top)
+        own = text.getvalue()
+        stats.sort_stats("cumulative").print_stats(top)
+        prof.with_suffix(".txt").write_text(text.getvalue())
+        out.append(f"== {prof.name} (by own time; cumulative in {prof.with_suffix('.txt').name})\n{own}")
+    return "\n".join(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the short run (under 3 minutes)")
+    size.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long run with tiny numbers (tests; the figures mean nothing)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "results" / "gateway.json",
+        help="results file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="folder for child logs (default: gateway-logs next to --json)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the worker under cProfile in the throughput runs; writes DIR/<run>.prof and .txt "
+        "(figures are then inflated by the profiler and marked profiled)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="measure only the figures whose name starts with PREFIX (repeatable), e.g. events_per_cpu_s "
+        "or peer.discordpy",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/"),
+        help="RabbitMQ for the publisher-confirms run (default: $AMQP_URL or guest@127.0.0.1)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    json_path: Path = args.json
+    progress = Progress()
+    pinned = cpu_sets()
+    bench = Bench(
+        settings=settings,
+        log_dir=args.logs or json_path.parent / "gateway-logs",
+        progress=progress,
+        amqp_url=args.amqp_url,
+        profile_dir=args.profile,
+        only=tuple(args.only),
+        simulator_cpus=pinned[0] if pinned else None,
+        client_cpus=pinned[1] if pinned else None,
+    )
+    machine = machine_info()
+    progress.say(f"gateway benchmark ({settings.name}); logs in {bench.log_dir}")
+    outcome = trio.run(run_suite, bench)
+    figures = with_ratio(outcome["figures"])
+    results: dict[str, Any] = {
+        "suite": "gateway",
+        "settings": asdict(settings),
+        **nest(figures),
+        "targets": {key: f"{comparison} {threshold:g}" for key, (comparison, threshold) in TARGETS.items()},
+        "verdicts": verdicts(figures),
+        "errors": bench.errors,
+        "runs": {"throughput": outcome["throughput_runs"], "idle": outcome["idle_runs"]},
+        "notes": {
+            "cpu_pinning": {
+                "simulator": sorted(bench.simulator_cpus or ()),
+                "client": sorted(bench.client_cpus or ()),
+            },
+            "idle_shards": {"worker": settings.idle_shards, "discordpy": settings.peer_idle_shards},
+            "tls": False,
+            "amqp": f"publisher confirms, spectacles encoding, exchange {AMQP_EXCHANGE} with a bound "
+            f"non-durable queue (x-max-length {AMQP_QUEUE_MAX_LENGTH})",
+        },
+        "elapsed_s": round(progress.elapsed_s(), 1),
+        "machine": {**machine, "load_average_at_end": [round(load, 2) for load in os.getloadavg()]},
+    }
+    write_results(json_path, results)
+    print(format_table(figures, results))
+    if args.profile is not None:
+        print(profile_summary(args.profile))
+    print(f"\nwrote {json_path} in {results['elapsed_s']:.0f} s", file=sys.stderr)
+    return 0 if any(value is not None for value in figures.values()) else 1

@@ -1,0 +1,110 @@
+"""Peer for the gateway benchmark: discord.py's `AutoShardedClient` consuming the simulator's stream.
+
+Standalone asyncio script, run as a subprocess by `benchmarks/gateway.py` (never imported by it):
+
+    python benchmarks/peers/discordpy_bench.py --rest-url URL --token TOKEN [--compression zlib-stream]
+        [--duration SECONDS]
+
+It points `discord.http.Route.BASE` at the simulator and lets discord.py ask `GET /gateway/bot` for the url
+and shard count (the simulator's `--shard-count` sets how many shards it runs). It runs until SIGTERM or
+SIGINT (or `--duration`), then closes the client and prints one JSON object on stdout:
+`{"shard_count", "compression", "ready_shards", "messages_received", "elapsed_s", "errors"}`. The
+benchmark takes its figures from the simulator's ledger and this process's /proc entries; the count here is
+a cross-check.
+
+Changed from discord.py's defaults, neither touching the hot path: `before_identify_hook` does not sleep 5 s
+between shards (the simulator runs with max_concurrency = shard count, so every shard may identify at once),
+and `log_receive`, which discord.py calls with each decompressed gateway message (a no-op unless debug
+events are on), counts messages instead. Everything else is stock: discord.py parses each dispatch into its
+models and caches, as a bot on it would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rest-url", required=True)
+    parser.add_argument("--token", required=True)
+    parser.add_argument("--compression", choices=("zstd-stream", "zlib-stream"), default="zlib-stream")
+    parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: never)")
+    args = parser.parse_args()
+    if args.compression == "zlib-stream":
+        # discord.py picks zstd-stream whenever a zstd module imports; hide it to get its zlib-stream path.
+        sys.modules["zstandard"] = None  # type: ignore[assignment]
+        sys.modules["compression.zstd"] = None  # type: ignore[assignment]
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    report = asyncio.run(run(args))
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    import discord
+    import discord.gateway
+    import discord.http
+    import discord.utils
+
+    discord.http.Route.BASE = args.rest_url
+    started = time.monotonic()
+    received = 0
+    ready_shards: set[int] = set()
+    errors: list[str] = []
+
+    def count_receive(ws: discord.gateway.DiscordWebSocket, data: Any, /) -> None:
+        nonlocal received
+        received += 1
+
+    discord.gateway.DiscordWebSocket.log_receive = count_receive  # type: ignore[method-assign]
+
+    class Client(discord.AutoShardedClient):
+        async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+            return None
+
+        async def on_shard_ready(self, shard_id: int) -> None:
+            ready_shards.add(shard_id)
+
+        async def on_error(self, event_method: str, /, *args: Any, **kwargs: Any) -> None:
+            errors.append(f"{event_method}: {sys.exc_info()[1]!r}")
+
+    client = Client(intents=discord.Intents.default(), shard_count=None)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    if args.duration > 0:
+        loop.call_later(args.duration, stop.set)
+    runner = asyncio.create_task(client.start(args.token))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        finished, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if runner in finished and runner.exception() is not None:
+            errors.append(f"client.start: {runner.exception()!r}")
+    finally:
+        stopper.cancel()
+        await client.close()
+        try:
+            await asyncio.wait_for(runner, timeout=10.0)
+        except Exception as exc:
+            errors.append(f"client.start after close: {exc!r}")
+    return {
+        "shard_count": client.shard_count,
+        "compression": discord.utils._ActiveDecompressionContext.COMPRESSION_TYPE,
+        "ready_shards": len(ready_shards),
+        "messages_received": received,
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "errors": errors[:20],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
