@@ -27,8 +27,7 @@ import httpx
 import trio
 
 from workers import logs
-from workers.identify import IDENTIFY_INTERVAL_S, IdentifyGate, InMemoryIdentifyGate
-from workers.main import IDENTIFY_MARGIN_S
+from workers.identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGate, InMemoryIdentifyGate
 
 from .config import Settings
 from .metrics import HealthState, mark_worker_dead, prepare_multiprocess_dir, serve_metrics

@@ -32,7 +32,7 @@ from .commands import GatewayCommand, read_stdin_commands
 from .config import WorkerConfig, parse_int, parse_shard_ids, worker_config_from_env
 from .control import SupervisorLink, control_fd_from_env, open_supervisor_link
 from .errors import CommandRejected, ConfigError, FatalCloseCode
-from .identify import IDENTIFY_INTERVAL_S, IdentifyGate, InMemoryIdentifyGate
+from .identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGate, InMemoryIdentifyGate
 from .publish.base import OutboundEvent, Publisher
 from .publish.null import NullPublisher
 from .publish.pump import open_publish_pump
@@ -51,9 +51,6 @@ PUMP_EVENTS_PER_SHARD: Final = 2048
 PUMP_MIN_CAPACITY: Final = 8192
 GATEWAY_BOT_TIMEOUT_S: Final = 30.0
 GRACEFUL_STOP_S: Final = 10.0
-#: Added to Discord's 5 s identify window: grants are timed here, but Discord times IDENTIFYs on arrival, and
-#: two sends of one key can take different times to get there (seen here under load: over 50 ms).
-IDENTIFY_MARGIN_S: Final = 0.15
 
 
 class GatewayInfoError(Exception):

@@ -52,12 +52,11 @@ from typing import Final, Protocol, cast
 
 import trio
 import trio_asyncio
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from workers.errors import SessionStoreError
+from workers.redis_util import is_hash_tag, open_redis_client, require_trio_asyncio_loop
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -83,12 +82,7 @@ SAVE_WINDOW_S: Final = 0.1
 LOAD_TIMEOUT_S: Final = 2.0
 # One batch may take this long, redis-py's own retries included, before it counts as failed.
 WRITE_TIMEOUT_S: Final = 5.0
-SOCKET_TIMEOUT_S: Final = 1.0
-SOCKET_CONNECT_TIMEOUT_S: Final = 1.0
-# redis-py's retries inside one call; the flusher's own backoff takes over beyond them.
-CLIENT_RETRIES: Final = 2
-CLIENT_BACKOFF_BASE_S: Final = 0.05
-CLIENT_BACKOFF_CAP_S: Final = 0.5
+# Beyond redis-py's own few retries (workers/redis_util.py), the flusher backs off this way.
 OUTAGE_BACKOFF_FIRST_S: Final = 0.1
 OUTAGE_BACKOFF_CAP_S: Final = 2.0
 # On leaving open_redis_session_store, how long to try writing what is still pending.
@@ -433,40 +427,26 @@ async def open_redis_session_store(
     connect up front: Redis may be down when the worker starts. On exit, tries for
     :data:`CLOSE_FLUSH_TIMEOUT_S` to write what is pending (also when cancelled) and logs what it couldn't.
     """
-    if trio_asyncio.current_loop.get() is None:
-        raise RuntimeError(
-            "open_redis_session_store needs a trio-asyncio loop: wrap the worker's main in "
-            "`async with trio_asyncio.open_loop():`"
-        )
-    if not prefix or "{" in prefix or "}" in prefix:
+    require_trio_asyncio_loop("open_redis_session_store")
+    if not is_hash_tag(prefix):
         raise SessionStoreError(f"SHARD_STORE_PREFIX must be non-empty and without braces, not {prefix!r}")
     if not ttl_s > 0 or pool_size < 1:
         raise SessionStoreError(f"need ttl_s > 0 and pool_size >= 1, not {ttl_s}, {pool_size}")
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=pool_size,
-        timeout=LOAD_TIMEOUT_S,  # waiting for a free connection
-        socket_timeout=SOCKET_TIMEOUT_S,
-        socket_connect_timeout=SOCKET_CONNECT_TIMEOUT_S,
-        retry=Retry(ExponentialBackoff(cap=CLIENT_BACKOFF_CAP_S, base=CLIENT_BACKOFF_BASE_S), CLIENT_RETRIES),
-    )
-    client = Redis(connection_pool=pool)
-    store = RedisSessionStore(client, prefix=prefix, ttl_s=ttl_s)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(store.serve_flusher)
-            try:
-                yield store
-            finally:
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(CLOSE_FLUSH_TIMEOUT_S):
-                        await store.flush()
-                    if pending := store.statistics().pending:
-                        logger.error(
-                            "session_store.unwritten_on_close",
-                            extra={"pending_shards": pending, "timeout_s": CLOSE_FLUSH_TIMEOUT_S},
-                        )
-                nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_FLUSH_TIMEOUT_S):
-            await trio_asyncio.aio_as_trio(client.aclose)(close_connection_pool=True)
+    async with (
+        open_redis_client(url, pool_size=pool_size, pool_timeout_s=LOAD_TIMEOUT_S) as client,
+        trio.open_nursery() as nursery,
+    ):
+        store = RedisSessionStore(client, prefix=prefix, ttl_s=ttl_s)
+        await nursery.start(store.serve_flusher)
+        try:
+            yield store
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(CLOSE_FLUSH_TIMEOUT_S):
+                    await store.flush()
+                if pending := store.statistics().pending:
+                    logger.error(
+                        "session_store.unwritten_on_close",
+                        extra={"pending_shards": pending, "timeout_s": CLOSE_FLUSH_TIMEOUT_S},
+                    )
+            nursery.cancel_scope.cancel()

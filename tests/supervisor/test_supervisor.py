@@ -255,3 +255,39 @@ def test_print_config_shows_sources_and_hides_secrets(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert DEFAULT_TOKEN not in result.stdout and "hunter2secret" not in result.stdout
     assert "flag" in result.stdout and "env" in result.stdout
+
+
+async def test_redis_sessions_survive_a_supervisor_restart(tmp_path: Path) -> None:
+    """With SHARD_STORE_TYPE=redis a new supervisor RESUMEs every shard of a killed one (0 identifies),
+    and its identify gate lives in Redis."""
+    prefix = f"test-{os.urandom(4).hex()}"
+    with trio.fail_after(TIMEOUT_S):
+        async with open_simulator(gateway()) as sim:
+            ledger = sim.gateway.ledger
+            redis_env = {"SHARD_STORE_TYPE": "redis", "SHARD_STORE_PREFIX": prefix}
+            async with supervisor(sim, tmp_path / "first.log", "--workers", "2", **redis_env) as (
+                first,
+                base,
+            ):
+
+                async def all_ready() -> bool:
+                    return await ready(base)
+
+                await wait_until(all_ready)
+                await trio.sleep(0.5)  # committed seqs reach Redis within 100 ms
+                first.kill()
+                await first.wait()
+            async with supervisor(sim, tmp_path / "second.log", "--workers", "2", **redis_env) as (
+                second,
+                base,
+            ):
+
+                async def resumed() -> bool:
+                    return ledger.counters["resumes_ok"] >= 4 and await ready(base)
+
+                await wait_until(resumed)
+                assert ledger.counters["identifies"] == 4
+                second.send_signal(signal.SIGTERM)
+                with trio.fail_after(20):
+                    await second.wait()
+                assert second.returncode == 0
