@@ -19,14 +19,13 @@ import os
 import shutil
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import httpx
 import trio
 
 from workers import logs
+from workers.gateway_bot import GatewayBotError, fetch_gateway_bot
 from workers.identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGate, InMemoryIdentifyGate
 
 from .config import Settings
@@ -40,7 +39,6 @@ LOGGER: Final = logging.getLogger("supervisor")
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_FATAL: Final = 3
-GATEWAY_BOT_TIMEOUT_S: Final = 30.0
 STATUS_PERIOD_S: Final = 2.0
 ROLLING_READY_TIMEOUT_S: Final = 120.0
 
@@ -51,39 +49,6 @@ class SupervisorError(Exception):
     def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True, slots=True)
-class GatewayBot:
-    url: str
-    shards: int
-    total: int
-    remaining: int
-    reset_after_ms: int
-    max_concurrency: int
-
-
-async def fetch_gateway_bot(api_url: str, token: str) -> GatewayBot:
-    """`GET /gateway/bot`; a 401 is `SupervisorError(status=3)`: systemd must not restart into a loop."""
-    try:
-        async with httpx.AsyncClient(timeout=GATEWAY_BOT_TIMEOUT_S) as http:
-            response = await http.get(f"{api_url}/gateway/bot", headers={"Authorization": f"Bot {token}"})
-    except httpx.HTTPError as exc:
-        raise SupervisorError(f"GET /gateway/bot failed: {exc.__class__.__name__}") from exc
-    if response.status_code == 401:
-        raise SupervisorError("Discord refused the token (401 on GET /gateway/bot)", EXIT_FATAL)
-    if response.status_code != 200:
-        raise SupervisorError(f"GET /gateway/bot answered HTTP {response.status_code}")
-    body = response.json()
-    limit = body["session_start_limit"]
-    return GatewayBot(
-        str(body["url"]),
-        int(body["shards"]),
-        int(limit["total"]),
-        int(limit["remaining"]),
-        int(limit["reset_after"]),
-        int(limit["max_concurrency"]),
-    )
 
 
 class Supervisor:
@@ -167,7 +132,10 @@ class Supervisor:
         logs.SECRETS.add(settings.token)
         logs.SECRETS.add_url(settings.amqp_url)
         logs.SECRETS.add_url(settings.redis_url)
-        info = await fetch_gateway_bot(settings.api_url, settings.token)
+        try:
+            info = await fetch_gateway_bot(settings.api_url, settings.token)
+        except GatewayBotError as exc:
+            raise SupervisorError(str(exc), EXIT_FATAL if exc.refused else EXIT_ERROR) from exc
         shard_count = settings.shards or info.shards
         shard_ids = settings.shard_ids or tuple(range(shard_count))
         if max(shard_ids) >= shard_count:

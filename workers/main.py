@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict
 from typing import Any, Final
 
-import httpx
 import trio
 
 from . import logs
@@ -32,6 +31,7 @@ from .commands import GatewayCommand, read_stdin_commands
 from .config import WorkerConfig, parse_int, parse_shard_ids, worker_config_from_env
 from .control import SupervisorLink, control_fd_from_env, open_supervisor_link
 from .errors import CommandRejected, ConfigError, FatalCloseCode
+from .gateway_bot import GatewayBotError, fetch_gateway_bot
 from .identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGate, InMemoryIdentifyGate
 from .publish.base import OutboundEvent, Publisher
 from .publish.null import NullPublisher
@@ -49,31 +49,7 @@ EXIT_FATAL: Final = 3
 #: Events the publish pump may hold per shard before shards stop reading (bounded memory).
 PUMP_EVENTS_PER_SHARD: Final = 2048
 PUMP_MIN_CAPACITY: Final = 8192
-GATEWAY_BOT_TIMEOUT_S: Final = 30.0
 GRACEFUL_STOP_S: Final = 10.0
-
-
-class GatewayInfoError(Exception):
-    """`GET /gateway/bot` failed; `refused` when Discord rejected the token (401)."""
-
-    def __init__(self, message: str, *, refused: bool = False) -> None:
-        super().__init__(message)
-        self.refused = refused
-
-
-async def fetch_gateway_bot(api_url: str, token: str) -> tuple[str, int, int]:
-    """`(url, recommended shards, max_concurrency)` from `GET /gateway/bot`."""
-    try:
-        async with httpx.AsyncClient(timeout=GATEWAY_BOT_TIMEOUT_S) as http:
-            response = await http.get(f"{api_url}/gateway/bot", headers={"Authorization": f"Bot {token}"})
-    except httpx.HTTPError as exc:
-        raise GatewayInfoError(f"GET /gateway/bot failed: {exc.__class__.__name__}") from exc
-    if response.status_code == 401:
-        raise GatewayInfoError("Discord refused the token (401 on /gateway/bot)", refused=True)
-    if response.status_code != 200:
-        raise GatewayInfoError(f"GET /gateway/bot answered {response.status_code}")
-    body = response.json()
-    return str(body["url"]), int(body["shards"]), int(body["session_start_limit"]["max_concurrency"])
 
 
 @contextlib.asynccontextmanager
@@ -133,9 +109,9 @@ async def run_worker(
     logs.SECRETS.add_url(config.redis_url)
     gateway_url, max_concurrency = config.gateway_url, config.max_concurrency
     if not gateway_url or not max_concurrency:
-        url, _, concurrency = await fetch_gateway_bot(config.api_url, config.token)
-        gateway_url = gateway_url or url
-        max_concurrency = max_concurrency or concurrency
+        info = await fetch_gateway_bot(config.api_url, config.token)
+        gateway_url = gateway_url or info.url
+        max_concurrency = max_concurrency or info.max_concurrency
     runners: dict[int, ShardRunner] = {}
 
     metrics = metrics_enabled()
@@ -293,6 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure_logging(config.log_level, config.log_format)
     try:
         return trio.run(run_worker, config)
-    except GatewayInfoError as exc:
+    except GatewayBotError as exc:
         LOGGER.error("worker.gateway_info_failed", extra={"error": str(exc)})
         return EXIT_FATAL if exc.refused else EXIT_ERROR

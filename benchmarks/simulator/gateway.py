@@ -478,24 +478,6 @@ class GatewaySimulator:
             self.ledger.violation("identify_without_properties", shard_id)
         decision = self.identify.check(shard_id)
         key = shard_id % self.identify.max_concurrency
-        if decision.reason == "budget_exhausted":
-            self.ledger.identify(
-                IdentifyRecord(
-                    self.ledger.now(),
-                    shard_id,
-                    shard_count,
-                    key,
-                    False,
-                    decision.reason,
-                    decision.since_previous_s,
-                    None,
-                )
-            )
-            self.ledger.violation(
-                "identify_budget", shard_id, "daily session start limit exceeded; token reset"
-            )
-            await self._reset_token()
-            return
         if not decision.allowed:
             self.ledger.identify(
                 IdentifyRecord(
@@ -509,6 +491,13 @@ class GatewaySimulator:
                     None,
                 )
             )
+        if decision.reason == "budget_exhausted":
+            self.ledger.violation(
+                "identify_budget", shard_id, "daily session start limit exceeded; token reset"
+            )
+            await self._reset_token()
+            return
+        if not decision.allowed:
             self.ledger.violation(
                 "identify_rate",
                 shard_id,
