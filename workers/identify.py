@@ -43,12 +43,23 @@ __all__ = [
     "IdentifyGate",
     "IdentifyGateStatistics",
     "InMemoryIdentifyGate",
+    "check_gate_arguments",
 ]
 
 IDENTIFY_INTERVAL_S: Final = 5.0
 #: Added to Discord's 5 s window by every gate of ours: grants are timed here, but Discord times IDENTIFYs on
 #: arrival, and two sends of one key can take different times to get there (seen here under load: over 50 ms).
 IDENTIFY_MARGIN_S: Final = 0.15
+
+
+def check_gate_arguments(max_concurrency: int, interval_s: float, budget_reserve: int) -> None:
+    """The arguments every gate takes, validated the same way (ValueError naming the argument)."""
+    if max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
+    if not interval_s > 0:
+        raise ValueError(f"interval_s must be positive, not {interval_s}")
+    if budget_reserve < 0:
+        raise ValueError(f"budget_reserve must not be negative, not {budget_reserve}")
 
 
 class IdentifyGate(Protocol):
@@ -97,12 +108,7 @@ class InMemoryIdentifyGate:
     def __init__(
         self, max_concurrency: int, interval_s: float = IDENTIFY_INTERVAL_S, *, budget_reserve: int = 0
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
-        if not interval_s > 0:
-            raise ValueError(f"interval_s must be positive, not {interval_s}")
-        if budget_reserve < 0:
-            raise ValueError(f"budget_reserve must not be negative, not {budget_reserve}")
+        check_gate_arguments(max_concurrency, interval_s, budget_reserve)
         self._max_concurrency = max_concurrency
         self._interval_s = interval_s
         self._budget_reserve = budget_reserve

@@ -72,7 +72,12 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from workers.identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGateStatistics
+from workers.identify import (
+    IDENTIFY_INTERVAL_S,
+    IDENTIFY_MARGIN_S,
+    IdentifyGateStatistics,
+    check_gate_arguments,
+)
 from workers.redis_util import is_hash_tag, open_redis_client, require_trio_asyncio_loop
 
 __all__ = [
@@ -198,12 +203,7 @@ class RedisIdentifyGate:
     ) -> None:
         if not is_hash_tag(prefix):
             raise ValueError(f"prefix must be non-empty and without braces, not {prefix!r}")
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1, not {max_concurrency}")
-        if not interval_s > 0:
-            raise ValueError(f"interval_s must be positive, not {interval_s}")
-        if budget_reserve < 0:
-            raise ValueError(f"budget_reserve must not be negative, not {budget_reserve}")
+        check_gate_arguments(max_concurrency, interval_s, budget_reserve)
         self._client = client
         self._prefix = prefix
         self._max_concurrency = max_concurrency
