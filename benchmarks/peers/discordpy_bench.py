@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
 import signal
 import sys
 import time
 from typing import Any
+
+from benchmarks.peers.discordpy_setup import run_discordpy_script
 
 
 def main() -> int:
@@ -37,15 +37,7 @@ def main() -> int:
     parser.add_argument("--token", required=True)
     parser.add_argument("--compression", choices=("zstd-stream", "zlib-stream"), default="zlib-stream")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: never)")
-    args = parser.parse_args()
-    if args.compression == "zlib-stream":
-        # discord.py picks zstd-stream whenever a zstd module imports; hide it to get its zlib-stream path.
-        sys.modules["zstandard"] = None  # type: ignore[assignment]
-        sys.modules["compression.zstd"] = None  # type: ignore[assignment]
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    report = asyncio.run(run(args))
-    print(json.dumps(report), flush=True)
-    return 0
+    return run_discordpy_script(parser.parse_args(), run)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

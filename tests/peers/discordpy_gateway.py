@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import time
 import traceback
 from collections import Counter, defaultdict
 from typing import Any
+
+from benchmarks.peers.discordpy_setup import run_discordpy_script
 
 
 def main() -> int:
@@ -40,15 +41,7 @@ def main() -> int:
     parser.add_argument("--expect-resume", type=int, action="append", default=[])
     parser.add_argument("--linger", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=30.0)
-    args = parser.parse_args()
-    if args.compression == "zlib-stream":
-        # discord.py picks zstd-stream whenever a zstd module imports; hide it to get its zlib-stream path.
-        sys.modules["zstandard"] = None  # type: ignore[assignment]
-        sys.modules["compression.zstd"] = None  # type: ignore[assignment]
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    report = asyncio.run(run(args))
-    print(json.dumps(report), flush=True)
-    return 0
+    return run_discordpy_script(parser.parse_args(), run)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
