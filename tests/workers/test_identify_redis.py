@@ -1,9 +1,9 @@
 """RedisIdentifyGate on the real Redis: one schedule for several gates ("hosts"), FIFO, cancellation, outages.
 
 Real time, short intervals (0.2-0.6 s). Grant times are taken with ``trio.current_time()`` when
-``wait_for_permit`` returns; per key they must never be closer than the interval, with 1 ms allowed for
-scheduling only in that direction. Each test uses its own random key prefix on the shared Redis, deleted
-afterwards. Outages are simulated in front of Redis (a closed port, and the switchable proxy from
+``wait_for_permit`` returns; per key they must never be closer than the interval, with `SLACK_S` allowed
+for scheduling only in that direction (Redis's own timestamps are checked exactly). Each test uses its own
+random key prefix on the shared Redis, deleted afterwards. Outages are simulated in front of Redis (a closed port, and the switchable proxy from
 test_sessions), so the shared server is never stopped.
 """
 
@@ -26,6 +26,7 @@ import trio_asyncio
 from redis.asyncio import Redis
 
 from tests.workers.test_sessions import REDIS_URL, SwitchableProxy, closed_port, redis_monitor
+from tests.workers.test_sessions import Probe as RedisProbe
 from workers.identify import IdentifyGate
 from workers.identify_redis import (
     _GRANT_LUA,
@@ -41,18 +42,8 @@ SLACK_S = 0.02
 LOGGER = "workers.identify_redis"
 
 
-class Probe:
-    """Direct access to the shared Redis under one test's prefix."""
-
-    def __init__(self, client: Redis, prefix: str) -> None:
-        self.client = client
-        self.prefix = prefix
-
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        async def run() -> Any:
-            return await getattr(self.client, method)(*args, **kwargs)
-
-        return await trio_asyncio.aio_as_trio(run)()
+class Probe(RedisProbe):
+    """Direct access to the shared Redis under one test's prefix, and gates on it."""
 
     def gate(
         self, max_concurrency: int, interval_s: float, url: str = REDIS_URL, **kwargs: Any
@@ -60,20 +51,6 @@ class Probe:
         return open_redis_identify_gate(
             url, prefix=self.prefix, max_concurrency=max_concurrency, interval_s=interval_s, **kwargs
         )
-
-    async def cleanup(self) -> None:
-        async def run() -> None:
-            keys = [key async for key in self.client.scan_iter(match=f"{{{self.prefix}}}:*")]
-            if keys:
-                await self.client.delete(*keys)
-
-        await trio_asyncio.aio_as_trio(run)()
-
-
-@pytest.fixture
-async def aio_loop() -> AsyncIterator[None]:
-    async with trio_asyncio.open_loop():
-        yield
 
 
 @pytest.fixture

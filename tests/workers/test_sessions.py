@@ -66,12 +66,6 @@ class Probe:
 
 
 @pytest.fixture
-async def aio_loop() -> AsyncIterator[None]:
-    async with trio_asyncio.open_loop():
-        yield
-
-
-@pytest.fixture
 def prefix() -> str:
     return f"test-sessions-{secrets.token_hex(6)}"
 
