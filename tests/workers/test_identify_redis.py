@@ -3,8 +3,8 @@
 Real time, short intervals (0.2-0.6 s). Grant times are taken with ``trio.current_time()`` when
 ``wait_for_permit`` returns; per key they must never be closer than the interval, with `SLACK_S` allowed
 for scheduling only in that direction (Redis's own timestamps are checked exactly). Each test uses its own
-random key prefix on the shared Redis, deleted afterwards. Outages are simulated in front of Redis (a closed port, and the switchable proxy from
-test_sessions), so the shared server is never stopped.
+random key prefix on the shared Redis, deleted afterwards. Outages are simulated in front of Redis (a closed
+port, and the switchable proxy from test_sessions), so the shared server is never stopped.
 """
 
 from __future__ import annotations
