@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.peers.rest_workload import message_workload
+
 
 class _Counter(logging.Handler):
     """Counts discord.http's log records about 429s and about waiting for an exhausted bucket."""
@@ -83,31 +85,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:
             errors.append(f"static_login: {exc!r}")
 
-        phase_start = time.monotonic()
-        sent = 0
-        for index in range(args.sequential):
-            try:
-                await create(args.channel, f"sequential {index}")
-                sent += 1
-            except Exception as exc:
-                errors.append(f"create message (sequential {index}): {exc!r}")
-        report["sequential"] = {"sent": sent, "elapsed_s": round(time.monotonic() - phase_start, 3)}
-
-        try:
-            await create(args.burst_channel, "warm-up")
-        except Exception as exc:
-            errors.append(f"create message (warm-up): {exc!r}")
-        phase_start = time.monotonic()
-        results = await asyncio.gather(
-            *(create(args.burst_channel, f"concurrent {i}") for i in range(args.concurrent)),
-            return_exceptions=True,
+        await message_workload(
+            create,
+            channel=args.channel,
+            burst_channel=args.burst_channel,
+            sequential=args.sequential,
+            concurrent=args.concurrent,
+            report=report,
+            errors=errors,
         )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        errors.extend(f"create message (concurrent): {exc!r}" for exc in failures)
-        report["concurrent"] = {
-            "sent": len(results) - len(failures),
-            "elapsed_s": round(time.monotonic() - phase_start, 3),
-        }
     finally:
         await http.close()
     report["elapsed_s"] = round(time.monotonic() - started, 3)

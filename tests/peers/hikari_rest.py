@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.peers.rest_workload import message_workload
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -58,31 +60,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:
                 errors.append(f"fetch_my_user: {exc!r}")
 
-            phase_start = time.monotonic()
-            sent = 0
-            for index in range(args.sequential):
-                try:
-                    await rest.create_message(args.channel, f"sequential {index}")
-                    sent += 1
-                except Exception as exc:
-                    errors.append(f"create_message (sequential {index}): {exc!r}")
-            report["sequential"] = {"sent": sent, "elapsed_s": round(time.monotonic() - phase_start, 3)}
-
-            try:
-                await rest.create_message(args.burst_channel, "warm-up")
-            except Exception as exc:
-                errors.append(f"create_message (warm-up): {exc!r}")
-            phase_start = time.monotonic()
-            results = await asyncio.gather(
-                *(rest.create_message(args.burst_channel, f"concurrent {i}") for i in range(args.concurrent)),
-                return_exceptions=True,
+            await message_workload(
+                rest.create_message,
+                channel=args.channel,
+                burst_channel=args.burst_channel,
+                sequential=args.sequential,
+                concurrent=args.concurrent,
+                report=report,
+                errors=errors,
             )
-            failures = [r for r in results if isinstance(r, BaseException)]
-            errors.extend(f"create_message (concurrent): {exc!r}" for exc in failures)
-            report["concurrent"] = {
-                "sent": len(results) - len(failures),
-                "elapsed_s": round(time.monotonic() - phase_start, 3),
-            }
     finally:
         await app.close()
     report["elapsed_s"] = round(time.monotonic() - started, 3)
