@@ -210,7 +210,7 @@ class ShardRunner:
             if delay > 0:
                 await trio.sleep(delay)
             if self._pump.free_slots <= 0:
-                await self._pump.wait_drained_below(self._pump_capacity() // 2)
+                await self._pump.wait_drained_below(self._pump.capacity // 2)
             event = await self._run_connection(self.protocol)
             if self._stop_requested():
                 return
@@ -232,9 +232,6 @@ class ShardRunner:
         return self._stopping
 
     # -- one connection ------------------------------------------------------------------------
-
-    def _pump_capacity(self) -> int:
-        return self._pump.free_slots + self._pump.statistics().queued
 
     async def _run_connection(self, protocol: ShardProtocol) -> Reconnect | Fatal:
         """Run one connection; returns the core's next step (a Reconnect or a Fatal).

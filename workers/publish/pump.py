@@ -192,6 +192,11 @@ class PublishPump:
         return True
 
     @property
+    def capacity(self) -> int:
+        """The most events the pump holds (queued plus in flight)."""
+        return self._capacity
+
+    @property
     def free_slots(self) -> int:
         return self._capacity - len(self._queue) - self._in_flight
 
