@@ -181,6 +181,7 @@ class Grant:
     window: int  # the bucket's window generation at the grant
     probe: bool  # the single request that learns an unknown bucket (R2)
     counted: bool  # took one from `remaining` (False for probes and global-only routes)
+    epoch: int = 0  # the bucket's lease generation at the grant; an expired lease is not given back
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,27 +238,98 @@ class BucketState:
         self._probing = False
         self._global_only = False
         self._window = 0
+        self._lease_until = -math.inf
+        self._epoch = 0
         self.bucket_hash: str | None = None
 
-    def try_acquire(self, now: float) -> Grant | float:
+    def try_acquire(self, now: float, lease_s: float = math.inf) -> Grant | float:
         """A grant (capacity consumed now, R3), or the seconds to wait: until the reset or the end of a
-        429 block, or `math.inf` to wait for a response (the probe's, or an in-flight one's)."""
+        429 block, or `math.inf` to wait for a response (the probe's, or an in-flight one's).
+
+        `lease_s` (R10): a grant that is not given back within `lease_s` of the latest grant is forgotten, so
+        a process that died holding permits (or the probe) blocks nobody for longer than that.
+        """
+        self._expire_leases(now)
         if now < self._blocked_until:
             return self._blocked_until - now
         if self._global_only:
-            return self._grant(probe=False, counted=False)
+            return self._grant(probe=False, counted=False, now=now, lease_s=lease_s)
         if self._limit is None:
-            return math.inf if self._probing else self._grant(probe=True, counted=False)
+            if self._probing:
+                return math.inf
+            return self._grant(probe=True, counted=False, now=now, lease_s=lease_s)
         self._roll(now)
         if self._remaining > 0:
             self._remaining -= 1
-            return self._grant(probe=False, counted=True)
+            return self._grant(probe=False, counted=True, now=now, lease_s=lease_s)
         if self._reset_at is not None:
             return self._reset_at - now
         if self._in_flight > 0:
             return math.inf  # the first response of the new window tells us its deadline
         # Exhausted, no deadline and nothing in flight (a limit of 0, or a clamp): relearn with one probe.
-        return self._grant(probe=True, counted=False)
+        return self._grant(probe=True, counted=False, now=now, lease_s=lease_s)
+
+    def _expire_leases(self, now: float) -> None:
+        if self._in_flight > 0 and now >= self._lease_until:
+            # Every outstanding grant is older than its lease: its holder is presumed dead. A later give-back
+            # of one of them carries the old epoch and changes nothing.
+            self._in_flight = 0
+            self._probing = False
+            self._epoch += 1
+
+    def lease_deadline(self) -> float:
+        """When the outstanding grants' leases end (-inf when nothing is in flight)."""
+        return self._lease_until if self._in_flight > 0 else -math.inf
+
+    def adopt(self, headers: RateLimitHeaders, now: float) -> None:
+        """Start a key from a response that was granted under another key (a route whose bucket hash was
+        unknown when it was sent): first contact for this key, nothing of ours in flight here yet."""
+        if self._limit is not None:
+            return
+        self._limit = headers.limit
+        self._remaining = max(0, min(headers.remaining, headers.limit - self._in_flight))
+        self._reset_at = now + headers.reset_after
+        if headers.bucket is not None:
+            self.bucket_hash = headers.bucket
+
+    def on_lost(self, grant: Grant) -> None:
+        """`grant` was sent but no answer came (transport error, timeout, cancelled in flight): it may have
+        counted at Discord, so its capacity stays consumed; only the in-flight count drops."""
+        self._release(grant)
+
+    def to_record(self) -> tuple[int, int, int, int, int, int, float, float, float]:
+        """The state as plain numbers, for the shared backends (`from_record` reverses it). The bucket hash
+        is not part of it: the shared route map holds it."""
+        flags = (1 if self._probing else 0) | (2 if self._global_only else 0)
+        limit = -1 if self._limit is None else self._limit
+        reset_at = math.nan if self._reset_at is None else self._reset_at
+        return (
+            limit,
+            self._remaining,
+            self._in_flight,
+            self._window,
+            self._epoch,
+            flags,
+            reset_at,
+            self._blocked_until,
+            self._lease_until,
+        )
+
+    @classmethod
+    def from_record(cls, record: tuple[int, int, int, int, int, int, float, float, float]) -> BucketState:
+        limit, remaining, in_flight, window, epoch, flags, reset_at, blocked_until, lease_until = record
+        state = cls()
+        state._limit = None if limit < 0 else limit
+        state._remaining = remaining
+        state._in_flight = in_flight
+        state._window = window
+        state._epoch = epoch
+        state._probing = bool(flags & 1)
+        state._global_only = bool(flags & 2)
+        state._reset_at = None if math.isnan(reset_at) else reset_at
+        state._blocked_until = blocked_until
+        state._lease_until = lease_until
+        return state
 
     def on_response(self, headers: RateLimitHeaders | None, now: float, grant: Grant) -> None:
         """A non-429 response to `grant` came at `now`; `headers` None: no bucket headers (global-only)."""
@@ -290,7 +362,8 @@ class BucketState:
 
         Also after a rollover: the refill subtracted it as in flight, so the new window gets it back.
         """
-        self._release(grant)
+        if not self._release(grant):
+            return
         if grant.counted and self._limit is not None:
             self._roll(now)
             self._remaining = min(self._limit, self._remaining + 1)
@@ -340,18 +413,23 @@ class BucketState:
             window=self._window,
         )
 
-    def _grant(self, *, probe: bool, counted: bool) -> Grant:
+    def _grant(self, *, probe: bool, counted: bool, now: float, lease_s: float) -> Grant:
         self._in_flight += 1
+        self._lease_until = max(self._lease_until, now + lease_s)
         if probe:
             self._probing = True
-        return Grant(window=self._window, probe=probe, counted=counted)
+        return Grant(window=self._window, probe=probe, counted=counted, epoch=self._epoch)
 
-    def _release(self, grant: Grant) -> None:
+    def _release(self, grant: Grant) -> bool:
+        """Whether the grant was still outstanding (False: its lease had expired and it was forgotten)."""
+        if grant.epoch != self._epoch:
+            return False
         if self._in_flight == 0:
             raise ValueError("a grant was given back twice, or to another bucket")
         self._in_flight -= 1
         if grant.probe:
             self._probing = False
+        return True
 
     def _roll(self, now: float) -> None:
         """Open a new window if the current one's deadline has passed: refill to `limit - in_flight` (R3)."""

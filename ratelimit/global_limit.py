@@ -70,13 +70,15 @@ class GlobalLimiter:
         self._granted = 0
         self._refunded = 0
 
+    def wait_s(self, now: float) -> float:
+        """The seconds until a grant is possible (0.0: now); counts nothing."""
+        return max(0.0, self._frozen_until - now, self._tat - self._tolerance_s - now)
+
     def try_acquire(self, now: float) -> float:
         """0.0 and a grant is counted, or the seconds to wait before asking again (nothing counted)."""
-        if now < self._frozen_until:
-            return self._frozen_until - now
-        allowed_at = self._tat - self._tolerance_s
-        if now < allowed_at:
-            return allowed_at - now
+        wait = self.wait_s(now)
+        if wait > 0.0:
+            return wait
         self._tat = max(self._tat, now) + self.emission_interval_s
         self._granted += 1
         return 0.0
@@ -91,6 +93,13 @@ class GlobalLimiter:
         """A global 429 (R5): nothing is granted before `until`, then pacing restarts without a burst."""
         self._frozen_until = max(self._frozen_until, until)
         self._tat = max(self._tat, until)
+
+    def to_record(self) -> tuple[float, float]:
+        """(theoretical arrival, frozen until): all the shared backends keep of a token's global limit."""
+        return (self._tat, self._frozen_until)
+
+    def load_record(self, record: tuple[float, float]) -> None:
+        self._tat, self._frozen_until = record
 
     def statistics(self) -> GlobalStatistics:
         return GlobalStatistics(

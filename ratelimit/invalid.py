@@ -56,6 +56,7 @@ __all__ = [
     "SublimitTable",
     "TokenHealth",
     "TokenHealthStatistics",
+    "health_verdict",
     "signature",
 ]
 
@@ -189,6 +190,19 @@ class InvalidRequestBudget:
             peak_fraction=self.peak_fraction,
         )
 
+    def to_record(self) -> tuple[int, ...]:
+        """The rolling counts as plain integers (peak, then index/count pairs), for the shared backends."""
+        flat: list[int] = [self._peak]
+        for index, count in self._counts:
+            flat.extend((index, count))
+        return tuple(flat)
+
+    def load_record(self, record: tuple[int, ...]) -> None:
+        self._peak = record[0] if record else 0
+        pairs = record[1:]
+        self._counts = deque([pairs[i], pairs[i + 1]] for i in range(0, len(pairs) - 1, 2))
+        self._total = sum(count for _, count in self._counts)
+
     def _index(self, now: float) -> int:
         return math.floor(now / self.sub_bucket_s)
 
@@ -206,6 +220,23 @@ class TokenHealthStatistics:
     dead_tokens: int
     dead_webhooks: int  # entries in the negative cache, expired ones not yet pruned included
     refused: int  # requests `check` failed fast
+
+
+def health_verdict(status: int, code: int | None, *, token_id: str, webhook: bool) -> str | None:
+    """What one response says about the credentials that sent it: `WEBHOOK_DEAD` (a request authenticated by
+    a webhook or interaction token in its path: 401, code 50027, or 404 Unknown Webhook / no code),
+    `TOKEN_REVOKED` (a 401 to a request sent with the bot token), or None."""
+    if webhook:
+        if (
+            status == 401
+            or code == INVALID_WEBHOOK_TOKEN
+            or (status == 404 and code in (None, UNKNOWN_WEBHOOK))
+        ):
+            return WEBHOOK_DEAD
+        return None
+    if status == 401 and code != INVALID_WEBHOOK_TOKEN and token_id:
+        return TOKEN_REVOKED
+    return None
 
 
 class TokenHealth:
@@ -230,12 +261,9 @@ class TokenHealth:
         self, status: int, code: int | None, *, token_id: str, webhook_key: str | None, now: float
     ) -> str | None:
         """Apply one response (`code`: its JSON error code, or None); the reason it marked, or None."""
+        verdict = health_verdict(status, code, token_id=token_id, webhook=webhook_key is not None)
         if webhook_key is not None:
-            if (
-                status == 401
-                or code == INVALID_WEBHOOK_TOKEN
-                or (status == 404 and code in (None, UNKNOWN_WEBHOOK))
-            ):
+            if verdict == WEBHOOK_DEAD:
                 self._dead_webhooks.pop(webhook_key, None)  # re-insert at the end: expiry order holds
                 self._dead_webhooks[webhook_key] = now + self.webhook_ttl_s
                 self._prune(now)
@@ -243,10 +271,9 @@ class TokenHealth:
                     del self._dead_webhooks[next(iter(self._dead_webhooks))]
                 return WEBHOOK_DEAD
             return None
-        if status == 401 and code != INVALID_WEBHOOK_TOKEN and token_id:
+        if verdict == TOKEN_REVOKED:
             self._dead_tokens.add(token_id)
-            return TOKEN_REVOKED
-        return None
+        return verdict
 
     def check(self, token_id: str, webhook_key: str | None, now: float) -> str | None:
         """The reason a request must not be sent (`TOKEN_REVOKED`, `WEBHOOK_DEAD`), or None."""

@@ -1,0 +1,211 @@
+"""The ratelimit engine's trio shell: waiting in order, the caller's maximum wait, cancellation, fallback.
+
+`model.acquire` answers at once (a permit, a wait, a refusal); this shell turns that into `await
+limiter.acquire(ask)`:
+
+- FIFO per route key (R9): within a process, asks of one (token, route, majors) queue behind a fair
+  `trio.Lock`, so only the head asks the backend and the rest keep their arrival order. Across processes
+  there is no queue (the backend is the arbiter); a global FIFO would cost a shared list per key for a
+  fairness nobody can observe across hosts.
+- Maximum wait (R9, hikari's `max_rate_limit`, nirn #10): a caller gives the longest it will wait; a wait
+  known to end later fails at once with `RateLimitTimeout` (how long, and why) instead of sleeping first.
+- A wait of `inf` (a probe in flight elsewhere) is re-asked when a local release happens or after
+  `poll_s`, whichever is first: another process's probe answer cannot wake us, and a short poll costs one
+  backend call per waiting key.
+- Cancellation (R9): a permit that was granted while the caller was being cancelled is given back as
+  `cancel`, so its bucket capacity and global slot return.
+- Fallback (R10): when the shared backend is unreachable (`BackendUnavailable`), asks go to a local backend
+  in conservative mode - one request in flight per bucket, the global rate divided by `fallback_share` - and
+  the shared one is tried again every `recheck_s`. Failing open would spend the whole bot's limit from every
+  process at once; failing closed would stop the bot because Redis blinked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+
+import trio
+
+from ratelimit.backend import Backend, BackendUnavailable, LocalBackend
+from ratelimit.model import Ask, Outcome, Permit, Refusal, Wait
+
+__all__ = ["EngineStatistics", "RateLimitTimeout", "Ratelimiter", "RequestRefused"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POLL_S = 0.02
+DEFAULT_RECHECK_S = 1.0
+
+
+class RateLimitTimeout(Exception):
+    """The limits would hold the request longer than the caller's maximum wait."""
+
+    def __init__(self, wait_s: float, reason: str) -> None:
+        shown = "unknown" if math.isinf(wait_s) else f"{wait_s:.3f} s"
+        super().__init__(f"ratelimited ({reason}): the wait ({shown}) exceeds the maximum wait")
+        self.wait_s = wait_s
+        self.reason = reason
+
+
+class RequestRefused(Exception):
+    """The request must not be sent: dead credentials, or the invalid-request budget is spent."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"request refused without sending it: {reason}")
+        self.reason = reason
+
+
+@dataclass
+class EngineStatistics:
+    grants: int = 0
+    waits: dict[str, int] = field(default_factory=dict)  # by reason
+    refusals: dict[str, int] = field(default_factory=dict)
+    timeouts: int = 0
+    fallback_grants: int = 0
+    backend_errors: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)  # response / limited:<scope> / cancel / lost
+
+
+class Ratelimiter:
+    """Waits for permits from a `Backend`. One per process; share it between every client of the process."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_wait_s: float = math.inf,
+        poll_s: float = DEFAULT_POLL_S,
+        fallback_share: int = 1,
+        recheck_s: float = DEFAULT_RECHECK_S,
+    ) -> None:
+        if poll_s <= 0 or recheck_s <= 0 or fallback_share < 1:
+            raise ValueError("poll_s and recheck_s must be positive, fallback_share at least 1")
+        self.backend = backend
+        self.max_wait_s = max_wait_s
+        self.poll_s = poll_s
+        self.recheck_s = recheck_s
+        self.statistics = EngineStatistics()
+        config = backend.config
+        self.fallback = LocalBackend(
+            dataclasses.replace(
+                config, global_rate=max(2, config.global_rate // fallback_share), max_in_flight=1
+            )
+        )
+        self._fallback_until = -math.inf
+        self._fallback_permits: dict[int, Permit] = {}
+        self._queues: dict[tuple[str, str, str], trio.Lock] = {}
+        self._changed = trio.Event()
+
+    @property
+    def in_fallback(self) -> bool:
+        return trio.current_time() < self._fallback_until
+
+    async def acquire(self, ask: Ask, *, max_wait_s: float | None = None) -> Permit:
+        """A permit for `ask`, after waiting in order for the limits. Raises `RateLimitTimeout` when the wait
+        would exceed `max_wait_s` (default: the limiter's), `RequestRefused` when it must not be sent."""
+        limit = self.max_wait_s if max_wait_s is None else max_wait_s
+        deadline = trio.current_time() + limit
+        queue_key = (ask.token, ask.route, ask.major)
+        lock = self._queues.get(queue_key)
+        if lock is None:
+            lock = self._queues[queue_key] = trio.Lock()
+        try:
+            with trio.fail_after(max(0.0, limit)) if math.isfinite(limit) else contextlib.nullcontext():
+                async with lock:
+                    return await self._acquire_head(ask, deadline)
+        except trio.TooSlowError:
+            self.statistics.timeouts += 1
+            raise RateLimitTimeout(limit, "queue") from None
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._queues.pop(queue_key, None)
+
+    async def release(self, permit: Permit, outcome: Outcome) -> None:
+        """Give `permit` back with what became of it. Never raises for a backend outage (logged)."""
+        key = outcome.kind if outcome.kind != "limited" else f"limited:{outcome.scope or 'cloudflare'}"
+        self.statistics.outcomes[key] = self.statistics.outcomes.get(key, 0) + 1
+        backend: Backend = self.backend
+        if self._fallback_permits.pop(id(permit), None) is not None:
+            backend = self.fallback
+        with trio.CancelScope(shield=True):
+            try:
+                await backend.release(permit, outcome)
+            except BackendUnavailable as exc:
+                self._backend_failed(exc)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
+        await self.fallback.aclose()
+
+    async def _acquire_head(self, ask: Ask, deadline: float) -> Permit:
+        while True:
+            changed = self._changed
+            result = await self._ask_backend(ask)
+            if isinstance(result, Permit):
+                self.statistics.grants += 1
+                return result
+            if isinstance(result, Refusal):
+                self.statistics.refusals[result.reason] = self.statistics.refusals.get(result.reason, 0) + 1
+                raise RequestRefused(result.reason)
+            self.statistics.waits[result.reason] = self.statistics.waits.get(result.reason, 0) + 1
+            await self._wait(result, changed, deadline)
+
+    async def _wait(self, wait: Wait, changed: trio.Event, deadline: float) -> None:
+        now = trio.current_time()
+        if math.isinf(wait.seconds):
+            if now >= deadline:
+                self.statistics.timeouts += 1
+                raise RateLimitTimeout(math.inf, wait.reason)
+            with trio.move_on_after(min(self.poll_s, deadline - now)):
+                await changed.wait()
+            return
+        if now + wait.seconds > deadline:
+            self.statistics.timeouts += 1
+            raise RateLimitTimeout(wait.seconds, wait.reason)
+        await trio.sleep(wait.seconds)
+
+    async def _ask_backend(self, ask: Ask) -> Permit | Wait | Refusal:
+        if not self.in_fallback:
+            try:
+                permit = await self._shielded_acquire(self.backend, ask)
+            except BackendUnavailable as exc:
+                self._backend_failed(exc)
+            else:
+                return permit
+        result = await self._shielded_acquire(self.fallback, ask)
+        if isinstance(result, Permit):
+            self.statistics.fallback_grants += 1
+            self._fallback_permits[id(result)] = result
+        return result
+
+    async def _shielded_acquire(self, backend: Backend, ask: Ask) -> Permit | Wait | Refusal:
+        # The backend call is shielded so that a grant it made is always seen; a cancellation that arrived
+        # meanwhile then gives the grant back (R9) instead of leaking it until its lease ends.
+        with trio.CancelScope(shield=True):
+            result = await backend.acquire(ask)
+        if isinstance(result, Permit):
+            try:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            except trio.Cancelled:
+                if backend is self.fallback:
+                    self._fallback_permits[id(result)] = result
+                await self.release(result, Outcome("cancel"))
+                raise
+        return result
+
+    def _backend_failed(self, exc: BackendUnavailable) -> None:
+        self.statistics.backend_errors += 1
+        if not self.in_fallback:
+            logger.warning(
+                "ratelimit backend %s unavailable (%s): conservative local limits for %.1f s",
+                self.backend.name,
+                exc,
+                self.recheck_s,
+            )
+        self._fallback_until = trio.current_time() + self.recheck_s

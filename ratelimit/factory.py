@@ -1,0 +1,59 @@
+"""One way to open the configured backend and the limiter on it (workers, benchmarks, tests)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from ratelimit.backend import Backend, LocalBackend
+from ratelimit.engine import Ratelimiter
+from ratelimit.model import EngineConfig
+
+__all__ = ["BackendKind", "BackendSpec", "open_backend", "open_ratelimiter"]
+
+BackendKind = Literal["memory", "shm", "redis"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """Where the shared state lives. `shm_name`: the segment's file name (the supervisor creates it and
+    hands the name to its workers); `owner`: create (and later remove) it rather than find it."""
+
+    kind: BackendKind = "memory"
+    config: EngineConfig = EngineConfig()
+    shm_name: str = "trio-shard-gateway-ratelimit"
+    shm_dir: str = "/dev/shm"
+    owner: bool = False
+    redis_url: str = "redis://127.0.0.1:6379"
+    redis_prefix: str = "ratelimit"
+
+
+@asynccontextmanager
+async def open_backend(spec: BackendSpec) -> AsyncIterator[Backend]:
+    """The backend `spec` names, closed on exit (an owned shm segment is also removed)."""
+    backend: Backend
+    if spec.kind == "memory":
+        backend = LocalBackend(spec.config)
+    elif spec.kind == "shm":
+        from ratelimit.shm import ShmBackend
+
+        backend = ShmBackend.open(spec.shm_name, spec.config, directory=spec.shm_dir, create=spec.owner)
+    else:
+        from ratelimit.redis_backend import RedisBackend
+
+        backend = RedisBackend(spec.redis_url, spec.config, prefix=spec.redis_prefix)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+@asynccontextmanager
+async def open_ratelimiter(
+    spec: BackendSpec, *, max_wait_s: float = float("inf"), fallback_share: int = 1
+) -> AsyncIterator[Ratelimiter]:
+    async with open_backend(spec) as backend:
+        limiter = Ratelimiter(backend, max_wait_s=max_wait_s, fallback_share=fallback_share)
+        yield limiter
