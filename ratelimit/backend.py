@@ -45,7 +45,9 @@ class LocalBackend:
 
     name = "memory"
 
-    def __init__(self, config: EngineConfig | None = None, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig | None = None, *, clock: Callable[[], float] | None = None
+    ) -> None:
         self.config = config or EngineConfig()
         self.store = MemoryStore()
         self._clock = clock or trio.current_time

@@ -9,7 +9,8 @@ limiter.acquire(ask)`:
   fairness nobody can observe across hosts.
 - Maximum wait (R9, hikari's `max_rate_limit`, nirn #10): a caller gives the longest it will wait; a wait
   known to end later fails at once with `RateLimitTimeout` (how long, and why) instead of sleeping first.
-- A wait of `inf` (a probe in flight elsewhere) is re-asked when a local release happens or after
+- A wait for an answer (reason "probe": a probe in flight, or a window whose deadline only the next answer
+  tells) is re-asked when a local release happens or after
   `poll_s`, whichever is first: another process's probe answer cannot wake us, and a short poll costs one
   backend call per waiting key.
 - Cancellation (R9): a permit that was granted while the caller was being cancelled is given back as
@@ -158,11 +159,13 @@ class Ratelimiter:
 
     async def _wait(self, wait: Wait, changed: trio.Event, deadline: float) -> None:
         now = trio.current_time()
-        if math.isinf(wait.seconds):
+        if wait.reason == "probe" or math.isinf(wait.seconds):
+            # Waiting for an answer to a request in flight: its time is unknown (the seconds given are only
+            # the latest its lease can last), so wait for a local answer or poll, until the deadline.
             if now >= deadline:
                 self.statistics.timeouts += 1
                 raise RateLimitTimeout(math.inf, wait.reason)
-            with trio.move_on_after(min(self.poll_s, deadline - now)):
+            with trio.move_on_after(min(self.poll_s, wait.seconds, deadline - now)):
                 await changed.wait()
             return
         if now + wait.seconds > deadline:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ratelimit.backend import Backend, LocalBackend
@@ -22,7 +22,7 @@ class BackendSpec:
     hands the name to its workers); `owner`: create (and later remove) it rather than find it."""
 
     kind: BackendKind = "memory"
-    config: EngineConfig = EngineConfig()
+    config: EngineConfig = field(default_factory=EngineConfig)
     shm_name: str = "trio-shard-gateway-ratelimit"
     shm_dir: str = "/dev/shm"
     owner: bool = False

@@ -27,7 +27,7 @@ import orjson
 import trio
 
 from ratelimit.buckets import RateLimited, RateLimitHeaders
-from ratelimit.engine import RateLimitTimeout, Ratelimiter, RequestRefused
+from ratelimit.engine import Ratelimiter, RateLimitTimeout, RequestRefused
 from ratelimit.invalid import signature
 from ratelimit.model import Ask, Outcome, Permit
 from ratelimit.routes import route_key, token_id
