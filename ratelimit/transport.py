@@ -8,7 +8,7 @@ It wraps another transport (httpx's own by default). For each request it compute
 engine for a permit (waiting in order, at most `max_wait_s`), sends, and gives the permit back with what
 Discord answered: bucket headers, a 429 by scope, a non-JSON 429 (a Cloudflare ban), a 401/403/404 with its
 JSON code. 429s are retried (`retries_429`, after the engine's wait: the retry waits for exactly the state
-the 429 left), and 500/502/503/504 on idempotent methods (`retries_5xx`, with backoff; a POST is not
+the 429 left; when that wait would pass the maximum, the 429 itself is returned), and 500/502/503/504 on idempotent methods (`retries_5xx`, with backoff; a POST is not
 retried because Discord may have acted on it). A request the engine refuses or cannot fit in the maximum
 wait raises `RequestRefused` / `RateLimitTimeout` without being sent.
 
@@ -87,7 +87,8 @@ def outcome_of(status: int, headers: httpx.Headers, body: bytes | None) -> Outco
             parsed = None
     mapping = parsed if isinstance(parsed, dict) else None
     if status == 429:
-        limited = RateLimited.parse(headers, mapping)
+        # Discord's 429s are JSON; anything else (an HTML page) is Cloudflare's ban, whatever its headers.
+        limited = RateLimited.parse(headers, mapping) if mapping is not None else None
         ban_s = None
         if limited is None:
             raw = headers.get("retry-after")
@@ -140,12 +141,19 @@ class RatelimitedTransport(httpx.AsyncBaseTransport):
         deadline = trio.current_time() + limit
         limited_tries = 0
         failed_tries = 0
+        last_429: httpx.Response | None = None
         while True:
-            permit = await self.limiter.acquire(ask, max_wait_s=max(0.0, deadline - trio.current_time()))
+            try:
+                permit = await self.limiter.acquire(ask, max_wait_s=max(0.0, deadline - trio.current_time()))
+            except RateLimitTimeout:
+                if last_429 is None:
+                    raise
+                # The retry would wait past the maximum: the caller gets Discord's own 429 to act on.
+                return last_429
             response, outcome = await self._send(request, permit)
             if outcome.kind == "limited" and outcome.limited is not None and limited_tries < self.retries_429:
                 limited_tries += 1
-                await response.aclose()
+                last_429 = response  # its body is read already
                 continue
             if (
                 outcome.status in RETRIED_5XX
