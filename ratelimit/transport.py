@@ -8,9 +8,10 @@ It wraps another transport (httpx's own by default). For each request it compute
 engine for a permit (waiting in order, at most `max_wait_s`), sends, and gives the permit back with what
 Discord answered: bucket headers, a 429 by scope, a non-JSON 429 (a Cloudflare ban), a 401/403/404 with its
 JSON code. 429s are retried (`retries_429`, after the engine's wait: the retry waits for exactly the state
-the 429 left; when that wait would pass the maximum, the 429 itself is returned), and 500/502/503/504 on idempotent methods (`retries_5xx`, with backoff; a POST is not
-retried because Discord may have acted on it). A request the engine refuses or cannot fit in the maximum
-wait raises `RequestRefused` / `RateLimitTimeout` without being sent.
+the 429 left; when that wait would pass the maximum, the 429 itself is returned), and 500/502/503/504 on
+idempotent methods (`retries_5xx`, with backoff; a POST is not retried because Discord may have acted on
+it). A request the engine refuses or cannot fit in the maximum wait raises `RequestRefused` /
+`RateLimitTimeout` without being sent.
 
 Secrets: the Authorization header is reduced to `routes.token_id` (a truncated SHA-256) before anything is
 stored or logged; webhook and interaction tokens in paths are reduced to digests by `route_key`.
