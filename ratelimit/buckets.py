@@ -240,6 +240,8 @@ class BucketState:
         self._window = 0
         self._lease_until = -math.inf
         self._epoch = 0
+        self._lost = 0  # grants sent but never answered since the last refill: they may count in the next one
+        self._period = 0.0  # the longest Reset-After seen: an upper bound of the window's length
         self.bucket_hash: str | None = None
 
     def try_acquire(self, now: float, lease_s: float = math.inf) -> Grant | float:
@@ -289,15 +291,34 @@ class BucketState:
         self._limit = headers.limit
         self._remaining = max(0, min(headers.remaining, headers.limit - self._in_flight))
         self._reset_at = now + headers.reset_after
+        self._period = max(self._period, headers.reset_after)
         if headers.bucket is not None:
             self.bucket_hash = headers.bucket
 
-    def on_lost(self, grant: Grant) -> None:
+    def on_lost(self, grant: Grant, now: float) -> None:
         """`grant` was sent but no answer came (transport error, timeout, cancelled in flight): it may have
-        counted at Discord, so its capacity stays consumed; only the in-flight count drops."""
-        self._release(grant)
+        counted at Discord, so its capacity stays consumed.
 
-    def to_record(self) -> tuple[int, int, int, int, int, int, float, float, float]:
+        It may also have arrived after Discord's reset, in the window our next refill opens, so the refill
+        still holds it back (`_lost`) as if it were in flight. With no known deadline (every answer of this
+        window lost), the window is assumed to end one observed period from now: the request arrived before
+        now, so Discord's window that counted it ends before that. A lost probe of an unknown bucket keeps the
+        key until its lease ends. All three found by the Hypothesis machine.
+        """
+        if grant.probe and self._limit is None and grant.epoch == self._epoch:
+            # A lost first request: we know nothing of this bucket but that one request may have counted.
+            # The probe stays out until its lease ends rather than sending probe after probe into a window
+            # of unknown size.
+            return
+        self._roll(now)
+        if not self._release(grant) or self._limit is None:
+            return
+        if self._reset_at is None:
+            self._reset_at = now + self._period
+        else:
+            self._lost += 1
+
+    def to_record(self) -> tuple[int, int, int, int, int, int, int, float, float, float, float]:
         """The state as plain numbers, for the shared backends (`from_record` reverses it). The bucket hash
         is not part of it: the shared route map holds it."""
         flags = (1 if self._probing else 0) | (2 if self._global_only else 0)
@@ -310,14 +331,30 @@ class BucketState:
             self._window,
             self._epoch,
             flags,
+            self._lost,
             reset_at,
             self._blocked_until,
             self._lease_until,
+            self._period,
         )
 
     @classmethod
-    def from_record(cls, record: tuple[int, int, int, int, int, int, float, float, float]) -> BucketState:
-        limit, remaining, in_flight, window, epoch, flags, reset_at, blocked_until, lease_until = record
+    def from_record(
+        cls, record: tuple[int, int, int, int, int, int, int, float, float, float, float]
+    ) -> BucketState:
+        (
+            limit,
+            remaining,
+            in_flight,
+            window,
+            epoch,
+            flags,
+            lost,
+            reset_at,
+            blocked_until,
+            lease_until,
+            period,
+        ) = record
         state = cls()
         state._limit = None if limit < 0 else limit
         state._remaining = remaining
@@ -329,10 +366,19 @@ class BucketState:
         state._reset_at = None if math.isnan(reset_at) else reset_at
         state._blocked_until = blocked_until
         state._lease_until = lease_until
+        state._lost = lost
+        state._period = period
         return state
 
     def on_response(self, headers: RateLimitHeaders | None, now: float, grant: Grant) -> None:
-        """A non-429 response to `grant` came at `now`; `headers` None: no bucket headers (global-only)."""
+        """A non-429 response to `grant` came at `now`; `headers` None: no bucket headers (global-only).
+
+        The window rolls over *before* the grant is given back: the reset happened before this answer came,
+        when the grant was still in flight, so the refill must hold it back (it may have arrived at Discord
+        in the new window). Releasing first let one answer of the old window free its slot twice: found by
+        the Hypothesis machine in tests/ratelimit/test_model_properties.py.
+        """
+        self._roll(now)
         self._release(grant)
         if headers is None:
             self._global_only = True
@@ -340,6 +386,7 @@ class BucketState:
         self._global_only = False
         if headers.bucket is not None:
             self.bucket_hash = headers.bucket
+        self._period = max(self._period, headers.reset_after)
         deadline = now + headers.reset_after
         if self._limit is None:  # first contact (R2)
             self._limit = headers.limit
@@ -362,10 +409,10 @@ class BucketState:
 
         Also after a rollover: the refill subtracted it as in flight, so the new window gets it back.
         """
+        self._roll(now)
         if not self._release(grant):
             return
         if grant.counted and self._limit is not None:
-            self._roll(now)
             self._remaining = min(self._limit, self._remaining + 1)
 
     def on_rate_limited(
@@ -383,6 +430,7 @@ class BucketState:
         - Remaining > 0 and not user: a hidden sub-limit; only the request class is blocked, by the caller.
         - user (or no scope): our accounting was wrong; remaining 0 until `now + retry_after`.
         """
+        self._roll(now)
         self._release(grant)
         until = now + retry_after
         if scope is RateLimitScope.GLOBAL:
@@ -434,6 +482,7 @@ class BucketState:
     def _roll(self, now: float) -> None:
         """Open a new window if the current one's deadline has passed: refill to `limit - in_flight` (R3)."""
         if self._limit is not None and self._reset_at is not None and now >= self._reset_at:
-            self._remaining = max(0, self._limit - self._in_flight)
+            self._remaining = max(0, self._limit - self._in_flight - self._lost)
+            self._lost = 0
             self._reset_at = None
             self._window += 1

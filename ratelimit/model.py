@@ -82,7 +82,7 @@ MAX_PAYLOAD: Final = 104
 
 WaitReason = Literal["ban", "sublimit", "global", "bucket", "probe", "blocked"]
 
-_BUCKET: Final = struct.Struct("<qqqqqqddd")  # BucketState.to_record
+_BUCKET: Final = struct.Struct("<qqqqqqqdddd")  # BucketState.to_record
 _GLOBAL: Final = struct.Struct("<dd")
 _UNTIL: Final = struct.Struct("<d")
 _INVALID_PAIRS: Final = (MAX_PAYLOAD - 8) // 8  # (index, count) int32 pairs after the int64 peak
@@ -320,8 +320,8 @@ def load_bucket(store: RecordStore, key: str, now: float) -> BucketState:
 
 def save_bucket(store: RecordStore, key: str, state: BucketState, config: EngineConfig, now: float) -> None:
     record = state.to_record()
-    reset_at = record[6]
-    horizon = max(now, record[7], record[8], now if math.isnan(reset_at) else reset_at)
+    reset_at = record[7]
+    horizon = max(now, record[8], record[9], now if math.isnan(reset_at) else reset_at)
     store.put(key, _BUCKET.pack(*record), horizon + config.idle_ttl_s)
 
 
@@ -431,7 +431,7 @@ def release(store: RecordStore, permit: Permit, outcome: Outcome, now: float, co
             if outcome.kind == "cancel":
                 state.on_cancel(permit.grant, now)
             elif outcome.kind == "lost":
-                state.on_lost(permit.grant)
+                state.on_lost(permit.grant, now)
             elif outcome.kind == "response":
                 _release_into(state, permit.grant, outcome.headers, now)
             elif outcome.limited is not None:
@@ -440,7 +440,7 @@ def release(store: RecordStore, permit: Permit, outcome: Outcome, now: float, co
                     limited.scope, limited.retry_after, limited.remaining, now, permit.grant
                 )
             else:
-                state.on_lost(permit.grant)  # Cloudflare: the ban below stops everything
+                state.on_lost(permit.grant, now)  # Cloudflare: the ban below stops everything
             save_bucket(store, permit.bucket, state, config, now)
     elif outcome.kind == "limited" and outcome.limited is not None:
         # A 429 on a global-only route: classify it like a bucket would, without a bucket.

@@ -175,9 +175,12 @@ class RatelimitedTransport(httpx.AsyncBaseTransport):
             body: bytes | None = None
             if response.status_code in _ERROR_STATUSES:
                 body = await response.aread()
+        except (httpx.ConnectError, httpx.ConnectTimeout):
+            # No connection, so nothing was sent: everything the permit took comes back.
+            await self.limiter.release(permit, Outcome("cancel"))
+            raise
         except BaseException:
-            # Sent or not, we cannot tell: its capacity stays spent (a transport error before the connection
-            # was made is rare and costs one slot).
+            # Sent or not, we cannot tell: its capacity stays spent until the next refill.
             await self.limiter.release(permit, Outcome("lost"))
             raise
         outcome = outcome_of(response.status_code, response.headers, body)
