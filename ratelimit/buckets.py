@@ -229,7 +229,10 @@ class BucketStatistics:
 class BucketState:
     """The ratelimit state of one (token id, bucket hash, majors) key. Pure: time is passed in."""
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int = 0) -> None:
+        """`epoch`: where the lease generation starts. A record that is recreated after its predecessor
+        expired or was evicted starts from a different one, so a grant of the old record is not taken for
+        one of the new (the shared model seeds it from the clock)."""
         self._limit: int | None = None
         self._remaining = 0
         self._in_flight = 0
@@ -239,7 +242,7 @@ class BucketState:
         self._global_only = False
         self._window = 0
         self._lease_until = -math.inf
-        self._epoch = 0
+        self._epoch = epoch
         self._lost = 0  # grants sent but never answered since the last refill: they may count in the next one
         self._period = 0.0  # the longest Reset-After seen: an upper bound of the window's length
         self.bucket_hash: str | None = None
@@ -251,7 +254,7 @@ class BucketState:
         `lease_s` (R10): a grant that is not given back within `lease_s` of the latest grant is forgotten, so
         a process that died holding permits (or the probe) blocks nobody for longer than that.
         """
-        self._expire_leases(now)
+        self.expire_leases(now)
         if now < self._blocked_until:
             return self._blocked_until - now
         if self._global_only:
@@ -271,7 +274,7 @@ class BucketState:
         # Exhausted, no deadline and nothing in flight (a limit of 0, or a clamp): relearn with one probe.
         return self._grant(probe=True, counted=False, now=now, lease_s=lease_s)
 
-    def _expire_leases(self, now: float) -> None:
+    def expire_leases(self, now: float) -> None:
         if self._in_flight > 0 and now >= self._lease_until:
             # Every outstanding grant is older than its lease: its holder is presumed dead. A later give-back
             # of one of them carries the old epoch and changes nothing.

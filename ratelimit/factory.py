@@ -10,10 +10,31 @@ from typing import Literal
 from ratelimit.backend import Backend, LocalBackend
 from ratelimit.engine import Ratelimiter
 from ratelimit.model import EngineConfig
+from ratelimit.routes import token_id
 
-__all__ = ["BackendKind", "BackendSpec", "open_backend", "open_ratelimiter"]
+__all__ = [
+    "BackendKind",
+    "BackendSpec",
+    "engine_config",
+    "open_backend",
+    "open_ratelimiter",
+    "shm_segment_name",
+]
 
 BackendKind = Literal["memory", "shm", "redis"]
+SEGMENT_PREFIX = "trio-shard-gateway-ratelimit-"
+
+
+def engine_config(global_rate: int) -> EngineConfig:
+    """The engine's tunables from the service's configuration (`DISCORD_GLOBAL_LIMIT`). The supervisor and
+    every worker build it with this one function: the shm segment refuses sharers whose tunables differ."""
+    return EngineConfig(global_rate=max(2, global_rate))
+
+
+def shm_segment_name(token: str) -> str:
+    """The segment name of one bot on this host: the token's public id, so that two bots on one host never
+    share state and a worker started alone finds its supervisor's segment. The token itself is not in it."""
+    return SEGMENT_PREFIX + (token_id(token) or "anonymous")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +60,9 @@ async def open_backend(spec: BackendSpec) -> AsyncIterator[Backend]:
     elif spec.kind == "shm":
         from ratelimit.shm import ShmBackend
 
-        backend = ShmBackend.open(spec.shm_name, spec.config, directory=spec.shm_dir, create=spec.owner)
+        backend = ShmBackend.open(
+            spec.shm_name, spec.config, directory=spec.shm_dir, create=spec.owner, unlink_on_close=spec.owner
+        )
     else:
         from ratelimit.redis_backend import RedisBackend
 

@@ -82,6 +82,8 @@ MAX_PAYLOAD: Final = 104
 
 WaitReason = Literal["ban", "sublimit", "global", "bucket", "probe", "blocked"]
 
+#: Epochs are kept below 2**31 so that every backend stores them exactly.
+EPOCH_MODULUS: Final = 2**31
 _BUCKET: Final = struct.Struct("<qqqqqqqdddd")  # BucketState.to_record
 _GLOBAL: Final = struct.Struct("<dd")
 _UNTIL: Final = struct.Struct("<d")
@@ -111,6 +113,9 @@ class EngineConfig:
     webhook_ttl_s: float = DEFAULT_WEBHOOK_TTL_S
     #: How long a non-JSON (Cloudflare) 429 stops all traffic of the IP when it names no Retry-After.
     ban_s: float = 60.0
+    #: How long a 401 to the bot token stops every request with it. Not forever: a token restored on
+    #: Discord's side then costs one 401 per period instead of a restart of every process.
+    dead_token_s: float = 3600.0
     #: Conservative mode (R10, the fallback while Redis is unreachable): at most this many grants in flight
     #: per bucket; None for no cap.
     max_in_flight: int | None = None
@@ -311,10 +316,16 @@ def _put_until(store: RecordStore, key: str, until: float) -> None:
     store.put(key, _UNTIL.pack(until), until)
 
 
+def new_epoch(now: float) -> int:
+    """The first lease generation of a bucket record created at `now`: different for a record recreated
+    later, so a grant of an expired or evicted predecessor is never given back to it (Lua mirrors this)."""
+    return math.floor(now * 1000.0) % EPOCH_MODULUS
+
+
 def load_bucket(store: RecordStore, key: str, now: float) -> BucketState:
     payload = store.get(key, now)
     if payload is None:
-        return BucketState()
+        return BucketState(new_epoch(now))
     return BucketState.from_record(_BUCKET.unpack(payload))
 
 
@@ -342,8 +353,11 @@ def save_global(store: RecordStore, token: str, limiter: GlobalLimiter, config: 
 
 
 def load_invalid(store: RecordStore, ip: str, config: EngineConfig, now: float) -> InvalidRequestBudget:
+    return _budget(store.get(invalid_key(ip), now), config)
+
+
+def _budget(payload: bytes | None, config: EngineConfig) -> InvalidRequestBudget:
     budget = config.invalid_budget()
-    payload = store.get(invalid_key(ip), now)
     if payload is not None:
         peak = struct.unpack_from("<q", payload)[0]
         pairs = struct.unpack_from(f"<{(len(payload) - 8) // 4}i", payload, 8)
@@ -382,9 +396,8 @@ def acquire(store: RecordStore, ask: Ask, now: float, config: EngineConfig) -> P
             return Refusal(WEBHOOK_DEAD)
     elif ask.token and store.get(dead_key(ask.token), now) is not None:
         return Refusal(TOKEN_REVOKED)
-    if store.get(invalid_key(ask.ip), now) is not None and not load_invalid(
-        store, ask.ip, config, now
-    ).allows(ask.optional, now):
+    invalid = store.get(invalid_key(ask.ip), now)
+    if invalid is not None and not _budget(invalid, config).allows(ask.optional, now):
         return Refusal(INVALID_BUDGET)
     blocked = _until(store, sublimit_key(ask.token, ask.request_class, ask.major), now)
     if blocked > now:
@@ -399,10 +412,11 @@ def acquire(store: RecordStore, ask: Ask, now: float, config: EngineConfig) -> P
     grant: Grant | None = None
     if key is not None:
         state = load_bucket(store, key, now)
+        state.expire_leases(now)
         stats = state.statistics()
         if config.max_in_flight is not None and stats.in_flight >= config.max_in_flight:
-            lease_left = state.lease_deadline() - now
-            return Wait(max(lease_left, 0.0) if math.isfinite(lease_left) else math.inf, "probe")
+            save_bucket(store, key, state, config, now)
+            return Wait(state.lease_deadline() - now, "probe")
         result = state.try_acquire(now, config.lease_s)
         if not isinstance(result, Grant):
             save_bucket(store, key, state, config, now)
@@ -426,8 +440,9 @@ def release(store: RecordStore, permit: Permit, outcome: Outcome, now: float, co
     action = None
     if permit.bucket is not None and permit.grant is not None:
         # A record that expired (or was evicted) holds nothing of this grant: skip the give-back.
-        state = load_bucket(store, permit.bucket, now)
-        if store.get(permit.bucket, now) is not None:
+        payload = store.get(permit.bucket, now)
+        if payload is not None:
+            state = BucketState.from_record(_BUCKET.unpack(payload))
             if outcome.kind == "cancel":
                 state.on_cancel(permit.grant, now)
             elif outcome.kind == "lost":
@@ -475,7 +490,7 @@ def release(store: RecordStore, permit: Permit, outcome: Outcome, now: float, co
         if verdict == WEBHOOK_DEAD and ask.webhook is not None:
             _put_until(store, hook_key(ask.webhook), now + config.webhook_ttl_s)
         elif verdict == TOKEN_REVOKED:
-            store.put(dead_key(ask.token), b"\x01", math.inf)
+            store.put(dead_key(ask.token), b"\x01", now + config.dead_token_s)
 
 
 def _release_into(state: BucketState, grant: Grant, headers: RateLimitHeaders | None, now: float) -> None:

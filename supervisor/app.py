@@ -157,7 +157,11 @@ class Supervisor:
             },
         )
         book = SessionBook() if settings.shard_store_type == "memory" else None
-        async with self._open_gate(info.max_concurrency) as gate, trio.open_nursery() as nursery:
+        async with (
+            self._own_ratelimit_segment(),
+            self._open_gate(info.max_concurrency) as gate,
+            trio.open_nursery() as nursery,
+        ):
             self._nursery = nursery
             if settings.prometheus_address:
                 await nursery.start(
@@ -189,6 +193,33 @@ class Supervisor:
             nursery.start_soon(self._watchdog)
             await self._control_loop(nursery)
         return self.status
+
+    @contextlib.asynccontextmanager
+    async def _own_ratelimit_segment(self) -> AsyncIterator[None]:
+        """With the shm ratelimit backend, the supervisor creates the host's segment before any worker starts
+        (replacing a stale one from a crashed run) and removes it when it stops; workers find it by name."""
+        if self.settings.ratelimit_backend != "shm":
+            yield
+            return
+        from ratelimit.factory import engine_config, shm_segment_name
+        from ratelimit.shm import ShmBackend, ShmError
+
+        try:
+            backend = ShmBackend.open(
+                shm_segment_name(self.settings.token),
+                engine_config(self.settings.global_limit),
+                create=True,
+                directory=self.settings.ratelimit_shm_dir,
+                unlink_on_close=True,
+            )
+        except ShmError as exc:
+            raise SupervisorError(f"ratelimit segment: {exc}") from exc
+        LOGGER.info("supervisor.ratelimit_segment", extra={"path": str(backend.path), "owner": backend.owns})
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await backend.aclose()
 
     @contextlib.asynccontextmanager
     async def _open_gate(self, max_concurrency: int) -> AsyncIterator[IdentifyGate]:

@@ -130,6 +130,8 @@ class Settings:
     redis_url: str = field(default="redis://127.0.0.1:6379", repr=False)
     redis_pool_size: int = 5
     ratelimit_backend: RatelimitBackend = "shm"
+    #: The directory of the shared-memory ratelimit segment (tmpfs; a systemd RuntimeDirectory works too).
+    ratelimit_shm_dir: str = "/dev/shm"
     #: Global REST requests per second for this bot.
     global_limit: int = 50
     amqp_group: str = "rest"
@@ -314,6 +316,13 @@ def _parse_word(key: str, text: str) -> str:
     return word
 
 
+def _parse_directory(key: str, text: str) -> str:
+    path = text.strip()
+    if not path.startswith("/") or any(c in "\n\r\x00" for c in path):
+        raise ConfigError(key, f"an absolute directory path such as /dev/shm, got {text!r}")
+    return path.rstrip("/") or "/"
+
+
 def _parse_address(key: str, text: str) -> str:
     parse_address(key, text)
     return text.strip()
@@ -446,6 +455,7 @@ KEYS: Final[tuple[Key, ...]] = (
         secret="url"),
     Key("REDIS_POOL_SIZE", "redis_pool_size", _int_parser(1), "int"),
     Key("RATELIMIT_BACKEND", "ratelimit_backend", _choice_parser(RatelimitBackend)),
+    Key("RATELIMIT_SHM_DIR", "ratelimit_shm_dir", _parse_directory),
     Key("DISCORD_GLOBAL_LIMIT", "global_limit", _int_parser(1), "int"),
     Key("AMQP_GROUP", "amqp_group", _parse_amqp_name),
     Key("AMQP_EVENT", "amqp_event", _parse_amqp_name),

@@ -18,6 +18,7 @@ from ratelimit.buckets import RateLimitScope
 from ratelimit.global_limit import DEFAULT_JITTER_MARGIN_S
 from ratelimit.invalid import TOKEN_REVOKED, WEBHOOK_DEAD
 from ratelimit.model import INVALID_BUDGET, Ask, EngineConfig, Outcome
+from ratelimit.shm import ShmBackend
 from tests.ratelimit.contract import (
     ASK,
     OTHER_MAJOR,
@@ -30,7 +31,7 @@ from tests.ratelimit.contract import (
     scenario_driver,
 )
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "shm"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -42,6 +43,10 @@ def factory(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
         backend: Backend
         if kind == "memory":
             backend = LocalBackend(config, clock=clock)
+        elif kind == "shm":
+            backend = ShmBackend.open(
+                "contract", config, create=True, directory=tmp_path, clock=clock, unlink_on_close=True
+            )
         else:  # pragma: no cover - filled in with the backends
             raise AssertionError(kind)
         try:
@@ -264,3 +269,22 @@ async def test_conservative_mode_allows_one_in_flight_per_bucket(factory: Backen
 def test_inf_is_never_a_lease_wait() -> None:
     assert not close(math.inf, 10.0)
     assert DEFAULT_JITTER_MARGIN_S > 0
+
+
+async def test_conservative_mode_recovers_from_a_dead_holder(factory: BackendFactory) -> None:
+    async with scenario_driver(factory, config(max_in_flight=1, lease_s=1.0)) as d:
+        await d.learn(5, 5, 10.0)
+        await d.permit()  # its holder dies
+        assert (await d.wait()).reason == "probe"
+        d.clock.advance(1.0)
+        await d.permit()
+
+
+async def test_a_grant_of_an_expired_record_is_not_given_to_its_successor(factory: BackendFactory) -> None:
+    async with scenario_driver(factory, config(lease_s=1.0, idle_ttl_s=1.0)) as d:
+        old = await d.permit()  # a probe whose answer comes very late
+        d.clock.advance(5.0)  # the record expired meanwhile
+        await d.permit()  # a new record, a new probe
+        await d.backend.release(old, Outcome("cancel"))  # must not free the new record's probe
+        waiting = await d.wait()
+        assert waiting.reason == "probe"

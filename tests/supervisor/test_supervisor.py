@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ import httpx
 import trio
 
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
+from ratelimit.factory import shm_segment_name
 
 TIMEOUT_S = 90
 
@@ -98,10 +100,12 @@ def gateway(**changes: Any) -> SimulatorConfig:
 
 async def test_start_kill_worker_rolling_restart_and_drain(tmp_path: Path) -> None:
     log = tmp_path / "supervisor.log"
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
     with trio.fail_after(TIMEOUT_S):
         async with (
             open_simulator(gateway()) as sim,
-            supervisor(sim, log, "--workers", "2") as (process, base),
+            supervisor(sim, log, "--workers", "2", RATELIMIT_SHM_DIR=str(shm_dir)) as (process, base),
         ):
             ledger = sim.gateway.ledger
             started = trio.current_time()
@@ -110,6 +114,10 @@ async def test_start_kill_worker_rolling_restart_and_drain(tmp_path: Path) -> No
                 return await ready(base)
 
             await wait_until(all_ready)
+            # The supervisor owns the host's ratelimit segment: owner-only, named by the token's id.
+            (segment,) = shm_dir.iterdir()
+            assert segment.name == shm_segment_name(DEFAULT_TOKEN)
+            assert stat.S_IMODE(segment.stat().st_mode) == 0o600
             # 4 shards, max_concurrency 2: two identify rounds, one 5 s apart; across two processes.
             assert trio.current_time() - started < 5.0 + 8.0  # the tight bound is a benchmark, not a test
             assert ledger.counters["identifies_accepted"] == 4
@@ -143,6 +151,7 @@ async def test_start_kill_worker_rolling_restart_and_drain(tmp_path: Path) -> No
             assert process.returncode == 0, log.read_text()[-3000:]
             closes = dict(ledger.closes_received)
             assert set(closes) <= {"4900", "None"} and closes.get("4900", 0) >= 4
+            assert list(shm_dir.iterdir()) == []  # removed by its owner
     text = log.read_text()
     assert DEFAULT_TOKEN not in text
 
