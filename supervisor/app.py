@@ -146,7 +146,7 @@ class Supervisor:
         )
         if not budget.ok:
             raise SupervisorError(budget.message)
-        plan = plan_workers(shard_ids, settings.workers, os.cpu_count() or 1)
+        plan = plan_workers(shard_ids, settings.workers, len(os.sched_getaffinity(0)) or 1)
         LOGGER.info(
             "supervisor.plan",
             extra={

@@ -91,6 +91,8 @@ OWN_PREFIXES: Final = (
     "RESTART_",
     "SESSION_START_",
 )
+#: Variables with one of our prefixes that the supervisor reads outside its settings.
+READ_ELSEWHERE: Final = frozenset({"PROMETHEUS_MULTIPROC_DIR"})
 #: Set by the supervisor for each worker (what it learnt from `GET /gateway/bot`), never read by it.
 WORKER_ONLY_VARIABLES: Final = ("DISCORD_GATEWAY_URL", "DISCORD_MAX_CONCURRENCY")
 PRESENCE_KEYS: Final = frozenset({"since", "activities", "status", "afk"})
@@ -218,8 +220,11 @@ def _split_url(key: str, url: str) -> urllib.parse.SplitResult:
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
-    except ValueError as exc:
-        raise ConfigError(key, f"a well-formed URL ({exc})") from None
+    except ValueError:
+        # Not `exc`: it quotes the "port", which is the start of the password when that holds a `/`.
+        raise ConfigError(
+            key, "a well-formed URL (a numeric port; / ? # @ : in a password written as %2F %3F %23 %40 %3A)"
+        ) from None
     return parts
 
 
@@ -255,7 +260,8 @@ def _auto_int_parser(minimum: int) -> Callable[[str, str], int | None]:
 
 
 def _parse_shard_ids(key: str, text: str) -> tuple[int, ...]:
-    if any(int(number) > MAX_SHARD_ID for number in re.findall(r"\d+", text)):
+    # The length first: `int()` refuses more than 4300 digits with a ValueError.
+    if any(len(number) > 7 or int(number) > MAX_SHARD_ID for number in re.findall(r"\d+", text)):
         raise ConfigError(key, f"shard ids up to {MAX_SHARD_ID}, got {text!r}")
     return parse_shard_ids(key, text)
 
@@ -323,7 +329,9 @@ def _parse_directory(key: str, text: str) -> str:
     return path.rstrip("/") or "/"
 
 
-def _parse_address(key: str, text: str) -> str:
+def _parse_address(key: str, text: str) -> str | None:
+    if text.strip().lower() == "off":  # DESIGN 3.2's word for the default, which workers accept too
+        return None
     parse_address(key, text)
     return text.strip()
 
@@ -527,7 +535,10 @@ def _toml_text(kind: TomlKind, key: str, value: object) -> str:
             item = "names" if kind == "names" else "integer ids"
             raise ConfigError(key, f"a non-empty array of {item}, got {value!r}")
     elif isinstance(value, dict) and kind == "table":
-        return orjson.dumps(value).decode()
+        try:
+            return orjson.dumps(value).decode()
+        except orjson.JSONEncodeError:
+            raise ConfigError(key, "a table JSON can hold (64-bit integers, under 255 levels)") from None
     got = _TOML_TYPE_NAMES.get(type(value), type(value).__name__)
     raise ConfigError(key, f"{_TOML_EXPECTED[kind]}, got {got}")
 
@@ -538,8 +549,10 @@ def _file_layer(path: str) -> _Layer:
             document = tomllib.load(file)
     except OSError as exc:
         raise ConfigError("--config", f"a readable TOML file, got {path!r} ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("--config", f"a valid TOML file, {path!r} has an error: {exc}") from None
+    except (ValueError, RecursionError):  # tomllib: an integer of over 4300 digits, arrays nested too deep
+        raise ConfigError("--config", f"a valid TOML file, {path!r} has a value too large or deep") from None
     values: dict[str, tuple[str, str]] = {}
     for toml_key, value in document.items():
         env = toml_key.upper()
@@ -567,7 +580,7 @@ def _env_warnings(environ: Mapping[str, str]) -> tuple[str, ...]:
         f"{name} is not a setting of the supervisor and is ignored"
         + (" (it sets it for each worker)" if name in WORKER_ONLY_VARIABLES else "")
         for name in sorted(environ)
-        if name.startswith(OWN_PREFIXES) and name not in KNOWN_VARIABLES
+        if name.startswith(OWN_PREFIXES) and name not in KNOWN_VARIABLES and name not in READ_ELSEWHERE
     )
 
 
