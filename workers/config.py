@@ -22,6 +22,8 @@ from .errors import ConfigError
 Compression = Literal["zlib-stream", "zstd-stream", "none"]
 BrokerType = Literal["stdio", "amqp", "null"]
 StoreType = Literal["memory", "redis"]
+#: Where the REST proxy's ratelimit state lives; `memory` (this process only) is for tests and one worker.
+RatelimitBackendKind = Literal["shm", "redis", "memory"]
 Encoding = Literal["spectacles", "msgpack", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -56,6 +58,7 @@ DEFAULT_INTENTS: Final = ALL_INTENTS & ~PRIVILEGED_INTENTS
 DEFAULT_API_URL: Final = "https://discord.com/api/v10"
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_AMQP_NAME: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
 
 
 def parse_duration(key: str, text: str) -> float:
@@ -76,6 +79,29 @@ def parse_duration(key: str, text: str) -> float:
     if value < 0 or not math.isfinite(value):
         raise ConfigError(key, f"a non-negative duration, got {text!r}")
     return value
+
+
+def parse_positive_duration(key: str, text: str) -> float:
+    value = parse_duration(key, text)
+    if value <= 0:
+        raise ConfigError(key, f"a duration above zero, got {text!r}")
+    return value
+
+
+def parse_amqp_name(key: str, text: str) -> str:
+    """An exchange, queue or routing-key name: 1-255 of letters, digits and `- _ . :`."""
+    name = text.strip()
+    if not _AMQP_NAME.fullmatch(name):
+        raise ConfigError(key, f"an AMQP name (letters, digits, - _ . :), got {text!r}")
+    return name
+
+
+def parse_directory(key: str, text: str) -> str:
+    """An absolute directory path (the supervisor's `RATELIMIT_SHM_DIR` rule)."""
+    path = text.strip()
+    if not path.startswith("/") or any(c in "\n\r\x00" for c in path):
+        raise ConfigError(key, f"an absolute directory path such as /dev/shm, got {text!r}")
+    return path.rstrip("/") or "/"
 
 
 def parse_shard_ids(key: str, text: str) -> tuple[int, ...]:
@@ -196,6 +222,16 @@ class WorkerConfig:
     shard_store_prefix: str = "gateway"
     redis_url: str = field(default="redis://127.0.0.1:6379", repr=False)
     redis_pool_size: int = 5
+    #: REST proxy (DESIGN 3.6): the ratelimit backend and the directory of its shm segment (the segment is
+    #: named after the token: `ratelimit.factory.shm_segment_name`), the global limit, the RPC exchange and
+    #: event, the HTTP address (None = off) and the longest a request may wait for limits plus the answer.
+    ratelimit_backend: RatelimitBackendKind = "shm"
+    ratelimit_shm_dir: str = "/dev/shm"
+    global_limit: int = 50
+    amqp_group: str = "rest"
+    amqp_event: str = "REQUEST"
+    proxy_http_address: tuple[str, int] | None = None
+    proxy_timeout_s: float = 30.0
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -279,6 +315,19 @@ def worker_config_from_env(
         shard_store_prefix=get("SHARD_STORE_PREFIX", "gateway"),
         redis_url=get("REDIS_URL", "redis://127.0.0.1:6379"),
         redis_pool_size=parse_int("REDIS_POOL_SIZE", get("REDIS_POOL_SIZE", "5"), minimum=1),
+        ratelimit_backend=parse_choice(
+            "RATELIMIT_BACKEND", get("RATELIMIT_BACKEND", "shm"), get_args(RatelimitBackendKind)
+        ),  # type: ignore[arg-type]
+        ratelimit_shm_dir=parse_directory("RATELIMIT_SHM_DIR", get("RATELIMIT_SHM_DIR") or "/dev/shm"),
+        global_limit=parse_int("DISCORD_GLOBAL_LIMIT", get("DISCORD_GLOBAL_LIMIT", "50"), minimum=1),
+        amqp_group=parse_amqp_name("AMQP_GROUP", get("AMQP_GROUP", "rest")),
+        amqp_event=parse_amqp_name("AMQP_EVENT", get("AMQP_EVENT", "REQUEST")),
+        proxy_http_address=(
+            parse_address("PROXY_HTTP_ADDRESS", get("PROXY_HTTP_ADDRESS"))
+            if get("PROXY_HTTP_ADDRESS") not in ("", "off")
+            else None
+        ),
+        proxy_timeout_s=parse_positive_duration("TIMEOUT", get("TIMEOUT", "30s")),
         log_level=parse_choice("LOG_LEVEL", get("LOG_LEVEL", "info"), get_args(LogLevel)),
         log_format=parse_choice("LOG_FORMAT", get("LOG_FORMAT", "auto"), ("auto", "json", "console")),  # type: ignore[arg-type]
     )

@@ -5,9 +5,11 @@ same process gets those over its control channel (the supervisor issue). Exit st
 configuration (the message names the key), 3 a fatal close code or a refused token, 1 anything else.
 
 Lifetimes, outermost first: the trio-asyncio loop (only when AMQP or Redis is used), the session store, the
-publisher, the publish pump, then one nursery with a `ShardRunner` per shard and the command source.
-SIGTERM/SIGINT stop the shards with a resumable close, drain the pump (so committed seqs are final) and
-flush the store before the process exits.
+publisher, the REST proxy's limiter, the publish pump, then one nursery with a `ShardRunner` per shard, the
+command source and the REST proxy fronts (`workers.rest_proxy`). SIGTERM/SIGINT stop the shards with a
+resumable close and drain the REST proxy (its requests in flight finish, or go back to the queue when never
+sent) in parallel, then drain the pump (so committed seqs are final) and flush the store before the process
+exits.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .publish.base import OutboundEvent, Publisher
 from .publish.null import NullPublisher
 from .publish.pump import open_publish_pump
 from .publish.stdio import StdioPublisher
+from .rest_proxy import WorkerRestProxy, open_worker_rest_proxy
 from .sessions import InMemorySessionStore, SessionStore, open_redis_session_store
 from .shard import CommandAck, ShardRunner
 from .telemetry import feed_metrics, metrics_enabled, observe_confirmed
@@ -50,6 +53,9 @@ EXIT_FATAL: Final = 3
 PUMP_EVENTS_PER_SHARD: Final = 2048
 PUMP_MIN_CAPACITY: Final = 8192
 GRACEFUL_STOP_S: Final = 10.0
+#: Of GRACEFUL_STOP_S, how long REST proxy requests in flight get to finish before they are settled
+#: (requeued when not yet sent, else answered); settling itself takes at most a few seconds more.
+PROXY_GRACE_S: Final = 4.0
 
 
 @contextlib.asynccontextmanager
@@ -134,6 +140,7 @@ async def run_worker(
         _open_loop_if_needed(config),
         _open_store(config, link) as store,
         _open_broker(config) as (sink, amqp),
+        open_worker_rest_proxy(config, amqp, supervised=link is not None) as rest,
     ):
         gate: IdentifyGate = (
             link
@@ -145,7 +152,7 @@ async def run_worker(
                 runners[shard_id] = ShardRunner(
                     config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
                 )
-            status = await _run_shards(config, runners, amqp, task_status)
+            status = await _run_shards(config, runners, amqp, rest, task_status)
         await store.flush()
     return status
 
@@ -167,12 +174,15 @@ async def _run_shards(
     config: WorkerConfig,
     runners: dict[int, ShardRunner],
     amqp: Amqp | None,
+    rest: WorkerRestProxy,
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
 ) -> int:
     status = EXIT_OK
+    stopping = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             shards_done = trio.Event()
+            rest_done = trio.Event()
 
             async def run_shards() -> None:
                 nonlocal status
@@ -185,7 +195,16 @@ async def _run_shards(
                     LOGGER.error("worker.fatal_close_code", extra={"codes": codes})
                     status = EXIT_FATAL
                 shards_done.set()
-                nursery.cancel_scope.cancel()
+                if not stopping:  # a fatal close code: no drain
+                    nursery.cancel_scope.cancel()
+
+            async def run_rest_proxy(
+                *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
+            ) -> None:
+                try:
+                    await rest.serve(task_status=task_status)
+                finally:
+                    rest_done.set()
 
             nursery.start_soon(run_shards)
             if metrics_enabled():
@@ -194,14 +213,20 @@ async def _run_shards(
                 await nursery.start(consume_amqp_commands, amqp, config, runners)
             elif config.broker_type == "stdio":
                 nursery.start_soon(_consume_stdin, config, runners)
+            port = await nursery.start(run_rest_proxy)
+            if port is not None:
+                LOGGER.info("worker.proxy_http", extra={"port": port})
             task_status.started(runners)
             async for signum in signals:
                 LOGGER.info("worker.stopping", extra={"signal": signal.Signals(signum).name})
+                stopping = True
+                rest.stop(PROXY_GRACE_S)
                 with trio.move_on_after(GRACEFUL_STOP_S):
-                    async with trio.open_nursery() as stopping:
+                    async with trio.open_nursery() as stoppers:
                         for runner in runners.values():
-                            stopping.start_soon(runner.stop)
+                            stoppers.start_soon(runner.stop)
                     await shards_done.wait()
+                    await rest_done.wait()
                 nursery.cancel_scope.cancel()
                 break
     return status

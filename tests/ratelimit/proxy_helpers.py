@@ -1,0 +1,133 @@
+"""Helpers for the REST proxy tests: the simulator with a proxy on it, and a Python AMQP RPC client.
+
+The client is aio-pika on trio-asyncio (the test side only; the proxy under test uses the worker's own
+bridge), shaped like `@spectacles/brokers`' `call`: an exclusive server-named callback queue, a fresh
+correlation id per call, MessagePack bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import msgpack
+import trio
+import trio_asyncio
+from aio_pika.abc import AbstractIncomingMessage
+
+from benchmarks.simulator import DEFAULT_TOKEN
+from ratelimit.backend import LocalBackend
+from ratelimit.engine import Ratelimiter
+from ratelimit.proxy.core import RestProxy, open_rest_proxy
+from tests.simulator.rest_helpers import RestHarness, rest_harness
+
+AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/")
+
+
+@dataclass
+class ProxyStack:
+    harness: RestHarness
+    limiter: Ratelimiter
+    proxy: RestProxy
+
+    async def ledger(self) -> dict[str, Any]:
+        return await self.harness.ledger()
+
+
+@asynccontextmanager
+async def proxy_stack(*, timeout_s: float = 10.0, **rest: Any) -> AsyncIterator[ProxyStack]:
+    """The simulator (`RestConfig(**rest)`) and a `RestProxy` on it with an in-process limiter."""
+    async with rest_harness(**rest) as harness:
+        limiter = Ratelimiter(LocalBackend())
+        async with open_rest_proxy(
+            limiter, api_url=harness.sim.addresses.rest_url, timeout_s=timeout_s, bot_token=DEFAULT_TOKEN
+        ) as proxy:
+            yield ProxyStack(harness, limiter, proxy)
+
+
+def unique_group() -> str:
+    return f"test-rest-{uuid.uuid4().hex[:10]}"
+
+
+class RpcClient:
+    """A small RPC caller; every method is a trio coroutine (the aio-pika work runs on trio-asyncio)."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._callback = ""
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self.stray: list[tuple[str | None, bytes]] = []
+
+    async def _open(self) -> None:
+        self._connection = await aio_pika.connect_robust(AMQP_URL)
+        self._channel = await self._connection.channel()
+        self._exchange = await self._channel.declare_exchange(
+            self.group, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        queue = await self._channel.declare_queue("", exclusive=True)
+        self._callback = queue.name
+        await queue.consume(self._on_reply, no_ack=True)
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._waiting.pop(message.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(message.body)
+        else:
+            self.stray.append((message.correlation_id, message.body))
+
+    async def _publish(
+        self, routing_key: str, body: bytes, correlation_id: str | None, reply: bool
+    ) -> asyncio.Future[bytes] | None:
+        assert self._exchange is not None
+        future: asyncio.Future[bytes] | None = None
+        if reply and correlation_id is not None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[correlation_id] = future
+        await self._exchange.publish(
+            aio_pika.Message(body, correlation_id=correlation_id, reply_to=self._callback if reply else None),
+            routing_key,
+        )
+        return future
+
+    async def _call(self, body: bytes, correlation_id: str, timeout: float) -> bytes:
+        future = await self._publish("REQUEST", body, correlation_id, True)
+        assert future is not None
+        return await asyncio.wait_for(future, timeout)
+
+    async def call_raw(self, body: bytes, *, correlation_id: str | None = None, timeout: float = 10.0) -> Any:
+        """Publish `body` as a request and return the decoded reply."""
+        data = await trio_asyncio.aio_as_trio(self._call)(body, correlation_id or uuid.uuid4().hex, timeout)
+        return msgpack.unpackb(data, raw=False)
+
+    async def call(self, request: Mapping[str, Any] | list[Any], **kwargs: Any) -> Any:
+        return await self.call_raw(msgpack.packb(request, use_bin_type=True), **kwargs)
+
+    async def publish(self, routing_key: str, body: bytes, *, correlation_id: str | None = None) -> None:
+        """Publish without waiting for a reply (no reply_to)."""
+        await trio_asyncio.aio_as_trio(self._publish)(routing_key, body, correlation_id, False)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await trio_asyncio.aio_as_trio(self._connection.close)()
+
+
+@asynccontextmanager
+async def open_rpc_client(group: str) -> AsyncIterator[RpcClient]:
+    """A client on its own trio-asyncio loop, closed on exit."""
+    async with trio_asyncio.open_loop():
+        client = RpcClient(group)
+        await trio_asyncio.aio_as_trio(client._open)()
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await client.close()

@@ -1,0 +1,98 @@
+"""The REST proxy inside a worker: its ratelimiter, the AMQP RPC front and the HTTP front (DESIGN 3.6).
+
+The RPC front runs whenever the worker's broker is AMQP (on the worker's own connection: one more consumer
+channel, replies on the publish channel); the HTTP front when `PROXY_HTTP_ADDRESS` is set. Both share one
+`RestProxy`, so one process keeps one view of the limits, and the backend (`RATELIMIT_BACKEND`) shares it
+with every other worker and host:
+
+- `shm`: the host's segment for this bot (`ratelimit.factory.shm_segment_name`, in `RATELIMIT_SHM_DIR`),
+  which the supervisor creates before its workers start and removes when it stops; a supervised worker only
+  joins it (a missing segment is an error, not a reason to make a private one that nobody shares). A
+  worker started alone (tests, by hand) creates it, or joins it when another process already has.
+- `redis`: `REDIS_URL` (many hosts; `ratelimit.redis_backend`, a trio-native client).
+- `memory`: this process only (tests; a single worker).
+
+Stopping: `stop(grace_s)` drains both fronts (see `ratelimit.proxy.amqp` and `ratelimit.proxy.http`);
+`serve` returns once they have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from ratelimit.factory import BackendSpec, engine_config, open_ratelimiter, shm_segment_name
+from ratelimit.proxy.amqp import RestRpcServer
+from ratelimit.proxy.core import open_rest_proxy
+from ratelimit.proxy.http import HttpProxyServer
+
+from .amqp_bridge import Amqp
+from .config import WorkerConfig
+
+
+@dataclass
+class WorkerRestProxy:
+    """The fronts this worker serves (None when off)."""
+
+    rpc: RestRpcServer | None
+    http: HttpProxyServer | None
+    http_address: tuple[str, int] | None
+
+    async def serve(self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run both fronts until they are stopped (or cancelled); reports the HTTP port once both are up."""
+        async with trio.open_nursery() as nursery:
+            port: int | None = None
+            if self.rpc is not None:
+                await nursery.start(self.rpc.serve)
+            if self.http is not None and self.http_address is not None:
+                host, wanted = self.http_address
+                port = await nursery.start(self.http.serve, host, wanted)
+            task_status.started(port)
+
+    def stop(self, grace_s: float) -> None:
+        if self.rpc is not None:
+            self.rpc.stop(grace_s)
+        if self.http is not None:
+            self.http.stop(grace_s)
+
+
+def proxy_enabled(config: WorkerConfig) -> bool:
+    return config.broker_type == "amqp" or config.proxy_http_address is not None
+
+
+def backend_spec(config: WorkerConfig, *, supervised: bool) -> BackendSpec:
+    return BackendSpec(
+        kind=config.ratelimit_backend,
+        config=engine_config(config.global_limit),
+        shm_name=shm_segment_name(config.token),
+        shm_dir=config.ratelimit_shm_dir,
+        owner=not supervised,
+        redis_url=config.redis_url,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_worker_rest_proxy(
+    config: WorkerConfig, amqp: Amqp | None, *, supervised: bool
+) -> AsyncIterator[WorkerRestProxy]:
+    """The limiter, the proxy and the configured fronts (none when `proxy_enabled` is False). `supervised`:
+    the supervisor owns the shm segment."""
+    if not proxy_enabled(config):
+        yield WorkerRestProxy(None, None, None)
+        return
+    async with (
+        open_ratelimiter(backend_spec(config, supervised=supervised)) as limiter,
+        open_rest_proxy(
+            limiter, api_url=config.api_url, timeout_s=config.proxy_timeout_s, bot_token=config.token
+        ) as proxy,
+    ):
+        rpc = (
+            RestRpcServer(amqp, proxy, group=config.amqp_group, event=config.amqp_event)
+            if amqp is not None
+            else None
+        )
+        http = HttpProxyServer(proxy) if config.proxy_http_address is not None else None
+        yield WorkerRestProxy(rpc, http, config.proxy_http_address)
