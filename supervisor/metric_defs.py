@@ -82,6 +82,43 @@ IDENTIFIES: Final = Counter("discord_identifies_total", "IDENTIFY payloads sent 
 RESUMES: Final = Counter("discord_resumes_total", "RESUME payloads sent.")
 RECONNECTS: Final = Counter("discord_reconnects_total", "Gateway reconnects by reason.", ["reason"])
 
+# -- REST ratelimit engine and proxy (fed from each worker's statistics) ---------------------------------
+
+RATELIMIT_GRANTS: Final = Counter(
+    "discord_rest_ratelimit_grants_total", "Permits the ratelimit engine granted (requests allowed to leave)."
+)
+RATELIMIT_WAITS: Final = Counter(
+    "discord_rest_ratelimit_waits_total",
+    "Times a request had to wait for a limit, by reason (bucket, global, probe, blocked, sublimit, ban).",
+    ["reason"],
+)
+RATELIMIT_REFUSALS: Final = Counter(
+    "discord_rest_ratelimit_refusals_total",
+    "Requests refused without sending (token_revoked, webhook_dead, invalid_budget).",
+    ["reason"],
+)
+RATELIMIT_TIMEOUTS: Final = Counter(
+    "discord_rest_ratelimit_timeouts_total", "Requests whose limits would have held them past their timeout."
+)
+RATELIMIT_OUTCOMES: Final = Counter(
+    "discord_rest_outcomes_total",
+    "What became of granted requests: response, limited:<scope> (429s; cloudflare = ban), cancel, lost.",
+    ["outcome"],
+)
+RATELIMIT_FALLBACK: Final = Gauge(
+    "discord_rest_ratelimit_fallback",
+    "Worker processes whose shared ratelimit backend is unreachable (conservative local limits).",
+    multiprocess_mode="livesum",
+)
+PROXY_RESPONSES: Final = Counter(
+    "discord_rest_proxy_responses_total",
+    "Discord answers the REST proxy relayed, by HTTP status.",
+    ["status"],
+)
+PROXY_ERRORS: Final = Counter(
+    "discord_rest_proxy_errors_total", "REST proxy requests that failed, by kind.", ["kind"]
+)
+
 # -- supervisor --------------------------------------------------------------------------------------------
 
 WORKER_RESTARTS: Final = Counter(

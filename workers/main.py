@@ -42,7 +42,7 @@ from .publish.stdio import StdioPublisher
 from .rest_proxy import WorkerRestProxy, open_worker_rest_proxy
 from .sessions import InMemorySessionStore, SessionStore, open_redis_session_store
 from .shard import CommandAck, ShardRunner
-from .telemetry import feed_metrics, metrics_enabled, observe_confirmed
+from .telemetry import feed_metrics, feed_rest_metrics, metrics_enabled, observe_confirmed
 
 LOGGER: Final = logging.getLogger("workers")
 EXIT_OK: Final = 0
@@ -209,6 +209,8 @@ async def _run_shards(
             nursery.start_soon(run_shards)
             if metrics_enabled():
                 nursery.start_soon(feed_metrics, runners)
+                if rest.limiter is not None and rest.proxy is not None:
+                    nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
             if amqp is not None:
                 await nursery.start(consume_amqp_commands, amqp, config, runners)
             elif config.broker_type == "stdio":

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 import trio
 
+from ratelimit.engine import Ratelimiter
 from ratelimit.factory import BackendSpec, engine_config, open_ratelimiter, shm_segment_name
 from ratelimit.proxy.amqp import RestRpcServer
-from ratelimit.proxy.core import open_rest_proxy
+from ratelimit.proxy.core import RestProxy, open_rest_proxy
 from ratelimit.proxy.http import HttpProxyServer
 
 from .amqp_bridge import Amqp
@@ -40,6 +41,8 @@ class WorkerRestProxy:
     rpc: RestRpcServer | None
     http: HttpProxyServer | None
     http_address: tuple[str, int] | None
+    limiter: Ratelimiter | None = None
+    proxy: RestProxy | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run both fronts until they are stopped (or cancelled); reports the HTTP port once both are up."""
@@ -95,4 +98,4 @@ async def open_worker_rest_proxy(
             else None
         )
         http = HttpProxyServer(proxy) if config.proxy_http_address is not None else None
-        yield WorkerRestProxy(rpc, http, config.proxy_http_address)
+        yield WorkerRestProxy(rpc, http, config.proxy_http_address, limiter, proxy)

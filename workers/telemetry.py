@@ -18,6 +18,9 @@ import trio
 from .publish.base import OutboundEvent
 
 if TYPE_CHECKING:
+    from ratelimit.engine import Ratelimiter
+    from ratelimit.proxy.core import RestProxy
+
     from .shard import ShardRunner
 
 FEED_PERIOD_S: Final = 1.0
@@ -61,4 +64,47 @@ async def feed_metrics(runners: Mapping[int, ShardRunner]) -> None:
             last[shard_id] = (stats.dispatches, stats.identifies, stats.resumes, now_reconnects)
         for state in SHARD_STATES:
             metrics.SHARDS.labels(state=state).set(states.get(state, 0))
+        await trio.sleep(FEED_PERIOD_S)
+
+
+def _counts_delta(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:
+    return {key: value - before.get(key, 0) for key, value in now.items() if value > before.get(key, 0)}
+
+
+async def feed_rest_metrics(limiter: Ratelimiter, proxy: RestProxy) -> None:
+    """Feed the ratelimit engine's and the REST proxy's statistics to Prometheus until cancelled."""
+    from supervisor import metric_defs as metrics
+
+    last_grants = last_timeouts = 0
+    last: dict[str, dict[str, int]] = {
+        "waits": {},
+        "refusals": {},
+        "outcomes": {},
+        "responses": {},
+        "errors": {},
+    }
+    while True:
+        engine = limiter.statistics
+        snapshot = proxy.statistics()
+        metrics.RATELIMIT_GRANTS.inc(engine.grants - last_grants)
+        metrics.RATELIMIT_TIMEOUTS.inc(engine.timeouts - last_timeouts)
+        last_grants, last_timeouts = engine.grants, engine.timeouts
+        current = {
+            "waits": dict(engine.waits),
+            "refusals": dict(engine.refusals),
+            "outcomes": dict(engine.outcomes),
+            "responses": {str(status): count for status, count in snapshot.responses.items()},
+            "errors": dict(snapshot.errors),
+        }
+        for name, counter, label in (
+            ("waits", metrics.RATELIMIT_WAITS, "reason"),
+            ("refusals", metrics.RATELIMIT_REFUSALS, "reason"),
+            ("outcomes", metrics.RATELIMIT_OUTCOMES, "outcome"),
+            ("responses", metrics.PROXY_RESPONSES, "status"),
+            ("errors", metrics.PROXY_ERRORS, "kind"),
+        ):
+            for key, amount in _counts_delta(current[name], last[name]).items():
+                counter.labels(**{label: key}).inc(amount)
+        last = current
+        metrics.RATELIMIT_FALLBACK.set(1 if limiter.in_fallback else 0)
         await trio.sleep(FEED_PERIOD_S)

@@ -300,3 +300,51 @@ async def test_redis_sessions_survive_a_supervisor_restart(tmp_path: Path) -> No
                 with trio.fail_after(20):
                     await second.wait()
                 assert second.returncode == 0
+
+
+async def test_rest_proxy_on_every_worker_shares_the_hosts_limits(tmp_path: Path) -> None:
+    """Two workers serve the HTTP proxy on one port (SO_REUSEPORT) over the supervisor's shm segment: a burst
+    on one channel draws no 429, and the engine's and proxy's figures reach /metrics."""
+    log = tmp_path / "supervisor.log"
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    proxy_port = free_port()
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            open_simulator(gateway(shard_count=2, event_rate=1)) as sim,
+            supervisor(
+                sim, log, "--workers", "2",
+                RATELIMIT_SHM_DIR=str(shm_dir), PROXY_HTTP_ADDRESS=f"127.0.0.1:{proxy_port}",
+            ) as (process, base),
+        ):  # fmt: skip
+
+            async def all_ready() -> bool:
+                return await ready(base)
+
+            await wait_until(all_ready)
+            statuses: list[int] = []
+            headers = {"Authorization": f"Bot {DEFAULT_TOKEN}"}
+
+            async def post(n: int) -> None:
+                # A client each: connections spread over both workers' sockets. The bucket allows 5 per 5 s,
+                # so the last 3 wait for its reset.
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxy_port}/api/v10", timeout=20) as c:
+                    response = await c.post("/channels/77/messages", json={"content": str(n)}, headers=headers)
+                statuses.append(response.status_code)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(8):
+                    nursery.start_soon(post, n)
+            assert statuses == [200] * 8
+            assert sim.rest.ledger.by_status.get(429, 0) == 0
+
+            async def fed() -> bool:
+                async with httpx.AsyncClient() as http:
+                    text = (await http.get(base + "/metrics")).text
+                return 'discord_rest_proxy_responses_total{status="200"} 8.0' in text
+
+            await wait_until(fed, timeout=10)
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                await process.wait()
+            assert process.returncode == 0, log.read_text()[-3000:]
