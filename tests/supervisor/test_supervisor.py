@@ -328,8 +328,9 @@ async def test_rest_proxy_on_every_worker_shares_the_hosts_limits(tmp_path: Path
             async def post(n: int) -> None:
                 # A client each: connections spread over both workers' sockets. The bucket allows 5 per 5 s,
                 # so the last 3 wait for its reset.
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{proxy_port}/api/v10", timeout=20) as c:
-                    response = await c.post("/channels/77/messages", json={"content": str(n)}, headers=headers)
+                proxy = f"http://127.0.0.1:{proxy_port}/api/v10"
+                async with httpx.AsyncClient(base_url=proxy, timeout=20, headers=headers) as client:
+                    response = await client.post("/channels/77/messages", json={"content": str(n)})
                 statuses.append(response.status_code)
 
             async with trio.open_nursery() as nursery:
