@@ -37,6 +37,7 @@ from ratelimit.buckets import (
     BucketState,
     GlobalFreeze,
     Grant,
+    RateLimitAction,
     RateLimited,
     RateLimitHeaders,
     RateLimitScope,
@@ -434,21 +435,49 @@ def acquire(store: RecordStore, ask: Ask, now: float, config: EngineConfig) -> P
     return Permit(ask=ask, bucket=key, grant=grant, global_counted=limiter is not None, granted_at=now)
 
 
+def effective_kind(outcome: Outcome) -> Literal["response", "limited", "cancel", "lost"]:
+    """How the bucket takes an outcome: an error answer without bucket headers (a 5xx from a proxy on the
+    way, a 4xx of a route that sends none) says nothing of the bucket, so it counts as lost (its capacity
+    stays spent) rather than teaching that the route has no bucket."""
+    if outcome.kind == "response" and outcome.headers is None and outcome.status >= 400:
+        return "lost"
+    return outcome.kind
+
+
+def learns_route(outcome: Outcome) -> bool:
+    """Whether the answer teaches the route map: its bucket hash, or (a success without bucket headers)
+    that the route is global-only."""
+    return effective_kind(outcome) == "response" and outcome.status < 500
+
+
+def classify_429(limited: RateLimited, now: float) -> GlobalFreeze | SublimitBlock | None:
+    """What a 429 means beyond its bucket, when there is no bucket record to ask (a global-only route, or a
+    record that expired while the request was out)."""
+    if limited.scope is RateLimitScope.GLOBAL:
+        return GlobalFreeze(now + limited.retry_after)
+    if limited.scope is not RateLimitScope.SHARED and limited.remaining is not None and limited.remaining > 0:
+        return SublimitBlock(now + limited.retry_after)
+    return None
+
+
 def release(store: RecordStore, permit: Permit, outcome: Outcome, now: float, config: EngineConfig) -> None:
     """Give `permit` back with what became of it, and apply everything the answer says (R2-R8)."""
     ask = permit.ask
-    action = None
+    kind = effective_kind(outcome)
+    action: RateLimitAction | None = None
+    handled = False
     if permit.bucket is not None and permit.grant is not None:
         # A record that expired (or was evicted) holds nothing of this grant: skip the give-back.
         payload = store.get(permit.bucket, now)
         if payload is not None:
+            handled = True
             state = BucketState.from_record(_BUCKET.unpack(payload))
-            if outcome.kind == "cancel":
+            if kind == "cancel":
                 state.on_cancel(permit.grant, now)
-            elif outcome.kind == "lost":
+            elif kind == "lost":
                 state.on_lost(permit.grant, now)
-            elif outcome.kind == "response":
-                _release_into(state, permit.grant, outcome.headers, now)
+            elif kind == "response":
+                state.on_response(outcome.headers, now, permit.grant)
             elif outcome.limited is not None:
                 limited = outcome.limited
                 action = state.on_rate_limited(
@@ -457,14 +486,9 @@ def release(store: RecordStore, permit: Permit, outcome: Outcome, now: float, co
             else:
                 state.on_lost(permit.grant, now)  # Cloudflare: the ban below stops everything
             save_bucket(store, permit.bucket, state, config, now)
-    elif outcome.kind == "limited" and outcome.limited is not None:
-        # A 429 on a global-only route: classify it like a bucket would, without a bucket.
-        limited = outcome.limited
-        if limited.scope is RateLimitScope.GLOBAL:
-            action = GlobalFreeze(now + limited.retry_after)
-        elif limited.remaining is not None and limited.remaining > 0:
-            action = SublimitBlock(now + limited.retry_after)
-    if outcome.kind == "response" and outcome.status < 500:
+    if not handled and outcome.kind == "limited" and outcome.limited is not None:
+        action = classify_429(outcome.limited, now)
+    if learns_route(outcome):
         _learn_route(store, permit, outcome.headers, now, config)
     if permit.global_counted and (outcome.kind == "cancel" or isinstance(action, GlobalFreeze)):
         limiter = load_global(store, ask.token, config, now)
@@ -491,10 +515,6 @@ def release(store: RecordStore, permit: Permit, outcome: Outcome, now: float, co
             _put_until(store, hook_key(ask.webhook), now + config.webhook_ttl_s)
         elif verdict == TOKEN_REVOKED:
             store.put(dead_key(ask.token), b"\x01", now + config.dead_token_s)
-
-
-def _release_into(state: BucketState, grant: Grant, headers: RateLimitHeaders | None, now: float) -> None:
-    state.on_response(headers, now, grant)
 
 
 def _learn_route(

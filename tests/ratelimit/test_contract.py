@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,8 @@ from ratelimit.buckets import RateLimitScope
 from ratelimit.global_limit import DEFAULT_JITTER_MARGIN_S
 from ratelimit.invalid import TOKEN_REVOKED, WEBHOOK_DEAD
 from ratelimit.model import INVALID_BUDGET, Ask, EngineConfig, Outcome
+from ratelimit.redis_backend import RedisBackend
+from ratelimit.resp import RespClient
 from ratelimit.shm import ShmBackend
 from tests.ratelimit.contract import (
     ASK,
@@ -31,7 +34,18 @@ from tests.ratelimit.contract import (
     scenario_driver,
 )
 
-BACKENDS = ["memory", "shm"]
+BACKENDS = ["memory", "shm", "redis"]
+REDIS_URL = "redis://127.0.0.1:6379"
+
+
+async def _drop_prefix(prefix: str) -> None:
+    redis = RespClient.from_url(REDIS_URL)
+    try:
+        keys = await redis.execute("KEYS", f"{{{prefix}}}:*")
+        if isinstance(keys, list) and keys:
+            await redis.execute("DEL", *[key for key in keys if isinstance(key, bytes)])
+    finally:
+        await redis.aclose()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -47,12 +61,15 @@ def factory(request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
             backend = ShmBackend.open(
                 "contract", config, create=True, directory=tmp_path, clock=clock, unlink_on_close=True
             )
-        else:  # pragma: no cover - filled in with the backends
-            raise AssertionError(kind)
+        else:
+            prefix = f"contract-{uuid.uuid4().hex[:12]}"
+            backend = RedisBackend(REDIS_URL, config, prefix=prefix, clock=clock)
         try:
             yield backend
         finally:
             await backend.aclose()
+            if kind == "redis":
+                await _drop_prefix(prefix)
 
     return make
 
@@ -288,3 +305,21 @@ async def test_a_grant_of_an_expired_record_is_not_given_to_its_successor(factor
         await d.backend.release(old, Outcome("cancel"))  # must not free the new record's probe
         waiting = await d.wait()
         assert waiting.reason == "probe"
+
+
+async def test_an_error_without_bucket_headers_teaches_nothing(factory: BackendFactory) -> None:
+    async with scenario_driver(factory) as d:
+        await d.learn(1, 1, 10.0)
+        permit = await d.permit()
+        await d.backend.release(permit, Outcome("response", status=502, headers=None))
+        waiting = await d.wait()  # still limited; the route did not become global-only
+        assert waiting.reason == "bucket" and close(waiting.seconds, 10.0)
+
+
+async def test_a_global_429_freezes_even_when_the_bucket_record_is_gone(factory: BackendFactory) -> None:
+    async with scenario_driver(factory, config(lease_s=1.0, idle_ttl_s=1.0)) as d:
+        permit = await d.permit()
+        d.clock.advance(5.0)  # the probe's record expired while it was out
+        await d.backend.release(permit, limited(RateLimitScope.GLOBAL, 10.0, remaining=None))
+        frozen = await d.wait(OTHER_MAJOR)
+        assert frozen.reason == "global" and close(frozen.seconds, 10.0)
