@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 # `tests` helpers (the independent gateway client) are imported as a package from the repository root.
@@ -13,8 +14,24 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.security import leakscan  # noqa: E402 -- needs the repository root on sys.path
+
 # CI explores the same Hypothesis examples on every run, so a green build stays green for the same code;
 # local runs keep exploring new ones (and save what fails to .hypothesis/).
 settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+# The session-wide secret scan (tests/security/leakscan.py): captured output and logs of every test, and the
+# files under the base temporary directory, must hold none of the tokens and passwords the tests use.
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    leakscan.record_report(report)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    leakscan.finish_session(session)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    leakscan.summarize(terminalreporter)

@@ -37,6 +37,7 @@ shape of the event lines on stdout (``{"t": EVENT, ..., "d": DATA}``) run backwa
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -74,6 +75,7 @@ _STDIN_READ_BYTES: Final = 16 * 1024
 # Decoders raise these for malformed input: msgpack's own errors, ValueError (orjson.JSONDecodeError, bad
 # UTF-8, bad timestamps), TypeError (orjson.JSONEncodeError, unhashable map keys) and OverflowError.
 _DECODE_ERRORS: Final = (ValueError, TypeError, OverflowError, msgpack.UnpackException)
+_SHOWN: Final = reprlib.Repr()
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +170,13 @@ def _parse_stdin_line(line: bytes, number: int, shard_count: int) -> GatewayComm
 def _check_routing_key(routing_key: str, shard_count: int) -> None:
     if routing_key == SEND_ROUTING_KEY:
         return
-    # Only the canonical form: the queues are bound to exactly str(shard_id).
-    if not (routing_key.isascii() and routing_key.isdigit()) or str(int(routing_key)) != routing_key:
+    # Only the canonical form: the queues are bound to exactly str(shard_id). The length check comes before
+    # `int()`, which refuses strings of more than 4300 digits with a ValueError (a stdin `t` may be one).
+    if (
+        not (routing_key.isascii() and routing_key.isdigit())
+        or len(routing_key) > 20
+        or str(int(routing_key)) != routing_key
+    ):
         raise CommandRejected(f"unknown routing key {routing_key[:64]!r}: expected SEND or a shard id")
     if int(routing_key) >= shard_count:
         raise CommandRejected(f"shard id {routing_key} out of range: the bot has {shard_count} shards")
@@ -240,5 +247,6 @@ def _snowflake(value: object) -> int:
 
 
 def _describe(value: object) -> str:
-    text = repr(value)
+    # reprlib: a value may be nested deeper than `repr` can recurse (JSON and MessagePack allow ~1000 levels).
+    text = _SHOWN.repr(value)
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"

@@ -44,11 +44,11 @@ class SecretRegistry:
             self._secrets.add(secret)
 
     def add_url(self, url: str | None) -> None:
-        """Register the password of a URL such as `amqp://user:pass@host/`."""
+        """Register the password of a URL such as `amqp://user:pass@host/`, as written and decoded."""
         if url:
-            password = urllib.parse.urlsplit(url).password
-            if password:
+            for password in _url_passwords(url):
                 self.add(password)
+                self.add(urllib.parse.unquote(password))  # what the client sends, and its errors may show
                 self.add(urllib.parse.quote(password, safe=""))
 
     def redact(self, text: str) -> str:
@@ -62,13 +62,28 @@ SECRETS: Final = SecretRegistry()
 
 
 def redact_url(url: str) -> str:
-    """`url` with its password replaced, for logs and `--print-config`."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
+    """`url` with its password replaced, for logs and `--print-config`.
+
+    The userinfo ends at the *last* `@`: a password with an unescaped `/`, `?`, `#` or `@` ends `urlsplit`'s
+    netloc early, so it would show part of it (the URL is broken then, but its password is still secret).
+    A URL with `@` in its path or query may be over-redacted; this is for showing, not for connecting.
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not (sep and at and colon):
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{netloc}"))
+    return f"{scheme}://{user}:{REDACTED}@{host}"
+
+
+def _url_passwords(url: str) -> set[str]:
+    """The password of `url` as `urlsplit` reads it, and as read up to the last `@` (see `redact_url`)."""
+    passwords = {urllib.parse.urlsplit(url).password or ""}
+    _, sep, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    if sep and at:
+        passwords.add(userinfo.partition(":")[2])
+    return passwords - {""}
 
 
 class RedactionFilter(logging.Filter):

@@ -1,0 +1,94 @@
+"""Coverage-guided fuzzing of the decoders with atheris (libFuzzer), run by hand; CI runs the Hypothesis
+tests beside this file instead.
+
+    .venv/bin/pip install atheris            # a wheel for CPython 3.11 on Linux x86-64; not a dependency
+    .venv/bin/python tests/fuzz/atheris_decoders.py TARGET [libFuzzer flags]
+
+TARGET is one of `payload` (workers.protocol.decode_payload and the shard core), `zlib` and `zstd`
+(workers.transport.Decompressor, the input cut into frames), `command` (workers.commands.decode_command in
+every encoding) or `rpc` (ratelimit.proxy.rpc.decode_request and decode_cancel). Useful flags:
+`-runs=100000`, `-max_total_time=300`, `-max_len=65536`, `-rss_limit_mb=2048`, and a corpus directory.
+Each target raises only the module's own error for bad input (ProtocolError, TransportError,
+CommandRejected, ProxyError); anything else is a crash that libFuzzer reports with the input that caused it
+(saved as `crash-*`; replay it by passing the file instead of a directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+atheris: Any = importlib.import_module("atheris")
+
+with atheris.instrument_imports():
+    from ratelimit.proxy.core import ProxyError
+    from ratelimit.proxy.rpc import decode_cancel, decode_request
+    from workers.commands import decode_command
+    from workers.errors import CommandRejected, ProtocolError, TransportError
+    from workers.protocol import ShardProtocol, decode_payload
+    from workers.transport import Decompressor
+
+
+def fuzz_payload(data: bytes) -> None:
+    try:
+        payload = decode_payload(data)
+    except ProtocolError:
+        return
+    core = ShardProtocol(shard_id=0, shard_count=1, token="t", intents=0, gateway_url="wss://gw")
+    core.on_connected(0.0)
+    try:
+        core.receive(payload, 0.0)
+    except ProtocolError:
+        return
+    core.poll(1.0)
+
+
+def decompressor_target(compression: str) -> Callable[[bytes], None]:
+    def fuzz(data: bytes) -> None:
+        provider = atheris.FuzzedDataProvider(data)
+        decompressor = Decompressor(compression)  # type: ignore[arg-type]
+        try:
+            while provider.remaining_bytes():
+                decompressor.feed(provider.ConsumeBytes(provider.ConsumeIntInRange(1, 4096)))
+        except TransportError:
+            pass
+
+    return fuzz
+
+
+def fuzz_command(data: bytes) -> None:
+    provider = atheris.FuzzedDataProvider(data)
+    encoding = provider.PickValueInList(["spectacles", "msgpack", "json"])
+    routing_key = provider.PickValueInList(["SEND", "0", "1", "3"])
+    with contextlib.suppress(CommandRejected):
+        decode_command(routing_key, provider.ConsumeBytes(provider.remaining_bytes()), encoding, 4)
+
+
+def fuzz_rpc(data: bytes) -> None:
+    decode_cancel(data)
+    with contextlib.suppress(ProxyError):
+        decode_request(data)
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "payload": fuzz_payload,
+    "zlib": decompressor_target("zlib-stream"),
+    "zstd": decompressor_target("zstd-stream"),
+    "command": fuzz_command,
+    "rpc": fuzz_rpc,
+}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(TARGETS)}}} [libFuzzer flags]")
+    target = TARGETS[sys.argv.pop(1)]
+    atheris.Setup(sys.argv, target)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

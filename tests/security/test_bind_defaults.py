@@ -1,0 +1,70 @@
+"""Listening sockets are off, or on loopback, unless configured otherwise (issue 7 item 4; DESIGN 3.2, 3.6).
+
+`PROMETHEUS_ADDRESS` (metrics, health) and `PROXY_HTTP_ADDRESS` (the HTTP REST proxy) default to off; an
+address is always `host:port` with an explicit host, so a bare port, which some servers read as "every
+interface", is refused rather than guessed at; `0.0.0.0` only when written. Workers never serve metrics.
+Where the running supervisor's metrics socket is bound is checked in `test_secret_leaks.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import pytest
+
+from supervisor.cli import format_config
+from supervisor.config import load_settings
+from workers.config import worker_config_from_env
+from workers.errors import ConfigError
+
+ADDRESS_KEYS: Final = ("PROMETHEUS_ADDRESS", "PROXY_HTTP_ADDRESS")
+WORKER: Final = {"DISCORD_TOKEN": "x" * 30, "DISCORD_SHARD_COUNT": "1"}
+
+
+def test_both_default_to_off() -> None:
+    loaded = load_settings([], {})
+    assert loaded.settings.prometheus_address is None
+    assert loaded.settings.proxy_http_address is None
+    shown = format_config(loaded)
+    assert "PROMETHEUS_ADDRESS = off  (default)" in shown
+    assert "PROXY_HTTP_ADDRESS = off  (default)" in shown
+    assert worker_config_from_env(WORKER).proxy_http_address is None
+
+
+@pytest.mark.parametrize("key", ADDRESS_KEYS)
+def test_off_is_accepted_as_written(key: str) -> None:
+    assert getattr(load_settings([], {key: "off"}).settings, key.lower()) is None
+    if key == "PROXY_HTTP_ADDRESS":
+        assert worker_config_from_env({**WORKER, key: "off"}).proxy_http_address is None
+
+
+@pytest.mark.parametrize("key", ADDRESS_KEYS)
+@pytest.mark.parametrize("value", ["9100", ":9100", "*9100", "0.0.0.0", "[::]", "host:", "host:port"])
+def test_a_bare_port_or_a_missing_host_is_refused(key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings([], {key: value})
+    assert caught.value.key == key
+    if key == "PROXY_HTTP_ADDRESS":
+        with pytest.raises(ConfigError) as caught:
+            worker_config_from_env({**WORKER, key: value})
+        assert caught.value.key == key
+
+
+@pytest.mark.parametrize("key", ADDRESS_KEYS)
+@pytest.mark.parametrize(
+    ("value", "host"), [("127.0.0.1:9100", "127.0.0.1"), ("0.0.0.0:9100", "0.0.0.0"), ("[::]:9100", "::")]
+)
+def test_every_interface_only_when_written(key: str, value: str, host: str) -> None:
+    assert getattr(load_settings([], {key: value}).settings, key.lower()) == value
+    if key == "PROXY_HTTP_ADDRESS":
+        assert worker_config_from_env({**WORKER, key: value}).proxy_http_address == (host, 9100)
+
+
+def test_workers_never_serve_metrics_and_serve_the_proxy_only_when_configured() -> None:
+    configured = load_settings([], dict.fromkeys(ADDRESS_KEYS, "127.0.0.1:9100")).settings
+    environment = configured.worker_environment((0,), 1, "wss://gateway", 1)
+    assert environment["PROMETHEUS_ADDRESS"] == ""
+    assert environment["PROXY_HTTP_ADDRESS"] == "127.0.0.1:9100"
+    default = load_settings([], {}).settings.worker_environment((0,), 1, "wss://gateway", 1)
+    assert default["PROMETHEUS_ADDRESS"] == default["PROXY_HTTP_ADDRESS"] == ""
+    assert worker_config_from_env({**default, **WORKER}).proxy_http_address is None
