@@ -98,7 +98,7 @@ def pack_config(config: EngineConfig, *, slack_ms: float) -> bytes:
     """ARGV[1]: the engine configuration as the scripts read it."""
     limiter = config.global_limiter()
     budget = config.invalid_budget()
-    tolerance = (limiter.burst - 1) * limiter.emission_interval_s  # GlobalLimiter._tolerance_s
+    tolerance = limiter.tolerance_s
     return _CONFIG.pack(
         config.lease_s,
         config.map_ttl_s,

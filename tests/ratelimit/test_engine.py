@@ -12,6 +12,7 @@ import trio.testing
 from ratelimit.backend import BackendUnavailable, LocalBackend
 from ratelimit.buckets import RateLimitHeaders
 from ratelimit.engine import Ratelimiter, RateLimitTimeout, RequestRefused
+from ratelimit.global_limit import SLACK
 from ratelimit.model import Ask, EngineConfig, Outcome, Permit, Refusal, Wait
 
 ASK = Ask(token="tok", route="POST /channels/{channel_id}/messages", major="1")
@@ -152,3 +153,36 @@ async def test_unreachable_backend_falls_back_to_one_in_flight_and_comes_back(
     await engine.acquire(ASK)  # from the shared backend again
     assert not in_fallback(engine)
     assert engine.statistics.fallback_grants == 1 and engine.statistics.backend_errors == 1
+
+
+class CountingBackend(LocalBackend):
+    calls = 0
+
+    async def acquire(self, ask: Ask) -> Permit | Wait | Refusal:
+        self.calls += 1
+        return await super().acquire(ask)
+
+
+async def test_one_task_per_process_waits_for_the_global_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """40 requests on 40 channels at a global limit of 10/s: they leave paced, and the backend is asked about
+    once per grant instead of once per waiting channel per slot."""
+    backend = CountingBackend(EngineConfig(global_rate=10, jitter_margin_s=0.0))
+    engine = Ratelimiter(backend)
+    sent: list[float] = []
+
+    async def request(channel: int) -> None:
+        ask = Ask(token="tok", route="GET /channels/{channel_id}", major=str(channel))
+        permit = await engine.acquire(ask)
+        sent.append(trio.current_time())
+        await engine.release(permit, Outcome("response", 200))
+
+    async with trio.open_nursery() as nursery:
+        for channel in range(40):
+            nursery.start_soon(request, channel)
+    assert len(sent) == 40
+    # One interval (1/9 s at rate 10 without burst) apart, the second early by the slack: (39 - 0.9) / 9.
+    assert sent[-1] == pytest.approx((39 - SLACK) / 9, abs=1e-6)
+    # Per grant: the fast path's ask, the stale slot's ask, the ask after sleeping (not 40 per slot).
+    assert backend.calls <= 3 * 40
