@@ -15,7 +15,14 @@ from collections.abc import Sequence
 from typing import Final
 
 #: Suite name -> the module that implements it.
-SUITES: Final = {"gateway": "benchmarks.gateway"}
+SUITES: Final = {
+    "gateway": "benchmarks.gateway",
+    "startup": "benchmarks.startup",
+    "ratelimit": "benchmarks.ratelimit",
+    "proxy": "benchmarks.proxy",
+    "scaling": "benchmarks.scaling",
+    "all": "benchmarks.all",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
