@@ -59,6 +59,17 @@ DEFAULT_API_URL: Final = "https://discord.com/api/v10"
 _DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _AMQP_NAME: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
+#: Shard ids above this are refused before a range such as `0-999999999` is expanded into memory (the
+#: supervisor's cap, `supervisor.config.MAX_SHARD_ID`).
+MAX_SHARD_ID: Final = 1 << 20
+_MAX_SHARD_ID_DIGITS: Final = len(str(MAX_SHARD_ID))
+_SHARD_RANGE: Final = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_MAX_PORT_DIGITS: Final = 5
+
+
+def _shown(text: str) -> str:
+    """`text` for an error message, shortened: a value may be thousands of characters long."""
+    return repr(text) if len(text) <= 80 else repr(text[:60]) + f"... ({len(text)} characters)"
 
 
 def parse_duration(key: str, text: str) -> float:
@@ -105,19 +116,31 @@ def parse_directory(key: str, text: str) -> str:
 
 
 def parse_shard_ids(key: str, text: str) -> tuple[int, ...]:
-    """Shard ids from `A-B[,C-D...]` (ranges inclusive) or single ids; sorted, without duplicates."""
+    """Shard ids from `A-B[,C-D...]` (ranges inclusive) or single ids up to `MAX_SHARD_ID`; sorted, without
+    duplicates."""
     ids: set[int] = set()
     for part in text.split(","):
         part = part.strip()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        match = _SHARD_RANGE.fullmatch(part)
         if not match:
-            raise ConfigError(key, f"shard ids like 0-15 or 0-7,16-23, got {text!r}")
+            raise ConfigError(key, f"shard ids like 0-15 or 0-7,16-23, got {_shown(text)}")
+        # The length first: `int()` refuses more than 4300 digits with a ValueError.
+        if any(len(n) > _MAX_SHARD_ID_DIGITS or int(n) > MAX_SHARD_ID for n in match.groups() if n):
+            raise ConfigError(key, f"shard ids up to {MAX_SHARD_ID}, got {_shown(part)}")
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) else low
         if high < low:
             raise ConfigError(key, f"a range whose end is not below its start, got {part!r}")
         ids.update(range(low, high + 1))
     return tuple(sorted(ids))
+
+
+def parse_shard_count(key: str, text: str) -> int:
+    """A shard count from 1 to `MAX_SHARD_ID + 1`: without shard ids a worker runs all of them."""
+    count = parse_int(key, text, minimum=1)
+    if count > MAX_SHARD_ID + 1:
+        raise ConfigError(key, f"a shard count of at most {MAX_SHARD_ID + 1}, got {_shown(text)}")
+    return count
 
 
 def format_shard_ids(ids: tuple[int, ...]) -> str:
@@ -152,7 +175,7 @@ def parse_int(key: str, text: str, *, minimum: int = 0) -> int:
     try:
         value = int(text.strip())
     except ValueError:
-        raise ConfigError(key, f"an integer, got {text!r}") from None
+        raise ConfigError(key, f"an integer, got {_shown(text)}") from None
     if value < minimum:
         raise ConfigError(key, f"an integer of at least {minimum}, got {value}")
     return value
@@ -172,9 +195,12 @@ def parse_address(key: str, text: str) -> tuple[str, int]:
     if bracketed:
         host = host[1:-1]
     valid_host = bool(host) and not any(c in host for c in " /[]@") and (bracketed or ":" not in host)
-    if not sep or not valid_host or not port_text.isdigit() or int(port_text) > 65535:
+    # ASCII digits only, and the length first: `int()` takes "٣" but not "²", nor more than 4300 digits.
+    valid_port = port_text.isascii() and port_text.isdigit() and len(port_text) <= _MAX_PORT_DIGITS
+    if not sep or not valid_host or not valid_port or int(port_text) > 65535:
         raise ConfigError(
-            key, f"host:port such as 127.0.0.1:9100 (0.0.0.0:PORT for every interface), got {text!r}"
+            key,
+            f"host:port such as 127.0.0.1:9100 (0.0.0.0:PORT for every interface), got {_shown(text)}",
         )
     return host, int(port_text)
 
@@ -187,9 +213,17 @@ def read_token(environ: Mapping[str, str]) -> str:
         try:
             with open(path, encoding="utf-8") as file:
                 token = file.read().strip()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # ValueError: a NUL in the path, or contents that are not UTF-8. Neither message may show the
+            # file's contents (UnicodeDecodeError's shows none, but only the reason is kept, to be sure).
+            if isinstance(exc, UnicodeDecodeError):
+                reason = "not UTF-8 text"
+            elif isinstance(exc, OSError):
+                reason = exc.strerror or type(exc).__name__
+            else:
+                reason = "not a usable path"
             raise ConfigError(
-                "DISCORD_TOKEN_FILE", f"a readable file, got {path!r} ({exc.strerror})"
+                "DISCORD_TOKEN_FILE", f"a readable file of UTF-8 text, got {path!r} ({reason})"
             ) from None
     if token.startswith("Bot "):
         token = token[4:]
@@ -260,7 +294,7 @@ def worker_config_from_env(
             raise ConfigError(
                 "DISCORD_SHARD_COUNT", "a shard count (workers are given one by the supervisor)"
             )
-        shard_count = parse_int("DISCORD_SHARD_COUNT", raw_count, minimum=1)
+        shard_count = parse_shard_count("DISCORD_SHARD_COUNT", raw_count)
     if shard_ids is None:
         raw_ids = get("DISCORD_SHARD_IDS")
         shard_ids = parse_shard_ids("DISCORD_SHARD_IDS", raw_ids) if raw_ids else tuple(range(shard_count))

@@ -10,6 +10,12 @@ command source and the REST proxy fronts (`workers.rest_proxy`). SIGTERM/SIGINT 
 resumable close and drain the REST proxy (its requests in flight finish, or go back to the queue when never
 sent) in parallel, then drain the pump (so committed seqs are final) and flush the store before the process
 exits.
+
+The stop takes at most `GRACEFUL_STOP_S`, whatever the broker or Redis do: the shards, the REST proxy and the
+pump share its first `GRACEFUL_STOP_S - SESSION_SAVE_S`, and the store gets the rest to save the committed
+seqs. What cannot be published or saved by then is logged and left behind; that is safe (the next RESUME
+starts from an older seq and Discord replays the rest; consumers dedupe), while waiting on an outage would
+only get the worker killed. An error escaping everything is logged (redacted) before exit status 1.
 """
 
 from __future__ import annotations
@@ -30,17 +36,17 @@ from . import logs
 from .amqp_bridge import Amqp, open_amqp
 from .command_consumer import consume_amqp_commands
 from .commands import GatewayCommand, read_stdin_commands
-from .config import WorkerConfig, parse_int, parse_shard_ids, worker_config_from_env
+from .config import WorkerConfig, parse_int, parse_shard_count, parse_shard_ids, worker_config_from_env
 from .control import SupervisorLink, control_fd_from_env, open_supervisor_link
 from .errors import CommandRejected, ConfigError, FatalCloseCode
 from .gateway_bot import GatewayBotError, fetch_gateway_bot
 from .identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGate, InMemoryIdentifyGate
 from .publish.base import OutboundEvent, Publisher
 from .publish.null import NullPublisher
-from .publish.pump import open_publish_pump
+from .publish.pump import PublishPump, open_publish_pump
 from .publish.stdio import StdioPublisher
 from .rest_proxy import WorkerRestProxy, open_worker_rest_proxy
-from .sessions import InMemorySessionStore, SessionStore, open_redis_session_store
+from .sessions import CLOSE_FLUSH_TIMEOUT_S, InMemorySessionStore, SessionStore, open_redis_session_store
 from .shard import CommandAck, ShardRunner
 from .telemetry import feed_metrics, feed_rest_metrics, metrics_enabled, observe_confirmed
 
@@ -52,7 +58,11 @@ EXIT_FATAL: Final = 3
 #: Events the publish pump may hold per shard before shards stop reading (bounded memory).
 PUMP_EVENTS_PER_SHARD: Final = 2048
 PUMP_MIN_CAPACITY: Final = 8192
+#: From SIGTERM/SIGINT to the end of `run_worker`, at most.
 GRACEFUL_STOP_S: Final = 10.0
+#: The last part of GRACEFUL_STOP_S: saving the committed seqs once the pump has drained (the Redis store's
+#: own close flush takes this long at most).
+SESSION_SAVE_S: Final = CLOSE_FLUSH_TIMEOUT_S
 #: Of GRACEFUL_STOP_S, how long REST proxy requests in flight get to finish before they are settled
 #: (requeued when not yet sent, else answered); settling itself takes at most a few seconds more.
 PROXY_GRACE_S: Final = 4.0
@@ -72,13 +82,19 @@ async def _open_loop_if_needed(config: WorkerConfig) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def _open_store(config: WorkerConfig, link: SupervisorLink | None) -> AsyncIterator[SessionStore]:
+    """The configured session store, which saves what is pending on a normal exit, within SESSION_SAVE_S."""
     if config.shard_store_type == "redis":
+        # It flushes on close, within CLOSE_FLUSH_TIMEOUT_S, and logs which sessions it could not save.
         async with open_redis_session_store(
             config.redis_url, prefix=config.shard_store_prefix, pool_size=config.redis_pool_size
         ) as store:
             yield store
     elif link is not None:
         yield link  # the supervisor holds the sessions, so a replaced worker RESUMEs
+        with trio.move_on_after(SESSION_SAVE_S) as scope:
+            await link.flush()
+        if scope.cancelled_caught:
+            LOGGER.error("worker.sessions_unsaved", extra={"timeout_s": SESSION_SAVE_S})
     else:
         yield InMemorySessionStore()
 
@@ -110,9 +126,7 @@ async def run_worker(
     `publisher` replaces the configured sink and `pump_capacity` the pump's size (tests and benchmarks);
     `task_status` reports the shard runners once they are starting.
     """
-    logs.SECRETS.add(config.token)
-    logs.SECRETS.add_url(config.amqp_url)
-    logs.SECRETS.add_url(config.redis_url)
+    _register_secrets(config)
     gateway_url, max_concurrency = config.gateway_url, config.max_concurrency
     if not gateway_url or not max_concurrency:
         info = await fetch_gateway_bot(config.api_url, config.token)
@@ -152,9 +166,15 @@ async def run_worker(
                 runners[shard_id] = ShardRunner(
                     config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
                 )
-            status = await _run_shards(config, runners, amqp, rest, task_status)
-        await store.flush()
+            status = await _run_shards(config, runners, pump, amqp, rest, task_status)
     return status
+
+
+def _register_secrets(config: WorkerConfig) -> None:
+    """What the redaction filter removes from every log line; idempotent."""
+    logs.SECRETS.add(config.token)
+    logs.SECRETS.add_url(config.amqp_url)
+    logs.SECRETS.add_url(config.redis_url)
 
 
 @contextlib.asynccontextmanager
@@ -173,10 +193,16 @@ async def _open_supervisor_link(
 async def _run_shards(
     config: WorkerConfig,
     runners: dict[int, ShardRunner],
+    pump: PublishPump,
     amqp: Amqp | None,
     rest: WorkerRestProxy,
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
 ) -> int:
+    """Run the shards, the command source and the REST proxy until a signal or a fatal close code.
+
+    On a signal: stop the shards and drain the REST proxy, and give the pump until the same deadline
+    (`GRACEFUL_STOP_S - SESSION_SAVE_S` after the signal) to drain once this returns.
+    """
     status = EXIT_OK
     stopping = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -222,13 +248,20 @@ async def _run_shards(
             async for signum in signals:
                 LOGGER.info("worker.stopping", extra={"signal": signal.Signals(signum).name})
                 stopping = True
+                drain_deadline = trio.current_time() + GRACEFUL_STOP_S - SESSION_SAVE_S
+                pump.limit_drain(drain_deadline)
                 rest.stop(PROXY_GRACE_S)
-                with trio.move_on_after(GRACEFUL_STOP_S):
+                with trio.move_on_at(drain_deadline) as drain:
                     async with trio.open_nursery() as stoppers:
                         for runner in runners.values():
                             stoppers.start_soon(runner.stop)
                     await shards_done.wait()
                     await rest_done.wait()
+                if drain.cancelled_caught:
+                    LOGGER.warning(
+                        "worker.stop_timeout",
+                        extra={"shards_stopped": shards_done.is_set(), "proxy_drained": rest_done.is_set()},
+                    )
                 nursery.cancel_scope.cancel()
                 break
     return status
@@ -282,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        shard_count = parse_int("--shard-count", args.shard_count, minimum=1) if args.shard_count else None
+        shard_count = parse_shard_count("--shard-count", args.shard_count) if args.shard_count else None
         shard_ids = parse_shard_ids("--shard-ids", args.shard_ids) if args.shard_ids else None
         config = worker_config_from_env(
             shard_ids=shard_ids,
@@ -294,8 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logs.configure_logging(config.log_level, config.log_format)
+    _register_secrets(config)
     try:
         return trio.run(run_worker, config)
     except GatewayBotError as exc:
         LOGGER.error("worker.gateway_info_failed", extra={"error": str(exc)})
         return EXIT_FATAL if exc.refused else EXIT_ERROR
+    except Exception:
+        # Through the logger, not Python's traceback printer: one JSON line, with secrets redacted (an
+        # exception's message may hold a URL with its password).
+        LOGGER.exception("worker.crashed")
+        return EXIT_ERROR

@@ -36,7 +36,7 @@ import reprlib
 import sys
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
 import orjson
@@ -117,6 +117,9 @@ class GatewayPayload:
     d: Any
     s: int | None
     t: str | None
+    #: How many keys the JSON object had: how its text was laid out, not what it says, so not compared. The
+    #: shell slices `d`'s text out of the raw payload only when it is 4 (`workers.shard._data_bytes`).
+    key_count: int = field(default=0, compare=False)
 
 
 def decode_payload(raw: bytes | str) -> GatewayPayload:
@@ -134,7 +137,7 @@ def decode_payload(raw: bytes | str) -> GatewayPayload:
         raise ProtocolError(f"gateway payload has a non-int s: {_shown(s)}")
     if t is not None and not isinstance(t, str):
         raise ProtocolError(f"gateway payload has a non-string t: {_shown(t)}")
-    return GatewayPayload(op=op, d=obj.get("d"), s=s, t=t)
+    return GatewayPayload(op, obj.get("d"), s, t, len(obj))  # positional: cheaper, once per message
 
 
 #: Shows a malformed field in an error message: a few levels and characters of it, since it may be

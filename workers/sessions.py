@@ -250,6 +250,14 @@ class RedisSessionStore:
             redis_available=self._outage_started_at is None,
         )
 
+    def unwritten(self) -> dict[int, int | None]:
+        """Per shard with a change not yet written: the seq it saves, or None for a delete."""
+        changes = {**self._in_flight, **self._pending}  # a pending change is newer than one in flight
+        return {
+            shard_id: None if change.session is None else change.session.seq
+            for shard_id, change in sorted(changes.items())
+        }
+
     def save(self, shard_id: int, session: StoredSession) -> None:
         self._record(shard_id, _Change(session))
 
@@ -444,9 +452,15 @@ async def open_redis_session_store(
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(CLOSE_FLUSH_TIMEOUT_S):
                     await store.flush()
-                if pending := store.statistics().pending:
+                if unwritten := store.unwritten():
+                    # What a restart cannot RESUME from: those shards replay from an older seq (or, for a
+                    # delete, try to RESUME a session that is gone, and IDENTIFY after op 9).
                     logger.error(
                         "session_store.unwritten_on_close",
-                        extra={"pending_shards": pending, "timeout_s": CLOSE_FLUSH_TIMEOUT_S},
+                        extra={
+                            "pending_shards": len(unwritten),
+                            "seqs": {str(shard): seq for shard, seq in unwritten.items()},
+                            "timeout_s": CLOSE_FLUSH_TIMEOUT_S,
+                        },
                     )
             nursery.cancel_scope.cancel()

@@ -426,7 +426,7 @@ class ShardRunner:
         wanted = self._wants(event.name)
         committed.received(seq, wanted)
         if wanted:
-            data = _data_bytes(self._raw, event.name, seq) or orjson.dumps(payload.d)
+            data = _data_bytes(self._raw, payload) or orjson.dumps(payload.d)
             queued = self._pump.try_put(
                 OutboundEvent(self.shard_id, session.session_id, seq, event.name, data, trio.current_time())
             )
@@ -455,10 +455,20 @@ class ShardRunner:
             )
 
 
-def _data_bytes(raw: bytes, name: str, seq: int) -> bytes | None:
-    """The JSON text of `d`, sliced from the payload when it has Discord's own layout
-    (`{"t":NAME,"s":SEQ,"op":0,"d":...}`, `d` last, no spaces); None otherwise (then `d` is re-encoded).
-    The envelope before `d` is compared byte for byte, so a `"d"` inside another value cannot be mistaken."""
+def _data_bytes(raw: bytes, payload: GatewayPayload) -> bytes | None:
+    """The JSON text of `payload.d`, sliced from `raw` when it has Discord's own layout
+    (`{"t":NAME,"s":SEQ,"op":0,"d":...}`: these four keys only, `d` last, no spaces); None otherwise (then `d`
+    is re-encoded).
+
+    The envelope before `d` is compared byte for byte, so a `"d"` inside another value cannot be mistaken;
+    it also makes `t`, `s`, `op`, `d` the object's first four keys (orjson keeps their order), so an object
+    of four keys has nothing after `d`. Not caught: a key *repeated* after `d`, which orjson folds into the
+    four (JSON leaves duplicate keys undefined, RFC 8259 section 4; Discord never sends them). Catching it
+    would mean scanning `d`'s text on every event.
+    """
+    name, seq = payload.t, payload.s
+    if payload.key_count != 4 or name is None or seq is None:
+        return None
     head = b'{"t":"%s","s":%d,"op":0,"d":' % (name.encode(), seq)
     if raw.startswith(head) and raw.endswith(b"}"):
         return raw[len(head) : -1]

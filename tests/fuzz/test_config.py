@@ -5,14 +5,12 @@ Contract (DESIGN 3.1, exit status 2): any value of any key gives settings or a `
 the name the user wrote (the variable, the TOML key or `--config`); never another exception, never a hang;
 and neither the token nor a URL password appears in the message, since it goes to stderr and to logs.
 
-Known failures in `workers/config.py` (owned elsewhere, reported to the lead) are listed in
-`KNOWN_WORKER_CONFIG_BUGS`; the property tests step around them with `assume` and each has a strict xfail
-regression test below, which starts to fail (XPASS) once it is fixed: then delete both.
+The failures this found in `workers/config.py` (now fixed) are kept as regression tests at the end, listed in
+`KNOWN_WORKER_CONFIG_BUGS`.
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +18,7 @@ from pathlib import Path
 from typing import Final
 
 import pytest
-from hypothesis import assume, example, given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from supervisor.cli import format_config
@@ -65,27 +63,6 @@ def environments(draw: st.DrawFn) -> dict[str, str]:
     return env
 
 
-def known_bug(env: dict[str, str], *, supervisor: bool = False) -> bool:
-    """Inputs that trip the bugs of workers/config.py listed in KNOWN_WORKER_CONFIG_BUGS; `supervisor`:
-    only those the supervisor's loader reaches (it guards shard ids itself, and has no shard count)."""
-    addresses = [
-        env.get(name, "").strip().rpartition(":")[2] for name in ("PROXY_HTTP_ADDRESS", "PROMETHEUS_ADDRESS")
-    ]
-    if any(port.isdigit() and (not port.isascii() or len(port) > 4300) for port in addresses):
-        return True  # parse_address: int() of "²" or of > 4300 digits raises ValueError
-    if "\x00" in env.get("DISCORD_TOKEN_FILE", ""):
-        return True  # read_token: open() refuses a NUL with ValueError
-    if supervisor:
-        return False
-    ids = re.findall(r"\d+", env.get("DISCORD_SHARD_IDS", ""))
-    count = env.get("DISCORD_SHARD_COUNT", "").strip()
-    return (
-        any(len(run) > 4300 for run in ids)  # parse_shard_ids: int() raises ValueError
-        or any(int(run) > 1 << 20 for run in ids if len(run) <= 4300)  # a range expanded into memory
-        or (count.isdigit() and count.isascii() and int(count) > 1 << 20 and not ids)  # range(count) too
-    )
-
-
 def check_error(exc: ConfigError, names: set[str], secrets: list[str]) -> None:
     assert exc.key in names, f"{exc.key!r} names none of {sorted(names)}"
     assert MARK not in str(exc), f"a secret in {exc}"
@@ -115,7 +92,6 @@ def check_settings(loaded: LoadedSettings) -> None:
 @example({"AMQP_URL": f"amqp://user:12/{MARK}@host/"})  # accepted, and shown by --print-config
 @example({"REDIS_URL": f"http://user:12/{MARK}@host/"})
 def test_supervisor_environment(env: dict[str, str]) -> None:
-    assume(not known_bug(env, supervisor=True))
     try:
         loaded = load_settings([], env)
     except ConfigError as exc:
@@ -184,7 +160,6 @@ def load_file(content: bytes, env: dict[str, str] | None = None) -> None:
 @example([("redis_pool_size", "1" * 5000)])
 @example([("discord_token_file", '"a\\u0000b"')])
 def test_supervisor_toml_documents(entries: list[tuple[str, str]]) -> None:
-    assume(not any(key == "discord_token_file" and "\\u0000" in value for key, value in entries))  # known bug
     load_file("".join(f"{key} = {value}\n" for key, value in entries).encode())
 
 
@@ -216,7 +191,6 @@ def test_worker_environment(env: dict[str, str], count: str, token: bool) -> Non
     env.setdefault("DISCORD_SHARD_COUNT", count)
     if token:
         env.setdefault("DISCORD_TOKEN", "x" * 20 + MARK)
-    assume(not known_bug(env))
     try:
         config = worker_config_from_env(env)
     except ConfigError as exc:
@@ -226,7 +200,7 @@ def test_worker_environment(env: dict[str, str], count: str, token: bool) -> Non
     assert MARK not in repr(config)
 
 
-# -- the known bugs of workers/config.py: each XPASSes (and fails, strict) once fixed -----------------------
+# -- the bugs this found in workers/config.py, fixed: regression tests -------------------------------------
 
 KNOWN_WORKER_CONFIG_BUGS: Final[list[tuple[str, dict[str, str]]]] = [
     ("parse_address: int() of a non-ASCII digit", {"PROXY_HTTP_ADDRESS": "127.0.0.1:²"}),
@@ -244,7 +218,6 @@ def _with_files(env: dict[str, str], directory: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError,), reason="workers/config.py, reported: not a ConfigError")
 @pytest.mark.parametrize(
     ("bug", "env"), KNOWN_WORKER_CONFIG_BUGS, ids=[bug for bug, _ in KNOWN_WORKER_CONFIG_BUGS]
 )
@@ -260,7 +233,6 @@ def test_known_worker_config_bug(bug: str, env: dict[str, str], tmp_path: Path) 
 SUPERVISOR_BUGS: Final = [(bug, env) for bug, env in KNOWN_WORKER_CONFIG_BUGS if "shard_ids" not in bug]
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError,), reason="workers/config.py, reported: not a ConfigError")
 @pytest.mark.parametrize(("bug", "env"), SUPERVISOR_BUGS, ids=[bug for bug, _ in SUPERVISOR_BUGS])
 def test_known_worker_config_bug_through_the_supervisor(
     bug: str, env: dict[str, str], tmp_path: Path
@@ -270,7 +242,6 @@ def test_known_worker_config_bug_through_the_supervisor(
         load_settings([], env)
 
 
-@pytest.mark.xfail(strict=True, raises=MemoryError, reason="workers/config.py, reported")
 def test_known_worker_config_bug_a_huge_shard_count_is_expanded_into_memory() -> None:
     """Without shard ids the worker builds `tuple(range(DISCORD_SHARD_COUNT))`: 10**12 fails at once with
     MemoryError, 10**8 takes seconds and gigabytes. The supervisor caps shard ids at 2**20; so should this."""

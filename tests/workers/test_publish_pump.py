@@ -181,6 +181,24 @@ async def test_exit_gives_up_after_the_drain_deadline(
     assert pump.statistics().in_flight == 1
 
 
+async def test_the_owner_may_end_the_drain_sooner(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's stop deadline (`limit_drain`) wins over a later `drain_timeout_s`, never a sooner one."""
+    publisher, recorder = FakePublisher(always_fail=True), Recorder()
+    with caplog.at_level(logging.WARNING, logger="workers.publish.pump"), trio.fail_after(60):
+        async with open_publish_pump(
+            publisher, capacity=10, on_confirmed=recorder, drain_timeout_s=5.0, retry_initial_s=1.0
+        ) as pump:
+            assert pump.try_put(ev(1))
+            pump.limit_drain(2.5)
+            pump.limit_drain(100.0)  # a later deadline does not undo a sooner one
+            await trio.sleep(1)
+        assert trio.current_time() == 2.5
+    assert recorder.confirmed == []
+    assert caplog.records[-1].message == "publish.drain_timeout"
+
+
 async def test_an_error_in_the_block_cancels_the_pump_at_once(autojump_clock: trio.abc.Clock) -> None:
     publisher, recorder = FakePublisher(latency_s=5.0), Recorder()
     with trio.fail_after(10), pytest.raises(RuntimeError, match="shell died"):

@@ -361,9 +361,14 @@ async def test_redis_refusing_connections(aio_loop: None, caplog: pytest.LogCapt
             stats = store.statistics()
             assert stats.batches_failed >= 2 and stats.pending == 1 and not stats.redis_available
             assert await store.load(1) == A2  # its own unwritten change
+            store.delete(2)
+            assert store.unwritten() == {1: A2.seq, 2: None}
     assert events(caplog, "session_store.redis_unavailable") == 1  # once per outage, not once per retry
     assert events(caplog, "session_store.load_failed") == 2  # each load that needed Redis says so
-    assert events(caplog, "session_store.unwritten_on_close") == 1
+    [unwritten] = [
+        record for record in caplog.records if record.message == "session_store.unwritten_on_close"
+    ]
+    assert vars(unwritten)["seqs"] == {"1": A2.seq, "2": None}  # what a restart cannot resume from
 
 
 async def test_redis_that_never_answers(aio_loop: None, caplog: pytest.LogCaptureFixture) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 import trio
 
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
+from tests.workers.test_sessions import closed_port
+from workers.main import GRACEFUL_STOP_S
 
 TIMEOUT_S = 40
 
@@ -151,3 +153,75 @@ async def test_refused_token_exits_3() -> None:
             )
             assert result.returncode == 3
             assert b"not-the-token-at-all" not in result.stderr
+
+
+async def test_sigterm_stops_within_the_grace_period_while_redis_is_down(tmp_path: Any) -> None:
+    """The sessions cannot be saved: the worker says so and exits anyway, within GRACEFUL_STOP_S."""
+    config = SimulatorConfig(gateway=GatewayConfig(shard_count=1, event_rate=50, guilds_per_shard=1))
+    with trio.fail_after(TIMEOUT_S):
+        async with open_simulator(config) as sim:
+            env = worker_env(sim, SHARD_STORE_TYPE="redis", REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0")
+            stderr_path = tmp_path / "worker.log"
+            with open(stderr_path, "wb") as stderr:
+                process = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "workers", "--shard-count", "1"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    env=env,
+                )
+                try:
+                    assert process.stdout is not None
+                    lines: list[dict[str, Any]] = []
+                    while not any(line["t"] == "READY" for line in lines):
+                        read = len(lines)
+                        await read_lines(process.stdout, lines, read + 1)
+                        assert len(lines) > read, "the worker closed stdout before READY"
+                    process.send_signal(signal.SIGTERM)
+                    stopping = trio.current_time()
+                    with trio.move_on_after(GRACEFUL_STOP_S + 2.0):
+                        async with trio.open_nursery() as nursery:
+                            # Keep reading: a full pipe would block the worker.
+                            nursery.start_soon(read_lines, process.stdout, [], 1 << 30)
+                            await process.wait()
+                            nursery.cancel_scope.cancel()
+                    stopped_after_s = trio.current_time() - stopping
+                finally:
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+            log = stderr_path.read_text()
+            assert process.returncode == 0, log
+            assert stopped_after_s < GRACEFUL_STOP_S + 2.0, log
+            assert "session_store.unwritten_on_close" in log, log
+
+
+def test_an_error_escaping_the_worker_is_logged_redacted_and_exits_1() -> None:
+    """E.g. RabbitMQ unreachable at start: one JSON log line through the redaction filter, not a raw
+    traceback; the token and the AMQP password in the exception's message do not reach stderr."""
+    password = "Sekr3tPassw0rd"
+    crash = (
+        "import workers.main as m\n"
+        "async def crash(config):\n"
+        "    raise RuntimeError(f'cannot reach {config.amqp_url} with token {config.token}')\n"
+        "m.run_worker = crash\n"
+        "raise SystemExit(m.main(['--shard-count', '1']))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
+    env.update(
+        {
+            "DISCORD_TOKEN": DEFAULT_TOKEN,
+            "AMQP_URL": f"amqp://guest:{password}@127.0.0.1/",
+            "LOG_FORMAT": "json",
+        }
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", crash], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    assert DEFAULT_TOKEN not in result.stderr and password not in result.stderr, result.stderr
+    [line] = [json.loads(line) for line in result.stderr.splitlines()]
+    assert line["event"] == "worker.crashed" and line["level"] == "error"
+    assert (
+        "RuntimeError: cannot reach amqp://guest:[redacted]@127.0.0.1/ with token [redacted]" in line["exc"]
+    )

@@ -16,6 +16,7 @@ Rules this module implements (DESIGN 3.4, 5):
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -176,6 +177,7 @@ class PublishPump:
         self._failures = 0
         self._last_error: str | None = None
         self._closing = False
+        self._drain_deadline = math.inf
         self._batcher_wakeup = trio.Event()  # a first event, a full batch, or closing
         self._released = trio.Event()  # events left the pump
 
@@ -199,6 +201,11 @@ class PublishPump:
     @property
     def free_slots(self) -> int:
         return self._capacity - len(self._queue) - self._in_flight
+
+    def limit_drain(self, deadline: float) -> None:
+        """Have the drain on leaving :func:`open_publish_pump` end by ``deadline`` (trio time) at the latest,
+        if that is before its ``drain_timeout_s`` (the owner's own stop deadline). Not a checkpoint."""
+        self._drain_deadline = min(self._drain_deadline, deadline)
 
     async def wait_drained_below(self, n: int) -> None:
         """Return once fewer than ``n`` events are held (queued plus in flight). Checkpoint."""
@@ -304,9 +311,10 @@ async def open_publish_pump(
     """Run a :class:`PublishPump` for the duration of the block.
 
     On a normal exit the pump stops taking events, publishes what it holds at once (no batching delay), and
-    waits up to ``drain_timeout_s`` for it to be accepted; what is still unaccepted then is cancelled (and is
-    never reported, so the committed seqs stay behind it). If the block raises, or the enclosing scope is
-    cancelled, the pump's tasks are cancelled at once.
+    waits up to ``drain_timeout_s`` (or until :meth:`PublishPump.limit_drain`'s deadline, if sooner) for it to
+    be accepted; what is still unaccepted then is cancelled (and is never reported, so the committed seqs stay
+    behind it). If the block raises, or the enclosing scope is cancelled, the pump's tasks are cancelled at
+    once.
     """
     pump = PublishPump(
         publisher,
@@ -329,7 +337,7 @@ async def open_publish_pump(
             nursery.cancel_scope.cancel()
         else:
             pump._close()
-            drain_deadline = trio.current_time() + drain_timeout_s
+            drain_deadline = min(trio.current_time() + drain_timeout_s, pump._drain_deadline)
             nursery.cancel_scope.deadline = min(nursery.cancel_scope.deadline, drain_deadline)
     if body_error is not None:
         raise body_error
