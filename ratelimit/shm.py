@@ -91,6 +91,7 @@ from types import TracebackType
 from typing import Final, Self
 
 import trio
+import trio.lowlevel
 
 from ratelimit import model
 from ratelimit.backend import BackendUnavailable
@@ -144,8 +145,8 @@ _USED: Final = 1
 _EMPTY: Final = 2  # deleted, or being written
 _ZERO_DIGEST: Final = bytes(16)
 
-#: Lock attempts: `_SPINS` immediate retries, then `trio.sleep(0)` until `_YIELD_FOR_S` has passed, then
-#: sleeps of `_BACKOFF_S` (trio's timers have millisecond resolution anyway).
+#: Lock attempts: `_SPINS` immediate retries, then `os.sched_yield()` + `trio.sleep(0)` until `_YIELD_FOR_S`
+#: has passed, then sleeps of `_BACKOFF_S` (trio's timers have millisecond resolution anyway).
 _SPINS: Final = 16
 _YIELD_FOR_S: Final = 0.002
 _BACKOFF_S: Final = 0.001
@@ -868,7 +869,13 @@ class ShmBackend:
                 raise BackendUnavailable(
                     f"{segment.path}: the segment's lock was held for over {self._lock_timeout_s} s"
                 )
-            await trio.sleep(0.0 if waited < _YIELD_FOR_S else _BACKOFF_S)
+            if waited < _YIELD_FOR_S:
+                # With more runnable processes than cores the holder is often preempted inside its few
+                # microseconds: give it this core (sched_yield) rather than spin or sleep a whole timer tick.
+                os.sched_yield()
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.sleep(_BACKOFF_S)
 
     async def _lock_shielded(self) -> _Segment:
         # Only on the slow path: entering a cancel scope costs several microseconds.
