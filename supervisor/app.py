@@ -175,7 +175,11 @@ class Supervisor:
 
                 def environment(ids: tuple[int, ...] = ids) -> dict[str, str]:
                     env = child_environment(self.environ)
-                    env.update(settings.worker_environment(ids, shard_count, info.url, info.max_concurrency))
+                    env.update(
+                        settings.worker_environment(
+                            ids, shard_count, info.url, info.max_concurrency, workers=len(plan)
+                        )
+                    )
                     env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
                     return env
 

@@ -41,6 +41,7 @@ from workers.config import (
     DEFAULT_API_URL,
     DEFAULT_INTENTS,
     INTENT_BITS,
+    MAX_SHARD_ID,
     BrokerType,
     Compression,
     Encoding,
@@ -52,6 +53,7 @@ from workers.config import (
     parse_duration,
     parse_int,
     parse_intents,
+    parse_shard_count,
     parse_shard_ids,
     read_token,
 )
@@ -76,7 +78,6 @@ __all__ = [
 RatelimitBackend = Literal["shm", "redis"]
 
 #: Shard ids above this are refused before a range such as `0-999999999` is expanded into memory.
-MAX_SHARD_ID: Final = 1 << 20
 #: Variable prefixes we own: an unknown variable with one of them is probably a typo and gets a warning.
 OWN_PREFIXES: Final = (
     "DISCORD_",
@@ -94,7 +95,7 @@ OWN_PREFIXES: Final = (
 #: Variables with one of our prefixes that the supervisor reads outside its settings.
 READ_ELSEWHERE: Final = frozenset({"PROMETHEUS_MULTIPROC_DIR"})
 #: Set by the supervisor for each worker (what it learnt from `GET /gateway/bot`), never read by it.
-WORKER_ONLY_VARIABLES: Final = ("DISCORD_GATEWAY_URL", "DISCORD_MAX_CONCURRENCY")
+WORKER_ONLY_VARIABLES: Final = ("DISCORD_GATEWAY_URL", "DISCORD_MAX_CONCURRENCY", "RATELIMIT_FALLBACK_SHARE")
 PRESENCE_KEYS: Final = frozenset({"since", "activities", "status", "afk"})
 PRESENCE_STATUSES: Final = ("online", "dnd", "idle", "invisible", "offline")
 _EVENT_NAME: Final = re.compile(r"[A-Z][A-Z0-9_]*")
@@ -159,7 +160,12 @@ class Settings:
     identify_reserve: int = 10
 
     def worker_environment(
-        self, shard_ids: Sequence[int], shard_count: int, gateway_url: str, max_concurrency: int
+        self,
+        shard_ids: Sequence[int],
+        shard_count: int,
+        gateway_url: str,
+        max_concurrency: int,
+        workers: int = 1,
     ) -> dict[str, str]:
         """The variables a worker (`python -m workers`) reads, for the shards `shard_ids` of `shard_count`.
 
@@ -177,6 +183,8 @@ class Settings:
             DISCORD_SHARD_IDS=format_shard_ids(tuple(sorted(shard_ids))),
             DISCORD_GATEWAY_URL=gateway_url,
             DISCORD_MAX_CONCURRENCY=str(max_concurrency),
+            # While Redis is away each worker paces its own share of the global limit (R10).
+            RATELIMIT_FALLBACK_SHARE=str(max(1, workers)),
             PROMETHEUS_ADDRESS="",  # the supervisor serves metrics; a worker must never bind the same port
         )
         return env
@@ -245,6 +253,17 @@ def _url_parser(schemes: tuple[str, ...], example: str) -> Callable[[str, str], 
         return url
 
     return parse
+
+
+def _auto_shard_count(key: str, text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return parse_shard_count(key, text)
+    except ConfigError:
+        raise ConfigError(
+            key, f'"auto" or a shard count from 1 to {MAX_SHARD_ID + 1}, got {text[:40]!r}'
+        ) from None
 
 
 def _auto_int_parser(minimum: int) -> Callable[[str, str], int | None]:
@@ -441,7 +460,7 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("DISCORD_TOKEN", "token", _parse_token, alternate="DISCORD_TOKEN_FILE",
         parse_alternate=_read_token_file, secret="token"),
     Key("DISCORD_API_URL", "api_url", _parse_http_url),
-    Key("DISCORD_SHARD_COUNT", "shards", _auto_int_parser(1), "int_or_auto", "--shards", worker=False,
+    Key("DISCORD_SHARD_COUNT", "shards", _auto_shard_count, "int_or_auto", "--shards", worker=False,
         unset="auto"),
     Key("DISCORD_SHARD_IDS", "shard_ids", _parse_shard_ids, "shard_ids", "--shard-ids", worker=False,
         unset="all"),

@@ -261,6 +261,9 @@ class WorkerConfig:
     #: event, the HTTP address (None = off) and the longest a request may wait for limits plus the answer.
     ratelimit_backend: RatelimitBackendKind = "shm"
     ratelimit_shm_dir: str = "/dev/shm"
+    #: Worker processes on this host (set by the supervisor): while Redis is unreachable each paces
+    #: 1/share of the global limit.
+    ratelimit_fallback_share: int = 1
     global_limit: int = 50
     amqp_group: str = "rest"
     amqp_event: str = "REQUEST"
@@ -353,6 +356,9 @@ def worker_config_from_env(
             "RATELIMIT_BACKEND", get("RATELIMIT_BACKEND", "shm"), get_args(RatelimitBackendKind)
         ),  # type: ignore[arg-type]
         ratelimit_shm_dir=parse_directory("RATELIMIT_SHM_DIR", get("RATELIMIT_SHM_DIR") or "/dev/shm"),
+        ratelimit_fallback_share=parse_int(
+            "RATELIMIT_FALLBACK_SHARE", get("RATELIMIT_FALLBACK_SHARE") or "1", minimum=1
+        ),
         global_limit=parse_int("DISCORD_GLOBAL_LIMIT", get("DISCORD_GLOBAL_LIMIT", "50"), minimum=1),
         amqp_group=parse_amqp_name("AMQP_GROUP", get("AMQP_GROUP", "rest")),
         amqp_event=parse_amqp_name("AMQP_EVENT", get("AMQP_EVENT", "REQUEST")),

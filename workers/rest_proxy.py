@@ -87,7 +87,9 @@ async def open_worker_rest_proxy(
         yield WorkerRestProxy(None, None, None)
         return
     async with (
-        open_ratelimiter(backend_spec(config, supervised=supervised)) as limiter,
+        open_ratelimiter(
+            backend_spec(config, supervised=supervised), fallback_share=config.ratelimit_fallback_share
+        ) as limiter,
         open_rest_proxy(
             limiter, api_url=config.api_url, timeout_s=config.proxy_timeout_s, bot_token=config.token
         ) as proxy,

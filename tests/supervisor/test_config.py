@@ -589,15 +589,21 @@ def test_worker_environment_round_trips_through_the_worker_parser(
 ) -> None:
     shard_count = settings.shards or 3000
     ids = tuple(sorted(data.draw(st.sets(st.integers(0, shard_count - 1), min_size=1, max_size=20))))
-    env = {**HOSTILE_PARENT, **settings.worker_environment(ids, shard_count, "wss://gateway.example", 16)}
+    workers = data.draw(st.integers(1, 64))
+    env = {
+        **HOSTILE_PARENT,
+        **settings.worker_environment(ids, shard_count, "wss://gateway.example", 16, workers=workers),
+    }
     assert env["PROMETHEUS_ADDRESS"] == ""
     config = worker_config_from_env(env)
     assert (config.shard_ids, config.shard_count) == (ids, shard_count)
     assert (config.gateway_url, config.max_concurrency) == ("wss://gateway.example", 16)
+    assert config.ratelimit_fallback_share == workers
     for name in (
         "token", "api_url", "intents", "events", "presence", "compression", "broker_type", "broker_group",
         "broker_encoding", "broker_message_timeout_s", "amqp_url", "shard_store_type", "shard_store_prefix",
-        "redis_url", "redis_pool_size", "log_level", "log_format",
+        "redis_url", "redis_pool_size", "log_level", "log_format", "ratelimit_backend", "ratelimit_shm_dir",
+        "global_limit", "amqp_group", "amqp_event",
     ):  # fmt: skip
         assert getattr(config, name) == getattr(settings, name), name
 
