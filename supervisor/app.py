@@ -130,6 +130,8 @@ class Supervisor:
     async def _run(self, metrics_dir: Path) -> int:
         settings = self.settings
         logs.SECRETS.add(settings.token)
+        if settings.proxy_http_secret:
+            logs.SECRETS.add(settings.proxy_http_secret)
         logs.SECRETS.add_url(settings.amqp_url)
         logs.SECRETS.add_url(settings.redis_url)
         try:

@@ -141,6 +141,8 @@ class Settings:
     amqp_event: str = "REQUEST"
     #: `host:port` of the HTTP REST proxy; None = off.
     proxy_http_address: str | None = None
+    #: Shared secret the HTTP proxy's clients must send in `X-Proxy-Secret`; None = not required.
+    proxy_http_secret: str | None = field(default=None, repr=False)
     #: REST proxy: the longest a request may wait for limits plus Discord's answer.
     timeout_s: float = 30.0
     log_level: LogLevel = "info"
@@ -341,6 +343,14 @@ def _parse_word(key: str, text: str) -> str:
     return word
 
 
+def _parse_secret(key: str, text: str) -> str:
+    # Never echoed: this message may reach a log.
+    secret = text.strip()
+    if len(secret) < 16 or any(c.isspace() or not c.isprintable() or not c.isascii() for c in secret):
+        raise ConfigError(key, "a shared secret of at least 16 printable ASCII characters without spaces")
+    return secret
+
+
 def _parse_directory(key: str, text: str) -> str:
     path = text.strip()
     if not path.startswith("/") or any(c in "\n\r\x00" for c in path):
@@ -487,6 +497,7 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("AMQP_GROUP", "amqp_group", _parse_amqp_name),
     Key("AMQP_EVENT", "amqp_event", _parse_amqp_name),
     Key("PROXY_HTTP_ADDRESS", "proxy_http_address", _parse_address, unset="off"),
+    Key("PROXY_HTTP_SECRET", "proxy_http_secret", _parse_secret, unset="none", secret="token"),
     Key("TIMEOUT", "timeout_s", _duration_parser(positive=True), "duration"),
     Key("LOG_LEVEL", "log_level", _choice_parser(LogLevel), flag="--log-level"),
     Key("LOG_FORMAT", "log_format", _choice_parser(LogFormat), flag="--log-format"),

@@ -268,6 +268,8 @@ class WorkerConfig:
     amqp_group: str = "rest"
     amqp_event: str = "REQUEST"
     proxy_http_address: tuple[str, int] | None = None
+    #: A shared secret HTTP proxy clients must send in `X-Proxy-Secret` (None: none needed).
+    proxy_http_secret: str | None = field(default=None, repr=False)
     proxy_timeout_s: float = 30.0
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -367,6 +369,7 @@ def worker_config_from_env(
             if get("PROXY_HTTP_ADDRESS") not in ("", "off")
             else None
         ),
+        proxy_http_secret=get("PROXY_HTTP_SECRET") or None,
         proxy_timeout_s=parse_positive_duration("TIMEOUT", get("TIMEOUT", "30s")),
         log_level=parse_choice("LOG_LEVEL", get("LOG_LEVEL", "info"), get_args(LogLevel)),
         log_format=parse_choice("LOG_FORMAT", get("LOG_FORMAT", "auto"), ("auto", "json", "console")),  # type: ignore[arg-type]

@@ -173,6 +173,8 @@ async def run_worker(
 def _register_secrets(config: WorkerConfig) -> None:
     """What the redaction filter removes from every log line; idempotent."""
     logs.SECRETS.add(config.token)
+    if config.proxy_http_secret:
+        logs.SECRETS.add(config.proxy_http_secret)
     logs.SECRETS.add_url(config.amqp_url)
     logs.SECRETS.add_url(config.redis_url)
 

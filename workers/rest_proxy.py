@@ -99,5 +99,9 @@ async def open_worker_rest_proxy(
             if amqp is not None
             else None
         )
-        http = HttpProxyServer(proxy) if config.proxy_http_address is not None else None
+        http = (
+            HttpProxyServer(proxy, secret=config.proxy_http_secret)
+            if config.proxy_http_address is not None
+            else None
+        )
         yield WorkerRestProxy(rpc, http, config.proxy_http_address, limiter, proxy)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hmac
 import http
 import json
 import math
@@ -136,12 +137,27 @@ async def open_reuseport_listener(host: str, port: int, *, backlog: int = 1024) 
     return trio.SocketListener(sock)
 
 
+#: The header that carries the shared secret (`PROXY_HTTP_SECRET`); stripped before forwarding.
+SECRET_HEADER: Final = "x-proxy-secret"
+
+
+def _secret_matches(headers: tuple[tuple[str, str], ...], secret: bytes) -> bool:
+    given = [value for name, value in headers if name.lower() == SECRET_HEADER]
+    # Constant-time: the comparison must not tell a prober how much of the secret it got right.
+    return len(given) == 1 and hmac.compare_digest(given[0].encode("latin-1"), secret)
+
+
 class HttpProxyServer:
     """Serves `proxy` over HTTP/1.1. Run `serve(host, port)` in a nursery; `stop()` drains it."""
 
-    def __init__(self, proxy: RestProxy, *, limits: HttpLimits | None = None) -> None:
+    def __init__(
+        self, proxy: RestProxy, *, limits: HttpLimits | None = None, secret: str | None = None
+    ) -> None:
+        """`secret` (`PROXY_HTTP_SECRET`): when set, every request must carry it in `X-Proxy-Secret` (407
+        otherwise, before anything is read or sent); the header never travels on to Discord."""
         self.proxy = proxy
         self.limits = limits or HttpLimits()
+        self._secret = secret.encode() if secret else None
         self._intake = trio.CancelScope()
         self._closing = False
         self._grace_s = 0.0
@@ -294,8 +310,17 @@ class HttpProxyServer:
             early = ProxyError(
                 "not-found", "the proxy serves /api/v10/...", rpc_status=RpcStatus.BAD_PATH, http_status=404
             )
+        elif self._secret is not None and not _secret_matches(headers, self._secret):
+            early = ProxyError(
+                "proxy-auth",
+                f"this proxy needs its shared secret in {SECRET_HEADER}",
+                rpc_status=RpcStatus.BAD_HEADERS,
+                http_status=407,
+            )
         elif _declared_length(headers) > self.limits.max_body_bytes:
             early = _too_large(self.limits.max_body_bytes)
+        if self._secret is not None:
+            headers = tuple((name, value) for name, value in headers if name.lower() != SECRET_HEADER)
         if early is not None:
             log_failure("http", early, describe(method, target))
             await self._write_error(connection, early, close=True)

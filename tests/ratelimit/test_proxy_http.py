@@ -29,10 +29,10 @@ PEERS = Path(__file__).resolve().parent.parent / "peers"
 
 @asynccontextmanager
 async def http_front(
-    proxy: RestProxy, *, limits: HttpLimits | None = None, port: int = 0
+    proxy: RestProxy, *, limits: HttpLimits | None = None, port: int = 0, secret: str | None = None
 ) -> AsyncIterator[tuple[HttpProxyServer, str]]:
     """A running HTTP front on loopback; yields it and its base URL (`http://127.0.0.1:PORT/api/v10`)."""
-    server = HttpProxyServer(proxy, limits=limits)
+    server = HttpProxyServer(proxy, limits=limits, secret=secret)
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(server.serve, "127.0.0.1", port)
         yield server, f"http://127.0.0.1:{bound}/api/v10"
@@ -213,6 +213,25 @@ async def test_the_proxys_own_answers_are_marked() -> None:
         ):
             slow = await client.get("/users/@me")
             assert (slow.status_code, slow.headers["x-proxy-error"]) == (504, "timeout")
+
+
+async def test_a_configured_shared_secret_is_required_and_not_forwarded() -> None:
+    secret = "s3cret-proxy-key-0123"
+    with trio.fail_after(20):
+        async with (
+            proxy_stack() as stack,
+            http_front(stack.proxy, secret=secret) as (_, base),
+            httpx.AsyncClient(base_url=base, headers=AUTH) as client,
+        ):
+            refused = await client.get("/users/@me")
+            wrong = await client.get("/users/@me", headers={"X-Proxy-Secret": secret[:-1] + "x"})
+            allowed = await client.get("/users/@me", headers={"X-Proxy-Secret": secret})
+            ledger = await stack.ledger()
+    assert refused.status_code == 407 and refused.headers["x-proxy-error"] == "proxy-auth"
+    assert wrong.status_code == 407
+    assert allowed.status_code == 200
+    assert ledger["total"] == 1  # the refused ones never reached Discord
+    assert secret not in refused.text
 
 
 async def test_two_servers_share_one_port_with_so_reuseport() -> None:
