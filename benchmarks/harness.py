@@ -11,6 +11,7 @@ of hanging it, and leaving an `open_*` context always stops the child (SIGTERM, 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -357,6 +358,27 @@ def machine_info() -> dict[str, Any]:
         # Other work on the machine shows here; per-CPU-second figures still move with it (caches, SMT).
         "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
     }
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, suite: str, quick_help: str) -> None:
+    """The options every suite has: `--quick` or `--smoke` (sizes), `--json PATH` and `--logs DIR`."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help=quick_help)
+    size.add_argument(
+        "--smoke", action="store_true", help="a seconds-long run for tests (figures mean little)"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=ROOT / "results" / f"{suite}.json",
+        help="results file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help=f"folder for child logs (default: {suite}-logs next to --json)",
+    )
 
 
 def write_results(path: Path, results: Mapping[str, Any]) -> None:

@@ -52,11 +52,11 @@ import orjson
 import trio
 
 from benchmarks.harness import (
-    ROOT,
     BenchmarkError,
     ChildProcess,
     Progress,
     SimulatorProcess,
+    add_common_arguments,
     machine_info,
     open_child,
     open_simulator_process,
@@ -392,20 +392,7 @@ def distribution(samples: Sequence[float]) -> dict[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="1,000 rounds and 3 s per throughput phase")
-    size.add_argument(
-        "--smoke", action="store_true", help="a seconds-long run for tests (figures mean little)"
-    )
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=ROOT / "results" / "proxy.json",
-        help="results file (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--logs", type=Path, default=None, help="child logs (default: proxy-logs next to --json)"
-    )
+    add_common_arguments(parser, "proxy", "1,000 rounds and 3 s per throughput phase")
     parser.add_argument(
         "--amqp-url",
         default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/"),

@@ -54,12 +54,12 @@ import trio
 
 from benchmarks.harness import (
     CONTROL_TIMEOUT_S,
-    ROOT,
     SIMULATOR_START_TIMEOUT_S,
     BenchmarkError,
     ChildProcess,
     Progress,
     SimulatorProcess,
+    add_common_arguments,
     machine_info,
     open_child,
     read_json_line,
@@ -373,20 +373,7 @@ def figures_of(counts: list[int], runs: dict[int, list[PointRun]]) -> dict[str, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="short windows, one run per point")
-    size.add_argument(
-        "--smoke", action="store_true", help="a seconds-long run for tests (figures mean little)"
-    )
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=ROOT / "results" / "scaling.json",
-        help="results file (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--logs", type=Path, default=None, help="child logs (default: scaling-logs next to --json)"
-    )
+    add_common_arguments(parser, "scaling", "short windows, one run per point")
     parser.add_argument(
         "--max-workers",
         type=int,

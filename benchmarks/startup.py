@@ -43,11 +43,11 @@ import httpx
 import trio
 
 from benchmarks.harness import (
-    ROOT,
     BenchmarkError,
     ChildProcess,
     Progress,
     SimulatorProcess,
+    add_common_arguments,
     machine_info,
     open_child,
     open_simulator_process,
@@ -319,20 +319,7 @@ def figures_of(settings: Settings, runs: dict[str, StartupRun]) -> dict[str, flo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="16 shards at mc 4 and 4 at mc 1 (under a minute)")
-    size.add_argument(
-        "--smoke", action="store_true", help="a seconds-long run for tests (figures mean little)"
-    )
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=ROOT / "results" / "startup.json",
-        help="results file (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--logs", type=Path, default=None, help="folder for child logs (default: startup-logs next to --json)"
-    )
+    add_common_arguments(parser, "startup", "16 shards at mc 4 and 4 at mc 1 (under a minute)")
     parser.add_argument(
         "--config",
         action="append",

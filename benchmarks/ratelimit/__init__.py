@@ -81,9 +81,9 @@ from typing import Any, Final
 import trio
 
 from benchmarks.harness import (
-    ROOT,
     BenchmarkError,
     Progress,
+    add_common_arguments,
     machine_info,
     open_simulator_process,
     run_or_error,
@@ -375,20 +375,7 @@ async def run_measurements(bench: Bench) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the short run (about 3 minutes)")
-    size.add_argument(
-        "--smoke", action="store_true", help="a seconds-long run for tests (figures mean little)"
-    )
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=ROOT / "results" / "ratelimit.json",
-        help="results file (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--logs", type=Path, default=None, help="child logs (default: ratelimit-logs next to --json)"
-    )
+    add_common_arguments(parser, "ratelimit", "the short run (about 3 minutes)")
     parser.add_argument(
         "--backends",
         default=",".join(BACKENDS),
