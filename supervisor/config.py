@@ -49,7 +49,9 @@ from workers.config import (
     StoreType,
     format_shard_ids,
     parse_address,
+    parse_amqp_name,
     parse_choice,
+    parse_directory,
     parse_duration,
     parse_int,
     parse_intents,
@@ -99,7 +101,6 @@ WORKER_ONLY_VARIABLES: Final = ("DISCORD_GATEWAY_URL", "DISCORD_MAX_CONCURRENCY"
 PRESENCE_KEYS: Final = frozenset({"since", "activities", "status", "afk"})
 PRESENCE_STATUSES: Final = ("online", "dnd", "idle", "invisible", "offline")
 _EVENT_NAME: Final = re.compile(r"[A-Z][A-Z0-9_]*")
-_AMQP_NAME: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,13 +330,6 @@ def _duration_parser(*, positive: bool) -> Callable[[str, str], float]:
     return parse
 
 
-def _parse_amqp_name(key: str, text: str) -> str:
-    name = text.strip()
-    if not _AMQP_NAME.fullmatch(name):
-        raise ConfigError(key, f"an AMQP name (letters, digits, - _ . :), got {text!r}")
-    return name
-
-
 def _parse_word(key: str, text: str) -> str:
     word = text.strip()
     if not word or any(c.isspace() for c in word):
@@ -349,13 +343,6 @@ def _parse_secret(key: str, text: str) -> str:
     if len(secret) < 16 or any(c.isspace() or not c.isprintable() or not c.isascii() for c in secret):
         raise ConfigError(key, "a shared secret of at least 16 printable ASCII characters without spaces")
     return secret
-
-
-def _parse_directory(key: str, text: str) -> str:
-    path = text.strip()
-    if not path.startswith("/") or any(c in "\n\r\x00" for c in path):
-        raise ConfigError(key, f"an absolute directory path such as /dev/shm, got {text!r}")
-    return path.rstrip("/") or "/"
 
 
 def _parse_address(key: str, text: str) -> str | None:
@@ -481,7 +468,7 @@ KEYS: Final[tuple[Key, ...]] = (
     Key("DISCORD_PRESENCE", "presence", _parse_presence, "table", unset="none"),
     Key("GATEWAY_COMPRESSION", "compression", _choice_parser(Compression)),
     Key("BROKER_TYPE", "broker_type", _choice_parser(BrokerType)),
-    Key("BROKER_GROUP", "broker_group", _parse_amqp_name),
+    Key("BROKER_GROUP", "broker_group", parse_amqp_name),
     Key("BROKER_ENCODING", "broker_encoding", _choice_parser(Encoding)),
     Key("BROKER_MESSAGE_TIMEOUT", "broker_message_timeout_s", _duration_parser(positive=False), "duration"),
     Key("AMQP_URL", "amqp_url", _url_parser(("amqp", "amqps"), "amqp://guest:guest@127.0.0.1/"),
@@ -492,10 +479,10 @@ KEYS: Final[tuple[Key, ...]] = (
         secret="url"),
     Key("REDIS_POOL_SIZE", "redis_pool_size", _int_parser(1), "int"),
     Key("RATELIMIT_BACKEND", "ratelimit_backend", _choice_parser(RatelimitBackend)),
-    Key("RATELIMIT_SHM_DIR", "ratelimit_shm_dir", _parse_directory),
+    Key("RATELIMIT_SHM_DIR", "ratelimit_shm_dir", parse_directory),
     Key("DISCORD_GLOBAL_LIMIT", "global_limit", _int_parser(1), "int"),
-    Key("AMQP_GROUP", "amqp_group", _parse_amqp_name),
-    Key("AMQP_EVENT", "amqp_event", _parse_amqp_name),
+    Key("AMQP_GROUP", "amqp_group", parse_amqp_name),
+    Key("AMQP_EVENT", "amqp_event", parse_amqp_name),
     Key("PROXY_HTTP_ADDRESS", "proxy_http_address", _parse_address, unset="off"),
     Key("PROXY_HTTP_SECRET", "proxy_http_secret", _parse_secret, unset="none", secret="token"),
     Key("TIMEOUT", "timeout_s", _duration_parser(positive=True), "duration"),
