@@ -21,6 +21,7 @@ SUITES: Final = {
     "ratelimit": "benchmarks.ratelimit",
     "proxy": "benchmarks.proxy",
     "scaling": "benchmarks.scaling",
+    "faults": "benchmarks.faults",
     "all": "benchmarks.all",
 }
 

@@ -32,6 +32,7 @@ import httpx
 import trio
 
 from supervisor.metrics import MULTIPROC_DIR_ENV
+from workers.amqp_bridge import open_amqp
 
 from .deployfiles import (
     BENCH_ENV,
@@ -229,6 +230,14 @@ async def test_the_bench_profile_runs_the_whole_system(image_venv: ImageVenv, tm
                     await supervisor.wait()
                 assert supervisor.returncode == 0, log.read_text()
 
+            # The durable queues the workers declared on the shared broker go with the run.
+            async with open_amqp(env["AMQP_URL"]) as amqp:
+                for queue in (
+                    f"{env['AMQP_GROUP']}:{env.get('AMQP_EVENT') or 'REQUEST'}",
+                    f"{env['BROKER_GROUP']}:SEND",
+                    *(f"{env['BROKER_GROUP']}:{shard}" for shard in range(shards)),
+                ):
+                    await amqp.delete_queue(queue)
             assert await healthcheck(image_venv, env, tmp_path) != 0, "nothing answers: the check must fail"
             assert list(shm_dir.iterdir()) == [], "the supervisor removes its segment when it stops"
             simulator.send_signal(signal.SIGINT)

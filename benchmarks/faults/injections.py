@@ -1,0 +1,338 @@
+"""The faults: what each injection does, how many shards it should bring back and within what bound.
+
+Each injection is `async (System) -> int`, the number of shards that must RESUME or IDENTIFY for the
+system to count as recovered (0: none reconnect, recovery is the consumer seeing new events). Bounds come
+from anchors gateway.md 6.3 (F1-F16), B5/B6, and ratelimit.md 5.3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import trio
+
+from benchmarks.faults.permit_holder import holder_ask
+from benchmarks.faults.system import (
+    CONSUMER_START_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_MS,
+    INVALID_REQUEST_LIMIT,
+    POLL_S,
+    Settings,
+    System,
+)
+from benchmarks.harness import (
+    BenchmarkError,
+    open_child,
+    read_line,
+)
+from benchmarks.simulator.config import DEFAULT_TOKEN
+from ratelimit.factory import engine_config, shm_segment_name
+from ratelimit.model import EngineConfig, Outcome, Permit, Refusal
+from ratelimit.shm import ShmBackend
+
+EXIT_FATAL: Final = 3
+#: The consumer's latency on top of a fault's bound (AMQP round trip, a snapshot every 0.2 s).
+CONSUMER_SLACK_S: Final = 1.0
+#: How long a killed supervisor's workers may take to exit after it (parent-death signal, F16).
+WORKER_EXIT_TIMEOUT_S: Final = 10.0
+#: Bad requests of each kind the REST mix sends (revoked token, dead webhook, webhook with a bad token).
+BAD_REQUESTS_PER_KIND: Final = 300
+GOOD_REQUESTS: Final = 300
+REST_CONCURRENCY: Final = 16
+#: A token the simulator accepts until the suite revokes it (another bot's: its own id, not the bot's).
+REVOKED_TOKEN: Final = "MTExMTExMTExMTExMTExMTEx.Gfault.cmV2b2tlZC1ieS10aGUtZmF1bHQtc3VpdGU"
+#: The supervisor's default DISCORD_GLOBAL_LIMIT: the shm segment refuses sharers whose tunables differ.
+GLOBAL_LIMIT: Final = 50
+#: How long a dead process's permit may block its bucket (EngineConfig.lease_s).
+LEASE_S: Final = EngineConfig().lease_s
+#: The supervisor's exit after a fatal close code: the shutdown deadline (SHUTDOWN_TIMEOUT 10 s) and more.
+FATAL_EXIT_BOUND_S: Final = 15.0
+#: Recovery bound after an outage ends (RabbitMQ or Redis back): the outage itself is added.
+OUTAGE_BOUND_S: Final = 15.0
+
+
+@dataclass(slots=True)
+class Fault:
+    """One injection: what it does, how many shard reconnections recovery means, and its bound."""
+
+    name: str
+    inject: Callable[[System], Awaitable[int]]
+    #: True when every affected shard could RESUME (then 0 identifies is the criterion).
+    resumable: bool
+    bound_s: float
+    anchor: str
+    #: True when the bound counts from the end of an outage (the outage's length is added).
+    after_outage: bool = False
+    #: A fatal close code (F5): the supervisor must stop everything with EXIT_FATAL and never reconnect.
+    #: It runs last, since nothing runs after it.
+    fatal: bool = False
+
+
+# -- the faults --------------------------------------------------------------------------------
+
+
+async def kill_worker(system: System) -> int:
+    pids = await system.worker_pids()
+    os.kill(pids[0], signal.SIGKILL)
+    return system.settings.shards // len(pids)
+
+
+async def stall_worker(system: System) -> int:
+    """SIGSTOP a worker past the supervisor's heartbeat timeout (10 s); it replaces it. SIGCONT after, in
+    case it still exists."""
+    pids = await system.worker_pids()
+    os.kill(pids[0], signal.SIGSTOP)
+    await trio.sleep(12.0)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pids[0], signal.SIGCONT)
+    return system.settings.shards // len(pids)
+
+
+async def rolling_restart(system: System) -> int:
+    system.supervisor.running().process.send_signal(signal.SIGHUP)
+    return system.settings.shards
+
+
+def gateway_action(action: str, **body: Any) -> Callable[[System], Awaitable[int]]:
+    async def inject(system: System) -> int:
+        await system.control(action, body)
+        return system.settings.shards
+
+    return inject
+
+
+async def expire_then_close(system: System) -> int:
+    await system.control("expire_sessions", {})
+    await system.control("close", {"code": 4000})
+    return system.settings.shards
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+async def kill_supervisor(system: System) -> int:
+    """kill -9 the supervisor; its workers should go with it (F16); then start a new one, which RESUMEs
+    every shard from the sessions in Redis."""
+    pids = await system.worker_pids()
+    system.supervisor.running().process.kill()
+    await system.supervisor.close()
+    with trio.move_on_after(WORKER_EXIT_TIMEOUT_S):
+        while True:
+            if not any(process_alive(pid) for pid in pids):
+                break
+            await trio.sleep(POLL_S)  # no exit notification for another process's children
+    orphans = [pid for pid in pids if process_alive(pid)]
+    if orphans:
+        # Two live sessions per shard is what F16 forbids: make it visible, then clear the way.
+        system.progress.say(f"  workers {orphans} outlived their supervisor by {WORKER_EXIT_TIMEOUT_S:g} s")
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    await system.supervisor.open()
+    return system.settings.shards
+
+
+def outage_s(system: System) -> float:
+    return system.settings.outage_s
+
+
+async def redis_outage(system: System) -> int:
+    """Stop the suite's redis-server for `outage_s` and start it again on the same port (empty: no
+    persistence, as after a failover to a cold replica)."""
+    await system.redis.close()
+    await trio.sleep(outage_s(system))
+    await system.redis.open()
+    return 0
+
+
+async def rabbitmq_outage(system: System) -> int:
+    """`rabbitmqctl stop_app` for `outage_s`, then `start_app` (F11)."""
+    await trio.run_process(["rabbitmqctl", "stop_app"], capture_stdout=True, capture_stderr=True)
+    try:
+        await trio.sleep(outage_s(system))
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.run_process(["rabbitmqctl", "start_app"], capture_stdout=True, capture_stderr=True)
+    return 0
+
+
+async def kill_permit_holder(system: System) -> int:
+    """A process takes the probe permit of a fresh bucket on the supervisor's shm segment and is SIGKILLed
+    while holding it; the suite then asks for the same bucket until it is granted, which must happen within
+    the permit's lease (ratelimit.md 5.3 scenario 6). Returns after the grant: the recovery is the block."""
+    segment = shm_segment_name(DEFAULT_TOKEN)
+    major = uuid.uuid4().hex
+    argv = [sys.executable, "-m", "benchmarks.faults.permit_holder", system.shm_dir, segment]
+    argv += [str(GLOBAL_LIMIT), major]
+    config = engine_config(GLOBAL_LIMIT)
+    ask = holder_ask(major)
+    async with open_child("permit-holder", argv, log_dir=system.log_dir, capture_stdout=True) as holder:
+        assert holder.process.stdout is not None
+        with trio.fail_after(CONSUMER_START_TIMEOUT_S):
+            line = await read_line(holder.process.stdout, bytearray())
+        if line != b"granted":
+            raise BenchmarkError(f"the permit holder was not granted ({line!r}):\n{holder.log_tail()}")
+        backend = ShmBackend.open(segment, config, directory=system.shm_dir)
+        try:
+            first = await backend.acquire(ask)
+            if isinstance(first, Permit):
+                await backend.release(first, Outcome("cancel"))
+                raise BenchmarkError("a second request was granted while the holder's probe was in flight")
+            holder.process.kill()
+            await holder.process.wait()
+            killed_at = trio.current_time()
+            with trio.fail_after(3 * config.lease_s):
+                while True:
+                    result = await backend.acquire(ask)
+                    if isinstance(result, Permit):
+                        await backend.release(result, Outcome("cancel"))
+                        break
+                    if isinstance(result, Refusal):
+                        raise BenchmarkError(f"refused after the holder's death: {result.reason}")
+                    await trio.sleep(min(result.seconds, POLL_S))
+            blocked_s = trio.current_time() - killed_at
+        finally:
+            await backend.aclose()
+    system.progress.say(
+        f"  the bucket was granted {blocked_s:.2f} s after the kill (lease {config.lease_s:g} s)"
+    )
+    return 0
+
+
+async def rest_invalid_mix(system: System) -> int:
+    """The REST mix through the HTTP proxy with a revoked token, dead webhooks (404 10015) and webhooks whose
+    token is invalid (401 50027) beside good requests (ratelimit.md 5.3 scenario 7): the simulated IP's
+    invalid-request peak stays at or below half of its ban threshold, no ban, and every good request with
+    the bot token succeeds (a 50027 does not disable the bot token). 429s are reported by category."""
+    control = system.sim.control_url + "/rest"
+    await system.http.post(control + "/revoke_token", json={"token": REVOKED_TOKEN})
+    dead = [str(9_000_000_000_000_000_000 + n) for n in range(20)]
+    bad_token = [str(9_100_000_000_000_000_000 + n) for n in range(5)]
+    for webhook_id in dead:
+        await system.http.post(control + "/webhook", json={"id": webhook_id, "state": "dead"})
+    for webhook_id in bad_token:
+        await system.http.post(control + "/webhook", json={"id": webhook_id, "state": "invalid_token"})
+    bot = {"Authorization": f"Bot {DEFAULT_TOKEN}"}
+    requests: list[tuple[str, str, dict[str, str], str]] = []
+    for n in range(max(BAD_REQUESTS_PER_KIND, GOOD_REQUESTS)):
+        if n < GOOD_REQUESTS:
+            requests.append(("good", "GET", bot, "/users/@me"))
+        if n < BAD_REQUESTS_PER_KIND:
+            requests.append(("revoked", "GET", {"Authorization": f"Bot {REVOKED_TOKEN}"}, "/users/@me"))
+            requests.append(("dead_webhook", "POST", {}, f"/webhooks/{dead[n % len(dead)]}/tok"))
+            requests.append(("webhook_401", "POST", {}, f"/webhooks/{bad_token[n % len(bad_token)]}/tok"))
+    statuses: dict[str, dict[str, int]] = {}
+    send, receive = trio.open_memory_channel[tuple[str, str, dict[str, str], str]](len(requests))
+    for request in requests:
+        send.send_nowait(request)
+    send.close()
+
+    async def caller(client: httpx.AsyncClient) -> None:
+        async for kind, method, headers, path in receive:
+            try:
+                response = await client.request(method, system.proxy_url + path, headers=headers, json=None)
+                status = str(response.status_code)
+            except httpx.HTTPError as exc:
+                status = exc.__class__.__name__
+            counts = statuses.setdefault(kind, {})
+            counts[status] = counts.get(status, 0) + 1
+
+    async with httpx.AsyncClient(timeout=30.0) as client, trio.open_nursery() as nursery:
+        for _ in range(REST_CONCURRENCY):
+            nursery.start_soon(caller, client)
+    rest = (await system.http.get(system.sim.control_url + "/ledger")).json()["rest"]
+    peak = max((int(ip["peak"]) for ip in rest["invalid"].values()), default=0)
+    figures = {
+        "invalid_peak": peak,
+        "invalid_limit": INVALID_REQUEST_LIMIT,
+        "invalid_peak_fraction": round(peak / INVALID_REQUEST_LIMIT, 3),
+        "bans": len(rest["bans"]),
+        "429s": dict(rest["by_category"]),
+        "simulator_by_status": rest["by_status"],
+        "proxy_answers": statuses,
+    }
+    failures = []
+    if peak > INVALID_REQUEST_LIMIT / 2:
+        failures.append(f"invalid-request peak {peak} > half of {INVALID_REQUEST_LIMIT}")
+    if rest["bans"]:
+        failures.append(f"{len(rest['bans'])} bans")
+    good = statuses.get("good", {})
+    if good.get("200", 0) != GOOD_REQUESTS:
+        failures.append(f"good requests answered {good}")
+    system.notes.update(figures=figures, failures=failures)
+    system.progress.say(f"  invalid peak {peak}/{INVALID_REQUEST_LIMIT}, proxy answers {statuses}")
+    return 0
+
+
+async def identify_budget_low(system: System) -> int:
+    """Leave fewer daily session starts than shards, then send op 7 to every shard: RESUMEs do not spend
+    the budget (C3), so every shard must come back with 0 IDENTIFYs. The budget is restored afterwards."""
+    await system.control("session_start", {"remaining": 1})
+    try:
+        await system.control("reconnect", {})
+        await trio.sleep(1.0)
+    finally:
+        await system.control("session_start", {"remaining": 1000})
+    return system.settings.shards
+
+
+def faults_for(settings: Settings) -> list[Fault]:
+    everything = [
+        Fault("worker_kill9", kill_worker, True, 3.0 + CONSUMER_SLACK_S, "F1"),
+        Fault("rolling_restart", rolling_restart, True, 60.0, "F2"),
+        Fault("op7_storm", gateway_action("reconnect"), True, 10.0, "F3"),
+        Fault("op9_resumable", gateway_action("invalidate", resumable=True), True, 10.0, "F4"),
+        # B5 bound with max_concurrency = shards: 2 s, plus the 1-5 s jitter of E3.
+        Fault("op9_not_resumable", gateway_action("invalidate", resumable=False), False, 10.0, "F4"),
+        Fault("corrupt", gateway_action("corrupt"), True, 5.0, "F7"),
+        *(
+            Fault(f"close_{code}", gateway_action("close", code=code), True, 5.0, "F5")
+            for code in (4000, 4001, 4002)
+        ),
+        *(
+            Fault(f"close_{code}", gateway_action("close", code=code), False, 10.0, "F5")
+            for code in (4003, 4005, 4007, 4008, 4009)
+        ),
+        Fault("drop", gateway_action("drop"), True, 5.0, "F5 RST"),
+        # B6: detection within I + 10 s, RESUMED within 2 s more.
+        Fault("blackhole", gateway_action("blackhole"), True, HEARTBEAT_INTERVAL_MS / 1000 + 12.0, "B6"),
+        Fault("expire_sessions", expire_then_close, False, 10.0, "F6"),
+        Fault("worker_stall", stall_worker, True, 12.0 + 3.0 + CONSUMER_SLACK_S, "F15"),
+        Fault("supervisor_kill9", kill_supervisor, True, 10.0, "F16"),
+        Fault("ratelimit_holder_kill9", kill_permit_holder, True, LEASE_S + CONSUMER_SLACK_S, "RL 5.3-6"),
+        Fault("rest_invalid_mix", rest_invalid_mix, True, 30.0, "RL 5.3-7"),
+        Fault("identify_budget_low", identify_budget_low, True, 10.0, "F13"),
+        Fault("redis_outage", redis_outage, True, OUTAGE_BOUND_S, "F12", after_outage=True),
+        Fault("rabbitmq_outage", rabbitmq_outage, True, OUTAGE_BOUND_S, "F11", after_outage=True),
+        Fault(
+            "close_4004_fatal",
+            gateway_action("close", code=4004),
+            False,
+            FATAL_EXIT_BOUND_S,
+            "F5",
+            fatal=True,
+        ),
+    ]
+    if settings.faults is None:
+        return everything
+    return [fault for fault in everything if fault.name in settings.faults]
+
+
+def in_running_order(faults: list[Fault]) -> list[Fault]:
+    """Fatal faults last (stable otherwise): nothing runs after one."""
+    return sorted(faults, key=lambda fault: fault.fatal)

@@ -1,0 +1,381 @@
+"""The fault suite's system under test: simulator, redis-server, consumer and supervisor, as processes,
+and the accounting that judges loss (see the package docstring for what `lost` means).
+
+The supervisor and the redis-server are `Restartable`: a fault may kill or stop them and start them again
+on the same address. Children stop in reverse order when the system closes: the supervisor (its workers
+with it) before the consumer, which then deletes what the run left on the shared broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import trio
+
+from benchmarks.harness import (
+    BenchmarkError,
+    ChildProcess,
+    Progress,
+    SimulatorProcess,
+    open_child,
+    open_simulator_process,
+    read_json_line,
+    wait_sessions_ready,
+)
+from benchmarks.ratelimit.state import wait_redis_ready
+from benchmarks.simulator.config import DEFAULT_TOKEN
+
+CONSUMER_START_TIMEOUT_S: Final = 30.0
+POLL_S: Final = 0.1
+#: How long the consumer may take to catch up with the ledger once the firehose stops.
+DRAIN_TIMEOUT_S: Final = 20.0
+#: The simulator's invalid requests (401, 403, 429) per IP per 10 minutes before a ban (Discord: 10,000).
+INVALID_REQUEST_LIMIT: Final = 200
+#: The simulator's heartbeat interval: short, so a blackholed connection is detected in I + 10 s (B6), but
+#: long enough that a worker stalled past the supervisor's 10 s heartbeat timeout has not yet missed the
+#: simulator's 1.5 I + 1 s (which ends the session with 4009, as Discord's 41.25 s interval would not).
+HEARTBEAT_INTERVAL_MS: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    name: str
+    shards: int
+    workers: int
+    #: Dispatches per second per session while the firehose runs.
+    event_rate: float
+    #: Firehose time after recovery, before it stops and the consumer drains.
+    settle_s: float
+    #: The faults run (None: every one).
+    faults: tuple[str, ...] | None
+    #: How long RabbitMQ and Redis stay down.
+    outage_s: float
+
+
+SETTINGS: Final = {
+    "smoke": Settings("smoke", 4, 2, 50.0, 1.0, ("worker_kill9", "op7_storm", "corrupt"), 5.0),
+    "quick": Settings("quick", 4, 2, 100.0, 2.0, None, 10.0),
+    "full": Settings("full", 8, 2, 200.0, 5.0, None, 30.0),
+}
+
+
+@dataclass(slots=True)
+class Restartable:
+    """A child the suite stops and starts again (the supervisor, redis-server): its own exit stack."""
+
+    name: str
+    start: Callable[[contextlib.AsyncExitStack], Awaitable[ChildProcess]]
+    child: ChildProcess | None = None
+    stack: contextlib.AsyncExitStack | None = None
+
+    async def open(self) -> ChildProcess:
+        self.stack = contextlib.AsyncExitStack()
+        self.child = await self.start(self.stack)
+        return self.child
+
+    async def close(self) -> None:
+        """Stop the child (SIGTERM, then SIGKILL) unless it already exited, and wait for it."""
+        if self.stack is not None:
+            await self.stack.aclose()
+        self.stack = None
+
+    def running(self) -> ChildProcess:
+        if self.child is None:
+            raise BenchmarkError(f"{self.name} is not running")
+        return self.child
+
+
+@dataclass(slots=True)
+class System:
+    """The running simulator, supervisor, redis-server and consumer."""
+
+    settings: Settings
+    sim: SimulatorProcess
+    supervisor: Restartable
+    redis: Restartable
+    consumer: ChildProcess
+    state_path: Path
+    metrics_url: str
+    amqp_url: str
+    http: httpx.AsyncClient
+    progress: Progress
+    shm_dir: str
+    log_dir: Path
+    proxy_url: str
+    #: What the running fault adds to its figures (`figures`) and its reasons to fail (`failures`).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    async def control(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = await self.http.post(f"{self.sim.control_url}/gateway/{action}", json=body or {})
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
+
+    def consumed(self) -> dict[str, Any]:
+        """The consumer's latest snapshot (empty before its first)."""
+        try:
+            value: dict[str, Any] = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {"sessions": {}, "duplicates": 0, "last_new_at": {}, "received": 0}
+        return value
+
+    async def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = (await self.http.get(self.metrics_url + "/healthz")).json()
+        return body
+
+    async def worker_pids(self) -> list[int]:
+        with trio.fail_after(10.0):
+            while True:
+                with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
+                    detail = (await self.health())["detail"]
+                    pids = [int(worker["pid"]) for worker in detail["workers"] if worker["pid"]]
+                    if len(pids) == self.settings.workers:
+                        return pids
+                await trio.sleep(POLL_S)
+
+    def check_alive(self) -> None:
+        for child in (self.sim.child, self.supervisor.running(), self.consumer):
+            child.check_alive()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def simulator_args(settings: Settings) -> list[str]:
+    return [
+        *("--shard-count", str(settings.shards), "--max-concurrency", str(settings.shards)),
+        *("--session-start-total", "1000", "--session-start-remaining", "1000"),
+        *("--guilds-per-shard", "1", "--event-rate", "0"),
+        *("--heartbeat-interval-ms", str(HEARTBEAT_INTERVAL_MS)),
+        *("--invalid-session-delay-s", "0"),
+        # A scaled ban threshold, so that a proxy without an invalid-request budget would cross half of it.
+        *("--invalid-request-limit", str(INVALID_REQUEST_LIMIT), "--accept-any-token"),
+    ]
+
+
+def supervisor_env(
+    sim: SimulatorProcess, *, port: int, shm_dir: str, group: str, amqp_url: str
+) -> dict[str, str]:
+    prefixes = (
+        "DISCORD_",
+        "BROKER_",
+        "GATEWAY_",
+        "AMQP_",
+        "SHARD_STORE_",
+        "LOG_",
+        "PROMETHEUS_",
+        "RATELIMIT_",
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    env.update(
+        {
+            "DISCORD_TOKEN": DEFAULT_TOKEN,
+            "DISCORD_API_URL": sim.rest_url,
+            "BROKER_TYPE": "amqp",
+            "BROKER_GROUP": group,
+            "AMQP_URL": amqp_url,
+            "SHARD_STORE_TYPE": "memory",
+            "PROMETHEUS_ADDRESS": f"127.0.0.1:{port}",
+            "RATELIMIT_SHM_DIR": shm_dir,
+            "SHUTDOWN_TIMEOUT": "10s",
+            "LOG_FORMAT": "json",
+            "LOG_LEVEL": "info",
+        }
+    )
+    return env
+
+
+@contextlib.asynccontextmanager
+async def open_system(
+    settings: Settings, log_dir: Path, progress: Progress, amqp_url: str
+) -> AsyncIterator[System]:
+    """Simulator, redis-server, consumer (bound before any event is published), then the supervisor; all
+    ready."""
+    group = f"faults-{uuid.uuid4().hex[:12]}"
+    state_path = log_dir / "consumer-state.json"
+    state_path.unlink(missing_ok=True)
+    port, redis_port, proxy_port = free_port(), free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}"
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchmarkError("no redis-server on PATH (the suite runs one of its own)")
+    starts = 0
+
+    async def start_redis(stack: contextlib.AsyncExitStack) -> ChildProcess:
+        nonlocal starts
+        starts += 1
+        argv = [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        child = await stack.enter_async_context(open_child(f"redis-server-{starts}", argv, log_dir=log_dir))
+        await wait_redis_ready(redis_url, child)
+        return child
+
+    async with contextlib.AsyncExitStack() as stack:
+        sim = await stack.enter_async_context(
+            open_simulator_process(simulator_args(settings), log_dir=log_dir)
+        )
+        redis = Restartable("redis-server", start_redis)
+        stack.push_async_callback(redis.close)
+        await redis.open()
+        consumer = await stack.enter_async_context(
+            open_child(
+                "consumer",
+                [
+                    *(sys.executable, "-m", "benchmarks.faults.consumer"),
+                    *(amqp_url, group, str(state_path), str(settings.shards)),
+                ],
+                log_dir=log_dir,
+                capture_stdout=True,
+            )
+        )
+        await read_json_line(consumer, CONSUMER_START_TIMEOUT_S)
+        shm_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="faults-shm-"))
+        env = supervisor_env(sim, port=port, shm_dir=shm_dir, group=group, amqp_url=amqp_url)
+        env.update({"SHARD_STORE_TYPE": "redis", "SHARD_STORE_PREFIX": group, "REDIS_URL": redis_url})
+        env["PROXY_HTTP_ADDRESS"] = f"127.0.0.1:{proxy_port}"
+        argv = [sys.executable, "-m", "supervisor", "--shards", str(settings.shards)]
+        argv += ["--workers", str(settings.workers)]
+        supervisor_starts = 0
+
+        async def start_supervisor(stack: contextlib.AsyncExitStack) -> ChildProcess:
+            nonlocal supervisor_starts
+            supervisor_starts += 1
+            name = f"supervisor-{supervisor_starts}"
+            return await stack.enter_async_context(open_child(name, argv, log_dir=log_dir, env=env))
+
+        supervisor = Restartable("supervisor", start_supervisor)
+        stack.push_async_callback(supervisor.close)
+        await supervisor.open()
+        http = await stack.enter_async_context(httpx.AsyncClient(timeout=10.0))
+        system = System(
+            settings,
+            sim,
+            supervisor,
+            redis,
+            consumer,
+            state_path,
+            f"http://127.0.0.1:{port}",
+            amqp_url,
+            http,
+            progress,
+            shm_dir,
+            log_dir,
+            f"http://127.0.0.1:{proxy_port}/api/v10",
+        )
+        progress.say(f"waiting for {settings.shards} shards (exchange {group}, Redis {redis_url})")
+        await wait_sessions_ready(
+            sim, settings.shards, min_sent=2, within_s=60.0, watch=[supervisor.running(), consumer]
+        )
+        yield system
+
+
+# -- accounting --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Cumulative loss and duplicates, and the simulator's counters, at one quiet moment."""
+
+    lost: int
+    duplicates: int
+    identifies: int
+    resumes: int
+    missing: dict[str, int]
+
+
+def current_sessions(ledger: dict[str, Any]) -> set[str]:
+    """Per shard, the newest session still attached or resumable (ledger order is creation order)."""
+    newest: dict[int, str] = {}
+    for session_id, session in ledger["sessions"].items():
+        if session["state"] != "ended":
+            newest[int(session["shard"])] = session_id
+    return set(newest.values())
+
+
+def tally(ledger: dict[str, Any], consumed: dict[str, Any]) -> Tally:
+    current = current_sessions(ledger)
+    received = consumed["sessions"]
+    lost = 0
+    missing: dict[str, int] = {}
+    for session_id, session in ledger["sessions"].items():
+        got = received.get(session_id)
+        distinct = int(got["distinct"]) if got else 0
+        if session_id in current:
+            gone = int(session["last_seq"]) - distinct
+        else:
+            gone = (int(got["highest"]) - distinct) if got else 0
+        if gone > 0:
+            missing[session_id] = gone
+            lost += gone
+    counters = ledger["counters"]
+    return Tally(
+        lost,
+        int(consumed.get("duplicates", 0)),
+        int(counters.get("identifies_accepted", 0)),
+        int(counters.get("resumes_ok", 0)),
+        missing,
+    )
+
+
+async def drain(system: System) -> Tally:
+    """Stop the firehose and wait until the consumer holds every seq of every current session (or stops
+    making progress for DRAIN_TIMEOUT_S); returns the tally then."""
+    await system.sim.set_event_rate(0)
+    await trio.sleep(0.5)  # a firehose tick in flight
+    last_progress = trio.current_time()
+    best = None
+    while True:
+        system.check_alive()
+        ledger = await system.sim.gateway_ledger()
+        result = tally(ledger, system.consumed())
+        if result.lost == 0 and len(current_sessions(ledger)) >= system.settings.shards:
+            return result
+        if best is None or result.lost < best:
+            best, last_progress = result.lost, trio.current_time()
+        if trio.current_time() - last_progress > DRAIN_TIMEOUT_S:
+            return result
+        await trio.sleep(0.25)
+
+
+async def wait_recovered(
+    system: System, before: Tally, affected: int, fault_at: float, bound_s: float
+) -> float | None:
+    """Seconds from `fault_at` (wall) until `affected` shards came back and the consumer saw new events
+    from every shard after that; None if that took longer than 3 * bound_s + 10 s."""
+    deadline = time.time() + 3 * bound_s + 10.0
+    back_at: float | None = None
+    while time.time() < deadline:
+        system.check_alive()
+        ledger = await system.sim.gateway_ledger()
+        counters = ledger["counters"]
+        returned = (
+            int(counters.get("identifies_accepted", 0))
+            - before.identifies
+            + int(counters.get("resumes_ok", 0))
+            - before.resumes
+        )
+        attached = {int(s["shard"]) for s in ledger["sessions"].values() if s["state"] == "attached"}
+        if back_at is None and returned >= affected and len(attached) >= system.settings.shards:
+            back_at = time.time()
+        if back_at is not None:
+            last_new = system.consumed().get("last_new_at", {})
+            if all(float(last_new.get(str(shard), 0)) > back_at for shard in range(system.settings.shards)):
+                return time.time() - fault_at
+        await trio.sleep(POLL_S)
+    return None
