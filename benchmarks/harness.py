@@ -360,6 +360,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def inherited_environment() -> dict[str, str]:
+    """This process's environment without any of the service's own variables, for a child that must see
+    only what its suite sets (a `DISCORD_TOKEN` or `BROKER_TYPE` in the caller's shell must not leak in)."""
+    from supervisor.config import OWN_PREFIXES
+
+    return {key: value for key, value in os.environ.items() if not key.startswith((*OWN_PREFIXES, "LOG_"))}
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, suite: str, quick_help: str) -> None:
     """The options every suite has: `--quick` or `--smoke` (sizes), `--json PATH` and `--logs DIR`."""
     size = parser.add_mutually_exclusive_group()

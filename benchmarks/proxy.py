@@ -57,6 +57,7 @@ from benchmarks.harness import (
     Progress,
     SimulatorProcess,
     add_common_arguments,
+    inherited_environment,
     machine_info,
     open_child,
     open_simulator_process,
@@ -143,17 +144,7 @@ def placement() -> dict[str, frozenset[int] | None]:
 
 
 def worker_env(bench: Bench, sim: SimulatorProcess, http_port: int, shm_dir: str) -> dict[str, str]:
-    prefixes = (
-        "DISCORD_",
-        "BROKER_",
-        "GATEWAY_",
-        "AMQP_",
-        "SHARD_STORE_",
-        "LOG_",
-        "PROMETHEUS_",
-        "RATELIMIT_",
-    )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    env = inherited_environment()
     env.update(
         {
             "DISCORD_TOKEN": DEFAULT_TOKEN,

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import socket
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from benchmarks.harness import (
     Progress,
     SimulatorProcess,
     add_common_arguments,
+    inherited_environment,
     machine_info,
     open_child,
     open_simulator_process,
@@ -162,17 +162,7 @@ def simulator_args(config: StartupConfig) -> list[str]:
 
 
 def supervisor_env(sim: SimulatorProcess, metrics_port: int, shm_dir: str) -> dict[str, str]:
-    prefixes = (
-        "DISCORD_",
-        "BROKER_",
-        "GATEWAY_",
-        "AMQP_",
-        "SHARD_STORE_",
-        "LOG_",
-        "PROMETHEUS_",
-        "RATELIMIT_",
-    )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    env = inherited_environment()
     env.update(
         {
             "DISCORD_TOKEN": DEFAULT_TOKEN,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import socket
 import sys
@@ -30,6 +29,7 @@ from benchmarks.harness import (
     ChildProcess,
     Progress,
     SimulatorProcess,
+    inherited_environment,
     open_child,
     open_simulator_process,
     read_json_line,
@@ -173,17 +173,7 @@ def simulator_args(settings: Settings) -> list[str]:
 def supervisor_env(
     sim: SimulatorProcess, *, port: int, shm_dir: str, group: str, amqp_url: str
 ) -> dict[str, str]:
-    prefixes = (
-        "DISCORD_",
-        "BROKER_",
-        "GATEWAY_",
-        "AMQP_",
-        "SHARD_STORE_",
-        "LOG_",
-        "PROMETHEUS_",
-        "RATELIMIT_",
-    )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
+    env = inherited_environment()
     env.update(
         {
             "DISCORD_TOKEN": DEFAULT_TOKEN,
