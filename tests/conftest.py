@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.security import leakscan  # noqa: E402 -- needs the repository root on sys.path
+from tests import broker_cleanup  # noqa: E402 -- needs the repository root on sys.path
+from tests.security import leakscan  # noqa: E402
 
 # CI explores the same Hypothesis examples on every run, so a green build stays green for the same code;
 # local runs keep exploring new ones (and save what fails to .hypothesis/).
@@ -31,6 +33,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     leakscan.finish_session(session)
+    # Housekeeping, never a verdict: a broker that cannot be reached here has failed its tests already.
+    with contextlib.suppress(Exception):
+        broker_cleanup.drop_test_queues()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
