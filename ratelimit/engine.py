@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -66,12 +67,12 @@ class RequestRefused(Exception):
 @dataclass
 class EngineStatistics:
     grants: int = 0
-    waits: dict[str, int] = field(default_factory=dict)  # by reason
-    refusals: dict[str, int] = field(default_factory=dict)
+    waits: Counter[str] = field(default_factory=Counter)  # by reason
+    refusals: Counter[str] = field(default_factory=Counter)
     timeouts: int = 0
     fallback_grants: int = 0
     backend_errors: int = 0
-    outcomes: dict[str, int] = field(default_factory=dict)  # response / limited:<scope> / cancel / lost
+    outcomes: Counter[str] = field(default_factory=Counter)  # response / limited:<scope> / cancel / lost
 
 
 class Ratelimiter:
@@ -145,7 +146,7 @@ class Ratelimiter:
     async def release(self, permit: Permit, outcome: Outcome) -> None:
         """Give `permit` back with what became of it. Never raises for a backend outage (logged)."""
         key = outcome.kind if outcome.kind != "limited" else f"limited:{outcome.scope or 'cloudflare'}"
-        self.statistics.outcomes[key] = self.statistics.outcomes.get(key, 0) + 1
+        self.statistics.outcomes[key] += 1
         backend: Backend = self.backend
         if self._fallback_permits.pop(id(permit), None) is not None:
             backend = self.fallback
@@ -178,7 +179,7 @@ class Ratelimiter:
                 return result
             if isinstance(result, Refusal):
                 self._refused(result)
-            self._count_wait(result)
+            self.statistics.waits[result.reason] += 1
             await self._wait(result, seen, deadline)
 
     async def _wait_global(self, ask: Ask, wait: Wait, deadline: float) -> Permit | Wait | Refusal:
@@ -198,7 +199,7 @@ class Ratelimiter:
                     return result
                 wait = result
             while True:
-                self._count_wait(wait)
+                self.statistics.waits[wait.reason] += 1
                 if trio.current_time() + wait.seconds > deadline:
                     self.statistics.timeouts += 1
                     raise RateLimitTimeout(wait.seconds, wait.reason)
@@ -208,11 +209,8 @@ class Ratelimiter:
                     return result
                 wait = result
 
-    def _count_wait(self, wait: Wait) -> None:
-        self.statistics.waits[wait.reason] = self.statistics.waits.get(wait.reason, 0) + 1
-
     def _refused(self, refusal: Refusal) -> NoReturn:
-        self.statistics.refusals[refusal.reason] = self.statistics.refusals.get(refusal.reason, 0) + 1
+        self.statistics.refusals[refusal.reason] += 1
         raise RequestRefused(refusal.reason)
 
     async def _wait(self, wait: Wait, seen: int, deadline: float) -> None:

@@ -490,16 +490,15 @@ def release(store: RecordStore, permit: Permit, outcome: Outcome, now: float, co
         action = classify_429(outcome.limited, now)
     if learns_route(outcome):
         _learn_route(store, permit, outcome.headers, now, config)
-    if permit.global_counted and (outcome.kind == "cancel" or isinstance(action, GlobalFreeze)):
+    refund = permit.global_counted and outcome.kind == "cancel"
+    # A global 429 freezes the token, unless it answered an (exempt) interaction route.
+    freeze = action.until if isinstance(action, GlobalFreeze) and not ask.exempt else None
+    if refund or freeze is not None:
         limiter = load_global(store, ask.token, config, now)
-        if outcome.kind == "cancel":
+        if refund:
             limiter.refund(now)
-        if isinstance(action, GlobalFreeze):
-            limiter.freeze(action.until)
-        save_global(store, ask.token, limiter, config)
-    elif isinstance(action, GlobalFreeze) and not ask.exempt:
-        limiter = load_global(store, ask.token, config, now)
-        limiter.freeze(action.until)
+        if freeze is not None:
+            limiter.freeze(freeze)
         save_global(store, ask.token, limiter, config)
     if isinstance(action, SublimitBlock):
         _put_until(store, sublimit_key(ask.token, ask.request_class, ask.major), action.until)
