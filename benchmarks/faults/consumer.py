@@ -1,7 +1,7 @@
 """The fault suite's event consumer: `python -m benchmarks.faults.consumer URL EXCHANGE STATE_PATH SHARDS`.
 
 An asyncio process of its own (aio-pika), so nothing the suite does to the workers or to its own trio loop
-can slow it. It binds one exclusive queue to every dispatch name the simulator sends, deduplicates on the
+can slow it. It binds one durable queue to every dispatch name the simulator sends, deduplicates on the
 `(shard_id, session_id, seq)` headers (seq restarts with every IDENTIFY, anchors gateway.md D2) and every
 `SNAPSHOT_INTERVAL_S` replaces `STATE_PATH` with a JSON snapshot: per session its shard, distinct seqs,
 highest seq and the holes below it (as ranges), per shard the wall time of the last *new* event, and the
@@ -143,9 +143,10 @@ async def consume(url: str, exchange_name: str, state_path: Path, shards: int) -
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=PREFETCH)
         exchange = await channel.declare_exchange(exchange_name, aio_pika.ExchangeType.DIRECT, durable=True)
-        queue = await channel.declare_queue(
-            f"{exchange_name}:faults-consumer", durable=False, exclusive=False
-        )
+        # Durable: a non-durable queue (and what waits in it) is deleted when RabbitMQ stops, which is loss
+        # the system cannot prevent; and while the consumer re-declared it, the workers' publishes were
+        # unroutable (confirmed and dropped).
+        queue = await channel.declare_queue(f"{exchange_name}:faults-consumer", durable=True)
         for name in DISPATCH_NAMES:
             await queue.bind(exchange, routing_key=name)
 
