@@ -19,6 +19,11 @@ Rules enforced (each violation is recorded in the ledger under the rule name in 
 - a first heartbeat sooner than 1% of the interval after HELLO [heartbeat_no_jitter]; no heartbeat for 1.5
   intervals plus 1 s closes 4009 [heartbeat_timeout]; a client close with 1000/1001 ends the session
   [client_close_kills_session] (recorded because clients that mean to resume must not do it).
+
+Ledger maxima (counters holding the largest value seen, zeroed by `reset_maxima`): `send_window_max`
+(payloads in one connection's 60 s window), `heartbeat_gap_max_ms` (between two heartbeats of one connection),
+`payload_max_bytes` (one client payload, oversized ones included). Faults that starve the client of HELLO or
+READY count `hello_withheld` per connection and `ready_withheld` per ignored IDENTIFY/RESUME.
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ class GatewayConnection:
         self.streaming = False
         self.identified = False
         self.blackholed = False
+        #: IDENTIFY and RESUME go unanswered on this connection (the `withhold_ready` fault).
+        self.ready_withheld = False
         self.hello_at = 0.0
         self.last_heartbeat_at: float | None = None
         self.sent_times: deque[float] = deque()
@@ -171,6 +178,12 @@ class GatewaySimulator:
     - `event_rate` {rate}: dispatches per second per session.
     - `session_start` {remaining?, total?, max_concurrency?, reset_after_ms?}: the identify budget.
     - `restore_tokens` {}: undo a token reset.
+    - `withhold_hello` {count}: the next `count` connections get no HELLO and no heartbeat watchdog; their
+      payloads are read and dropped until the client leaves. Counted in `hello_withheld`.
+    - `withhold_ready` {count}: the next `count` connections get HELLO and heartbeat ACKs, but their IDENTIFY
+      and RESUME are ignored (no READY/RESUMED, no identify accounting). Counted in `ready_withheld`.
+    - `reset_maxima` {}: zero the ledger maxima (`send_window_max`, `heartbeat_gap_max_ms`,
+      `payload_max_bytes`).
     """
 
     def __init__(self, config: SimulatorConfig, tokens: TokenRegistry) -> None:
@@ -192,6 +205,8 @@ class GatewaySimulator:
         self.gateway_url = ""
         self.resume_gateway_url = ""
         self._reconnect_before_hello = 0
+        self._withhold_hello = 0
+        self._withhold_ready = 0
         self._member_requests: dict[int, float] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -289,18 +304,29 @@ class GatewaySimulator:
             with conn.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn.run_writer)
+                    hello_withheld = False
                     if self._reconnect_before_hello > 0:
                         self._reconnect_before_hello -= 1
                         self.ledger.count("op7_sent")
                         conn.send_payload({"op": 7, "d": None})
                         nursery.start_soon(self._close_later, conn)
+                    elif self._withhold_hello > 0:
+                        self._withhold_hello -= 1
+                        self.ledger.count("hello_withheld")
+                        hello_withheld = True
                     else:
+                        if self._withhold_ready > 0:
+                            self._withhold_ready -= 1
+                            conn.ready_withheld = True
                         conn.hello_at = trio.current_time()
                         conn.send_payload(
                             {"op": 10, "d": {"heartbeat_interval": self.gw.heartbeat_interval_ms}}
                         )
                         nursery.start_soon(self._watch_heartbeats, conn)
-                    await self._read_loop(conn)
+                    if hello_withheld:
+                        await self._drop_until_client_leaves(conn)
+                    else:
+                        await self._read_loop(conn)
                     nursery.cancel_scope.cancel()
         except ConnectionEnded:
             pass
@@ -353,6 +379,21 @@ class GatewaySimulator:
             if conn.ws.closed:
                 return
 
+    async def _drop_until_client_leaves(self, conn: GatewayConnection) -> None:
+        """Read and drop the client's messages, answering nothing, until it closes or drops the connection;
+        at most `session_ttl_s`, as long as a blackhole holds one."""
+        conn.blackholed = True  # the writer sends nothing, not even a stray queued payload
+        with trio.move_on_after(self.gw.session_ttl_s):
+            while True:
+                try:
+                    await conn.ws.receive()
+                except MessageTooLarge:
+                    return
+                except ConnectionEnded as ended:
+                    if not ended.reply:
+                        self._client_closed(conn, ended.code)
+                    return
+
     def _client_closed(self, conn: GatewayConnection, code: int | None) -> None:
         self.ledger.close(conn.shard_id, code, "client")
         if code in (1000, 1001) and conn.session is not None:
@@ -368,6 +409,8 @@ class GatewaySimulator:
         window.append(now)
         while window and window[0] <= now - SEND_WINDOW_S:
             window.popleft()
+        self.ledger.record_max("send_window_max", len(window))
+        self.ledger.record_max("payload_max_bytes", len(raw))
         if len(window) > SEND_LIMIT:
             self.ledger.violation(
                 "send_rate", conn.shard_id, f"{len(window)} payloads in {SEND_WINDOW_S:g} s"
@@ -392,6 +435,8 @@ class GatewaySimulator:
         data = payload.get("d")
         if op == 1:
             await self._on_heartbeat(conn, data)
+        elif op in (2, 6) and conn.ready_withheld:
+            self.ledger.count("ready_withheld")  # unanswered: the client must give up waiting for READY
         elif op == 2:
             await self._on_identify(conn, data)
         elif op == 6:
@@ -415,6 +460,8 @@ class GatewaySimulator:
                 self.ledger.violation(
                     "heartbeat_no_jitter", conn.shard_id, f"first beat after {delay * 1000:.1f} ms"
                 )
+        elif conn.last_heartbeat_at is not None:
+            self.ledger.record_max("heartbeat_gap_max_ms", round((now - conn.last_heartbeat_at) * 1000))
         # Before IDENTIFY/RESUME a client may beat with the seq it is about to resume from; only a seq the
         # session never reached is wrong.
         session = conn.session
@@ -682,6 +729,15 @@ class GatewaySimulator:
         if action == "reconnect" and body.get("before_hello"):
             self._reconnect_before_hello += int(body["before_hello"])
             return {"pending": self._reconnect_before_hello}
+        if action == "withhold_hello":
+            self._withhold_hello += _count(body)
+            return {"pending": self._withhold_hello}
+        if action == "withhold_ready":
+            self._withhold_ready += _count(body)
+            return {"pending": self._withhold_ready}
+        if action == "reset_maxima":
+            self.ledger.reset_maxima()
+            return {"ok": True}
         if action == "expire_sessions":
             shards = body.get("shards")
             wanted = None if shards is None else {int(s) for s in shards}
@@ -737,6 +793,13 @@ class GatewaySimulator:
 
 def _strip_bot(token: str) -> str:
     return token[4:] if token.startswith("Bot ") else token
+
+
+def _count(body: dict[str, Any]) -> int:
+    count = body.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ValueError("`count` must be a non-negative integer")
+    return count
 
 
 _CONNECTION_ACTIONS: Final = {

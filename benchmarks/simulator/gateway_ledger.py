@@ -3,7 +3,8 @@
 Dispatch accounting is per session: seqs are dense (1..last_seq), so "every dispatch sent" is the pair
 `(session_id, last_seq)` plus how often each was written to a socket; a consumer that deduplicates on
 `(shard, session_id, seq)` has lost nothing exactly when it holds every seq up to `last_seq` of every session.
-Rule violations carry a stable `rule` name so tests can assert on them.
+Rule violations carry a stable `rule` name so tests can assert on them. A few counters are maxima rather than
+sums (`MAXIMA`): how close clients came to a limit, zeroed by `reset_maxima` so a fault can measure its own.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import trio
 
 #: Bounded lists keep a long benchmark run from growing the ledger without limit; counters stay exact.
 MAX_RECORDS: Final = 20_000
+#: Counters that hold the largest value seen, not a sum: client payloads in one connection's 60 s window,
+#: milliseconds between two heartbeats of one connection, bytes in one client payload.
+MAXIMA: Final = ("send_window_max", "heartbeat_gap_max_ms", "payload_max_bytes")
 
 
 class SessionView(Protocol):
@@ -85,7 +89,7 @@ class HeartbeatRecord:
 @dataclass
 class GatewayLedger:
     started_at: float = field(default_factory=trio.current_time)
-    counters: Counter[str] = field(default_factory=Counter)
+    counters: Counter[str] = field(default_factory=lambda: Counter(dict.fromkeys(MAXIMA, 0)))
     events_by_type: Counter[str] = field(default_factory=Counter)
     closes_received: Counter[str] = field(default_factory=Counter)
     closes_sent: Counter[str] = field(default_factory=Counter)
@@ -102,6 +106,15 @@ class GatewayLedger:
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] += amount
+
+    def record_max(self, name: str, value: int) -> None:
+        """Raise the maximum `name` (one of `MAXIMA`) to `value` if it is larger."""
+        if value > self.counters[name]:
+            self.counters[name] = value
+
+    def reset_maxima(self) -> None:
+        for name in MAXIMA:
+            self.counters[name] = 0
 
     def violation(self, rule: str, shard: int | None, detail: str = "") -> None:
         self.counters["violations"] += 1

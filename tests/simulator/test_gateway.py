@@ -15,6 +15,7 @@ import zstandard
 from trio_websocket import ConnectionClosed
 
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
+from benchmarks.simulator.gateway_ledger import MAXIMA
 
 from .gateway_client import GatewayTestClient, open_gateway_client
 
@@ -402,6 +403,100 @@ async def test_op7_before_hello() -> None:
             async with open_gateway_client(sim.addresses.gateway_url) as client:
                 assert await client.hello() == 60_000
                 await client.close()
+
+
+async def test_withhold_hello() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with simulator(heartbeat_interval_ms=200) as sim:
+            with pytest.raises(ValueError, match="count"):
+                await sim.gateway.control("withhold_hello", {})
+            assert await sim.gateway.control("withhold_hello", {"count": 1}) == {"pending": 1}
+            async with open_gateway_client(sim.addresses.gateway_url) as client:
+                # Past the heartbeat watchdog's 1.5 intervals + 1 s: no HELLO, and no 4009 either.
+                with trio.move_on_after(1.5) as silent:
+                    await client.recv()
+                assert silent.cancelled_caught
+                await client.send({"op": 1, "d": None})  # read and dropped: no ACK
+                with trio.move_on_after(0.2) as silent:
+                    await client.recv()
+                assert silent.cancelled_caught
+                assert sim.gateway.ledger.counters["hello_withheld"] == 1
+                async with open_gateway_client(sim.addresses.gateway_url) as second:
+                    assert await second.hello() == 200
+                    await second.close()
+                await client.close()
+            while sim.gateway.connections:  # the withheld connection ends when the client leaves
+                await trio.sleep(0.01)
+            ledger = sim.gateway.ledger
+            assert ledger.counters["hello_withheld"] == 1 and ledger.counters["heartbeats"] == 0
+            assert ledger.closes_received == {"4000": 2} and not ledger.closes_sent
+            assert not ledger.rules_broken()
+
+
+async def test_withhold_ready() -> None:
+    with trio.fail_after(TIMEOUT_S):
+        async with simulator(heartbeat_interval_ms=200) as sim:
+            url, resume_url = sim.addresses.gateway_url, sim.addresses.resume_gateway_url
+            assert await sim.gateway.control("withhold_ready", {"count": 2}) == {"pending": 2}
+            async with open_gateway_client(url) as client:
+                assert await client.hello() == 200
+                await client.identify(DEFAULT_TOKEN)
+                # Beating past the watchdog's 1.3 s: each beat is ACKed and nothing comes before its ACK.
+                for _ in range(8):
+                    await trio.sleep(0.18)
+                    await client.send({"op": 1, "d": None})
+                    assert await client.recv(timeout=1) == {"op": 11}
+                await client.close()
+            async with open_gateway_client(resume_url) as client:
+                await client.hello()
+                await client.resume(DEFAULT_TOKEN, "0" * 32, 1)  # an unknown session, yet not even op 9
+                await trio.sleep(0.2)
+                await client.send({"op": 1, "d": None})
+                assert await client.recv(timeout=1) == {"op": 11}
+                await client.close()
+            ledger = sim.gateway.ledger
+            assert ledger.counters["ready_withheld"] == 2
+            assert ledger.counters["identifies"] == 0 and ledger.counters["resumes"] == 0
+            assert not sim.gateway.sessions
+            async with open_gateway_client(url) as client:
+                # The same identify key at once: the withheld IDENTIFY took no place in the 5 s window.
+                await client.ready(DEFAULT_TOKEN)
+                await client.close()
+            assert ledger.counters["identifies_accepted"] == 1 and sim.gateway.identify.remaining == 999
+            assert not ledger.rules_broken()
+
+
+async def test_ledger_maxima_and_reset() -> None:
+    presence: dict[str, Any] = {
+        "op": 3,
+        "d": {"since": None, "activities": [], "status": "online", "afk": False, "padding": ""},
+    }
+    presence["d"]["padding"] = "x" * (3000 - len(orjson.dumps(presence)))
+    assert len(orjson.dumps(presence)) == 3000
+    with trio.fail_after(TIMEOUT_S):
+        async with (
+            simulator(heartbeat_interval_ms=1000) as sim,
+            httpx.AsyncClient(base_url=sim.addresses.control_url) as ctl,
+        ):
+            assert (await ctl.get("/ledger")).json()["gateway"]["counters"] == dict.fromkeys(MAXIMA, 0)
+            async with open_gateway_client(sim.addresses.gateway_url) as client:
+                await client.ready(DEFAULT_TOKEN)
+                for pause in (0.05, 0.3, 0.1):  # the largest gap: the 0.3 s pause plus a round trip
+                    await trio.sleep(pause)
+                    await client.send({"op": 1, "d": None})
+                    await client.recv_until(lambda p: p["op"] == 11)
+                await client.send(presence)
+                await client.send({"op": 1, "d": None})
+                await client.recv_until(lambda p: p["op"] == 11)
+                await client.close()
+            counters = (await ctl.get("/ledger")).json()["gateway"]["counters"]
+            assert counters["send_window_max"] == 6  # IDENTIFY, 4 heartbeats, the presence update
+            assert counters["payload_max_bytes"] == 3000
+            assert 295 <= counters["heartbeat_gap_max_ms"] < 800
+            assert (await ctl.post("/gateway/reset_maxima")).json() == {"ok": True}
+            counters = (await ctl.get("/ledger")).json()["gateway"]["counters"]
+            assert {name: counters[name] for name in MAXIMA} == dict.fromkeys(MAXIMA, 0)
+            assert counters["heartbeats"] == 4 and counters["op3_received"] == 1
 
 
 async def test_request_all_members_is_rate_limited() -> None:
