@@ -10,11 +10,15 @@ little longer, stops it, waits for the consumer to drain, and compares what the 
 simulator's ledger.
 
 Faults: worker_kill9 (F1), rolling_restart (SIGHUP, F2), op7_storm (F3), op9_resumable and
-op9_not_resumable (F4), corrupt (zlib, F7), close_4000..4009 and drop (F5), blackhole (B6),
-expire_sessions (F6), worker_stall (SIGSTOP past the supervisor's heartbeat timeout, F15),
+op9_not_resumable (F4), corrupt (zlib, F7), corrupt_zstd (a restart onto zstd-stream, then corrupt bytes;
+F8, the faults after it run on zstd-stream), close_1000, close_1001, close_4000..4009 and drop (F5),
+blackhole (B6), expire_sessions (F6), worker_stall (SIGSTOP past the supervisor's heartbeat timeout, F15),
 supervisor_kill9 (F16), ratelimit_holder_kill9 (ratelimit 5.3-6), rest_invalid_mix (5.3-7),
-identify_budget_low (F13), redis_outage (F12), rabbitmq_outage (`rabbitmqctl stop_app`/`start_app`, F11),
-and close_4004_fatal last (the supervisor must exit 3). `--smoke` runs worker_kill9, op7_storm and corrupt.
+identify_budget_low (F13), send_limiter (1000 queued commands, F9), oversized_command (F10),
+timeout_hello and timeout_ready (F14), redis_outage and redis_outage_worker_kill (F12), rabbitmq_outage
+(`rabbitmqctl stop_app`/`start_app`, F11), and last the fatal codes close_4004_fatal .. close_4014_fatal
+(the supervisor must exit 3; the suite starts a new one after each but the last). `--smoke` runs
+worker_kill9, op7_storm and corrupt. `--soak MINUTES` is a different run: see `benchmarks.faults.soak`.
 
 Figures per fault (`faults.<name>.*`):
 - `lost`: dispatches the simulator produced that the consumer never received. For the session a shard is
@@ -72,11 +76,14 @@ from benchmarks.harness import (
     BenchmarkError,
     Progress,
     machine_info,
+    wait_sessions_ready,
     write_results,
 )
 
 DESCRIPTION: Final = "events lost, duplicates, identifies and recovery under injected faults"
 DEFAULT_AMQP_URL: Final = "amqp://guest:guest@127.0.0.1/"
+#: Simulator rules a fault may break without failing (see `broken_rule_reasons`).
+TOLERATED_RULES: Final = frozenset({"resume_not_on_resume_url"})
 #: How long the suite watches for a reconnect after a fatal close.
 FATAL_WATCH_S: Final = 3.0
 
@@ -96,6 +103,16 @@ class FaultResult:
     passed: bool
     reasons: list[str] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+def broken_rule_reasons(rules_broken: dict[str, int]) -> list[str]:
+    """A fault fails on any Discord rule the simulator saw broken, except a RESUME on the base URL after
+    the resume URL failed to answer (the fallback anchors gateway.md F3 asks for)."""
+    return [
+        f"broke {rule} {count} times"
+        for rule, count in sorted(rules_broken.items())
+        if rule not in TOLERATED_RULES
+    ]
 
 
 async def run_fault(system: System, fault: Fault) -> FaultResult:
@@ -120,6 +137,8 @@ async def run_fault(system: System, fault: Fault) -> FaultResult:
     if not fault.resumable and identifies > affected:
         reasons.append(f"{identifies} identifies for {affected} shards")
     reasons.extend(system.notes.get("failures", []))
+    rules_broken = after.rules_broken_since(before)
+    reasons.extend(broken_rule_reasons(rules_broken))
     if recover_s is None:
         reasons.append("did not recover")
     elif recover_s > bound_s:
@@ -139,6 +158,7 @@ async def run_fault(system: System, fault: Fault) -> FaultResult:
         reasons=reasons,
         detail={
             "missing_by_session": {k: v for k, v in after.missing.items() if k not in before.missing},
+            "rules_broken": rules_broken,
             **system.notes.get("figures", {}),
         },
     )
@@ -150,10 +170,11 @@ async def run_fault(system: System, fault: Fault) -> FaultResult:
     return result
 
 
-async def run_fatal(system: System, fault: Fault) -> FaultResult:
+async def run_fatal(system: System, fault: Fault, *, restart: bool) -> FaultResult:
     """A fatal close code on every shard: the supervisor exits with EXIT_FATAL (3) within the bound, no
     shard identifies or resumes afterwards, and nothing read before the close is lost (every session has
-    ended, so only holes count). `recover_s` is the time to the supervisor's exit."""
+    ended, so only holes count). `recover_s` is the time to the supervisor's exit. With `restart`, a new
+    supervisor is started afterwards (outside the measurement) and every shard is READY again."""
     before = await drain(system)
     await system.sim.set_event_rate(system.settings.event_rate)
     await trio.sleep(1.0)
@@ -182,6 +203,8 @@ async def run_fatal(system: System, fault: Fault) -> FaultResult:
         reasons.append(f"{lost} lost")
     if identifies or resumes:
         reasons.append(f"{identifies} identifies and {resumes} resumes after a fatal close")
+    rules_broken = after.rules_broken_since(before)
+    reasons.extend(broken_rule_reasons(rules_broken))
     result = FaultResult(
         fault.name,
         fault.anchor,
@@ -195,13 +218,23 @@ async def run_fatal(system: System, fault: Fault) -> FaultResult:
         resumable=False,
         passed=not reasons,
         reasons=reasons,
-        detail={"supervisor_exit_status": code},
+        detail={"supervisor_exit_status": code, "rules_broken": rules_broken},
     )
     verdict = "PASS" if result.passed else "FAIL " + "; ".join(reasons)
     system.progress.say(
         f"  {fault.name}: supervisor exit {code} after {result.recover_s} s, lost {result.lost}, "
         f"identifies {identifies}, resumes {resumes}: {verdict}"
     )
+    if restart:
+        await system.supervisor.close()
+        await system.supervisor.open()
+        await wait_sessions_ready(
+            system.sim,
+            system.settings.shards,
+            min_sent=2,
+            within_s=60.0,
+            watch=[system.supervisor.running(), system.consumer],
+        )
     return result
 
 
@@ -211,10 +244,13 @@ async def run_suite(
     results: list[FaultResult] = []
     errors: dict[str, str] = {}
     async with open_system(settings, log_dir, progress, amqp_url) as system:
-        for fault in faults:
+        for index, fault in enumerate(faults):
             try:
-                runner = run_fatal if fault.fatal else run_fault
-                results.append(await runner(system, fault))
+                if fault.fatal:
+                    last = index == len(faults) - 1
+                    results.append(await run_fatal(system, fault, restart=not last))
+                else:
+                    results.append(await run_fault(system, fault))
             except (BenchmarkError, OSError, httpx.HTTPError) as exc:
                 errors[fault.name] = f"{exc.__class__.__name__}: {exc}"
                 progress.say(f"  {fault.name}: ERROR {str(exc).splitlines()[0] if str(exc) else exc!r}")

@@ -8,9 +8,11 @@ from anchors gateway.md 6.3 (F1-F16), B5/B6, and ratelimit.md 5.3.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -56,6 +58,20 @@ GLOBAL_LIMIT: Final = 50
 LEASE_S: Final = EngineConfig().lease_s
 #: The supervisor's exit after a fatal close code: the shutdown deadline (SHUTDOWN_TIMEOUT 10 s) and more.
 FATAL_EXIT_BOUND_S: Final = 15.0
+#: Discord's fatal close codes (anchors gateway.md F): each stops the supervisor with EXIT_FATAL.
+FATAL_CLOSE_CODES: Final = (4004, 4010, 4011, 4012, 4013, 4014)
+#: F9: commands queued for one shard, and how long the suite watches them go out (a 60 s window and more).
+COMMAND_FLOOD: Final = 1000
+SEND_WATCH_S: Final = 65.0
+SEND_LIMIT: Final = 120
+#: F9: how much later than the interval a heartbeat may come while commands wait.
+HEARTBEAT_LATE_S: Final = 1.0
+MAX_PAYLOAD_BYTES: Final = 4096
+#: F14: HELLO timeout 10 s (READY 15 s), the backoff's first delay (up to 2 s), the RESUME and the consumer.
+HELLO_BOUND_S: Final = 10.0 + 2.0 + 2.0 + CONSUMER_SLACK_S
+READY_BOUND_S: Final = 15.0 + 2.0 + 2.0 + CONSUMER_SLACK_S
+#: F12: how long a replaced worker must stay up while Redis is down (no crash loop).
+CRASH_LOOP_WATCH_S: Final = 3.0
 #: Recovery bound after an outage ends (RabbitMQ or Redis back): the outage itself is added.
 OUTAGE_BOUND_S: Final = 15.0
 
@@ -291,6 +307,169 @@ async def identify_budget_low(system: System) -> int:
     return system.settings.shards
 
 
+async def ledger_counters(system: System) -> dict[str, int]:
+    counters: dict[str, int] = (await system.sim.gateway_ledger())["counters"]
+    return counters
+
+
+def counter_delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
+    return int(after.get(name, 0)) - int(before.get(name, 0))
+
+
+async def wait_counter(system: System, name: str, at_least: int, within_s: float) -> None:
+    """Poll the simulator's ledger until counter `name` reaches `at_least` (BenchmarkError after
+    `within_s`)."""
+    with trio.move_on_after(within_s):
+        while int((await ledger_counters(system)).get(name, 0)) < at_least:
+            system.check_alive()
+            await trio.sleep(POLL_S)
+        return
+    raise BenchmarkError(f"the simulator's {name} did not reach {at_least} within {within_s:g} s")
+
+
+async def send_limiter(system: System) -> int:
+    """F9: COMMAND_FLOOD presence updates queued for shard 0 on the broker; for SEND_WATCH_S (a full 60 s
+    window and more) the simulator must never see more than 120 payloads per connection per 60 s (no 4008),
+    and heartbeats must keep their interval (the largest gap between two stays under the interval plus
+    HEARTBEAT_LATE_S). What is still queued afterwards is purged."""
+    await system.control("reset_maxima")
+    ledger_before = await system.sim.gateway_ledger()
+    before = ledger_before["counters"]
+    body = {"op": 3, "d": {"since": None, "activities": [], "status": "online", "afk": False}}
+    await system.publish_commands("0", COMMAND_FLOOD, body)
+    await trio.sleep(SEND_WATCH_S)
+    ledger_after = await system.sim.gateway_ledger()
+    after = ledger_after["counters"]
+    await trio.run_process(
+        ["rabbitmqctl", "purge_queue", f"{system.group}:0"], capture_stdout=True, capture_stderr=True
+    )
+    window_max = int(after.get("send_window_max", 0))
+    gap_ms = int(after.get("heartbeat_gap_max_ms", 0))
+    sent = counter_delta(before, after, "op3_received")
+    failures = []
+    if window_max > SEND_LIMIT:
+        failures.append(f"{window_max} payloads in one 60 s window > {SEND_LIMIT}")
+    closes_4008 = counter_delta(ledger_before["closes_sent"], ledger_after["closes_sent"], "4008")
+    if closes_4008:
+        failures.append(f"{closes_4008} closes with 4008")
+    if gap_ms > HEARTBEAT_INTERVAL_MS + HEARTBEAT_LATE_S * 1000:
+        failures.append(f"a heartbeat gap of {gap_ms} ms (interval {HEARTBEAT_INTERVAL_MS} ms)")
+    if sent < SEND_LIMIT // 2:
+        failures.append(f"only {sent} of {COMMAND_FLOOD} commands sent in {SEND_WATCH_S:g} s")
+    system.notes.update(
+        figures={
+            "commands_queued": COMMAND_FLOOD,
+            "commands_sent": sent,
+            "send_window_max": window_max,
+            "heartbeat_gap_max_ms": gap_ms,
+            "closes_4008": closes_4008,
+        },
+        failures=failures,
+    )
+    system.progress.say(
+        f"  {sent} commands sent in {SEND_WATCH_S:g} s, at most {window_max} payloads per 60 s, "
+        f"largest heartbeat gap {gap_ms} ms"
+    )
+    return 0
+
+
+async def oversized_command(system: System) -> int:
+    """F10: a command whose JSON is over 4096 bytes is rejected by the worker (logged, not sent, the
+    delivery rejected without requeue), and a normal command after it still goes out on the same, still
+    open connection."""
+    await system.control("reset_maxima")
+    ledger_before = await system.sim.gateway_ledger()
+    before = ledger_before["counters"]
+    log = system.supervisor.running().log_path
+    rejections_before = log.read_text(errors="replace").count("command.rejected")
+    big = {"op": 3, "d": {"since": None, "activities": [], "status": "online", "afk": False}}
+    big["d"]["padding"] = "x" * 5000  # type: ignore[index]
+    await system.publish_commands("0", 1, big)
+    small = {"op": 3, "d": {"since": None, "activities": [], "status": "idle", "afk": False}}
+    await system.publish_commands("0", 1, small)
+    await wait_counter(system, "op3_received", int(before.get("op3_received", 0)) + 1, 10.0)
+    after = await ledger_counters(system)
+    ledger = await system.sim.gateway_ledger()
+    rejections = log.read_text(errors="replace").count("command.rejected") - rejections_before
+    largest = int(after.get("payload_max_bytes", 0))
+    failures = []
+    if largest > MAX_PAYLOAD_BYTES:
+        failures.append(f"the simulator received a {largest}-byte payload")
+    if rejections != 1:
+        failures.append(f"{rejections} command.rejected log lines, not 1")
+    if counter_delta(before, after, "op3_received") != 1:
+        failures.append(f"{counter_delta(before, after, 'op3_received')} commands sent, not 1")
+    if counter_delta(ledger_before["closes_sent"], ledger["closes_sent"], "4002"):
+        failures.append("the simulator closed a connection with 4002")
+    system.notes.update(
+        figures={"largest_payload_bytes": largest, "rejections_logged": rejections}, failures=failures
+    )
+    return 0
+
+
+def withhold_then_drop(what: str) -> Callable[[System], Awaitable[int]]:
+    """F14: the next connection of every shard gets no HELLO (`what` = "hello") or no READY/RESUMED
+    ("ready"); every connection is then dropped. Each shard must time out (10 s, 15 s), reconnect with
+    backoff, never more than one attempt per second, and RESUME."""
+
+    async def inject(system: System) -> int:
+        shards = system.settings.shards
+        before = await ledger_counters(system)
+        await system.control(f"withhold_{what}", {"count": shards})
+        started = time.monotonic()
+        await system.control("drop")
+        await wait_counter(system, f"{what}_withheld", int(before.get(f"{what}_withheld", 0)) + shards, 10.0)
+        await wait_counter(system, "resumes_ok", int(before.get("resumes_ok", 0)) + shards, 60.0)
+        elapsed = time.monotonic() - started
+        attempts = counter_delta(before, await ledger_counters(system), "connections")
+        failures = []
+        # Per shard: the withheld attempt and the one that resumed, at least 1 s apart (B, F14).
+        if attempts > shards * (math.floor(elapsed) + 1):
+            failures.append(f"{attempts} connection attempts by {shards} shards in {elapsed:.1f} s")
+        system.notes.update(figures={"connection_attempts": attempts, "withheld": shards}, failures=failures)
+        return 0
+
+    return inject
+
+
+async def switch_to_zstd_then_corrupt(system: System) -> int:
+    """F8: restart the supervisor with `GATEWAY_COMPRESSION=zstd-stream` (a graceful restart: every shard
+    RESUMEs, now over zstd-stream), then send every shard a corrupt zstd message: close non-1000, RESUME.
+    The faults after this one run on zstd-stream."""
+    before = await ledger_counters(system)
+    system.supervisor_env["GATEWAY_COMPRESSION"] = "zstd-stream"
+    await system.restart_supervisor()
+    shards = system.settings.shards
+    await wait_counter(system, "resumes_ok", int(before.get("resumes_ok", 0)) + shards, 60.0)
+    zstd = counter_delta(before, await ledger_counters(system), "connections.zstd-stream")
+    if zstd < shards:
+        raise BenchmarkError(f"{zstd} zstd-stream connections after the restart, not {shards}")
+    await system.control("corrupt")
+    return 2 * shards
+
+
+async def redis_outage_worker_kill(system: System) -> int:
+    """F12 with a worker killed while Redis is down: its successor cannot read the sessions, so it
+    IDENTIFYs through the supervisor's queue (at most one per shard); no crash loop (the new worker is
+    still the same process a while after). Redis comes back once the shards are READY."""
+    before = await ledger_counters(system)
+    await system.redis.close()
+    try:
+        pids = await system.worker_pids()
+        os.kill(pids[0], signal.SIGKILL)
+        affected = system.settings.shards // len(pids)
+        await wait_counter(
+            system, "identifies_accepted", int(before.get("identifies_accepted", 0)) + affected, 30.0
+        )
+        replaced = await system.worker_pids()
+        await trio.sleep(CRASH_LOOP_WATCH_S)
+        if await system.worker_pids() != replaced:
+            system.notes.setdefault("failures", []).append("a worker restarted again while Redis was down")
+    finally:
+        await system.redis.open()
+    return affected
+
+
 def faults_for(settings: Settings) -> list[Fault]:
     everything = [
         Fault("worker_kill9", kill_worker, True, 3.0 + CONSUMER_SLACK_S, "F1"),
@@ -300,9 +479,10 @@ def faults_for(settings: Settings) -> list[Fault]:
         # B5 bound with max_concurrency = shards: 2 s, plus the 1-5 s jitter of E3.
         Fault("op9_not_resumable", gateway_action("invalidate", resumable=False), False, 10.0, "F4"),
         Fault("corrupt", gateway_action("corrupt"), True, 5.0, "F7"),
+        Fault("corrupt_zstd", switch_to_zstd_then_corrupt, True, 20.0, "F8"),
         *(
             Fault(f"close_{code}", gateway_action("close", code=code), True, 5.0, "F5")
-            for code in (4000, 4001, 4002)
+            for code in (1000, 1001, 4000, 4001, 4002)
         ),
         *(
             Fault(f"close_{code}", gateway_action("close", code=code), False, 10.0, "F5")
@@ -317,15 +497,23 @@ def faults_for(settings: Settings) -> list[Fault]:
         Fault("ratelimit_holder_kill9", kill_permit_holder, True, LEASE_S + CONSUMER_SLACK_S, "RL 5.3-6"),
         Fault("rest_invalid_mix", rest_invalid_mix, True, 30.0, "RL 5.3-7"),
         Fault("identify_budget_low", identify_budget_low, True, 10.0, "F13"),
+        Fault("send_limiter", send_limiter, True, SEND_WATCH_S + 5.0, "F9"),
+        Fault("oversized_command", oversized_command, True, 10.0, "F10"),
+        Fault("timeout_hello", withhold_then_drop("hello"), True, HELLO_BOUND_S, "F14"),
+        Fault("timeout_ready", withhold_then_drop("ready"), True, READY_BOUND_S, "F14"),
         Fault("redis_outage", redis_outage, True, OUTAGE_BOUND_S, "F12", after_outage=True),
+        Fault("redis_outage_worker_kill", redis_outage_worker_kill, False, 20.0, "F12"),
         Fault("rabbitmq_outage", rabbitmq_outage, True, OUTAGE_BOUND_S, "F11", after_outage=True),
-        Fault(
-            "close_4004_fatal",
-            gateway_action("close", code=4004),
-            False,
-            FATAL_EXIT_BOUND_S,
-            "F5",
-            fatal=True,
+        *(
+            Fault(
+                f"close_{code}_fatal",
+                gateway_action("close", code=code),
+                False,
+                FATAL_EXIT_BOUND_S,
+                "F5",
+                fatal=True,
+            )
+            for code in FATAL_CLOSE_CODES
         ),
     ]
     if settings.faults is None:

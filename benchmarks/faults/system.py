@@ -115,6 +115,10 @@ class System:
     shm_dir: str
     log_dir: Path
     proxy_url: str
+    #: The exchange (BROKER_GROUP) of this run.
+    group: str
+    #: The supervisor's environment: a fault may change it before it restarts the supervisor.
+    supervisor_env: dict[str, str]
     #: What the running fault adds to its figures (`figures`) and its reasons to fail (`failures`).
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -145,6 +149,18 @@ class System:
                     if len(pids) == self.settings.workers:
                         return pids
                 await trio.sleep(POLL_S)
+
+    async def restart_supervisor(self) -> None:
+        """Stop the supervisor (SIGTERM: sessions saved) and start it again with `supervisor_env`."""
+        await self.supervisor.close()
+        await self.supervisor.open()
+
+    async def publish_commands(self, routing_key: str, count: int, body: dict[str, Any]) -> None:
+        """Publish `count` copies of the gateway command `body` on this run's exchange (DESIGN 3.5)."""
+        argv = [sys.executable, "-m", "benchmarks.faults.commands", self.amqp_url, self.group, routing_key]
+        argv += [str(count), json.dumps(body)]
+        async with open_child("commands", argv, log_dir=self.log_dir, capture_stdout=True) as child:
+            await read_json_line(child, CONSUMER_START_TIMEOUT_S)
 
     def check_alive(self) -> None:
         for child in (self.sim.child, self.supervisor.running(), self.consumer):
@@ -267,6 +283,8 @@ async def open_system(
             shm_dir,
             log_dir,
             f"http://127.0.0.1:{proxy_port}/api/v10",
+            group,
+            env,
         )
         progress.say(f"waiting for {settings.shards} shards (exchange {group}, Redis {redis_url})")
         await wait_sessions_ready(
@@ -287,15 +305,26 @@ class Tally:
     identifies: int
     resumes: int
     missing: dict[str, int]
+    #: Discord rules the simulator saw broken, by rule (cumulative).
+    rules_broken: dict[str, int] = field(default_factory=dict)
+
+    def rules_broken_since(self, before: Tally) -> dict[str, int]:
+        return {
+            rule: count - before.rules_broken.get(rule, 0)
+            for rule, count in self.rules_broken.items()
+            if count > before.rules_broken.get(rule, 0)
+        }
 
 
 def current_sessions(ledger: dict[str, Any]) -> set[str]:
-    """Per shard, the newest session still attached or resumable (ledger order is creation order)."""
+    """Per shard, its newest session (ledger order is creation order) if that is still attached or
+    resumable. An older session the shard gave up stays superseded when the newest one ends (a fatal close
+    after a fresh IDENTIFY): what the gateway queued for it after it was given up is not owed."""
     newest: dict[int, str] = {}
     for session_id, session in ledger["sessions"].items():
-        if session["state"] != "ended":
-            newest[int(session["shard"])] = session_id
-    return set(newest.values())
+        newest[int(session["shard"])] = session_id
+    sessions = ledger["sessions"]
+    return {session_id for session_id in newest.values() if sessions[session_id]["state"] != "ended"}
 
 
 def tally(ledger: dict[str, Any], consumed: dict[str, Any]) -> Tally:
@@ -320,6 +349,7 @@ def tally(ledger: dict[str, Any], consumed: dict[str, Any]) -> Tally:
         int(counters.get("identifies_accepted", 0)),
         int(counters.get("resumes_ok", 0)),
         missing,
+        dict(ledger.get("rules_broken", {})),
     )
 
 
