@@ -91,7 +91,9 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                 connection.start_next_cycle()
             except h11.LocalProtocolError:
                 return
-    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError, TimeoutError):
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError, trio.TooSlowError):
+        # TooSlowError: an idle keep-alive connection (IDLE_TIMEOUT_S). It is not a TimeoutError, and what
+        # escapes here ends serve_listeners and with it the whole server.
         return
     finally:
         await trio.aclose_forcefully(stream)
