@@ -18,7 +18,7 @@ identify_budget_low (F13), send_limiter (1000 queued commands, F9), oversized_co
 timeout_hello and timeout_ready (F14), redis_outage and redis_outage_worker_kill (F12), rabbitmq_outage
 (`rabbitmqctl stop_app`/`start_app`, F11), and last the fatal codes close_4004_fatal .. close_4014_fatal
 (the supervisor must exit 3; the suite starts a new one after each but the last). `--smoke` runs
-worker_kill9, op7_storm and corrupt. `--soak MINUTES` is a different run: see `benchmarks.faults.soak`.
+worker_kill9, op7_storm, corrupt, oversized_command and close_4010_fatal. `--soak MINUTES` is a different run: see `benchmarks.faults.soak`.
 
 Figures per fault (`faults.<name>.*`):
 - `lost`: dispatches the simulator produced that the consumer never received. For the session a shard is
@@ -279,7 +279,7 @@ def format_table(results: list[FaultResult], errors: dict[str, str]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="every fault, short windows (under 15 minutes)")
-    size.add_argument("--smoke", action="store_true", help="three cheap faults, for tests (under a minute)")
+    size.add_argument("--smoke", action="store_true", help="five cheap faults, for tests (under a minute)")
     parser.add_argument(
         "--json",
         type=Path,
