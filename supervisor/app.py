@@ -20,20 +20,23 @@ import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import trio
 
 from workers import logs
-from workers.gateway_bot import GatewayBotError, fetch_gateway_bot
-from workers.identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGate, InMemoryIdentifyGate
+from workers.gateway_bot import GatewayBot, GatewayBotError, fetch_gateway_bot
+from workers.identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, InMemoryIdentifyGate
 
 from .config import Settings
 from .metrics import HealthState, mark_worker_dead, prepare_multiprocess_dir, serve_metrics
-from .planning import check_session_budget, plan_workers
+from .planning import MS_PER_S, ShardRange, check_session_budget, plan_workers
 from .processes import WORKER_EXIT_FATAL, SessionBook, WorkerSlot
 from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
+
+if TYPE_CHECKING:  # imported when used: Redis brings redis-py and trio-asyncio
+    from workers.identify_redis import RedisIdentifyGate
 
 LOGGER: Final = logging.getLogger("supervisor")
 EXIT_OK: Final = 0
@@ -41,6 +44,22 @@ EXIT_ERROR: Final = 1
 EXIT_FATAL: Final = 3
 STATUS_PERIOD_S: Final = 2.0
 ROLLING_READY_TIMEOUT_S: Final = 120.0
+#: The daily budget is fetched again this long after Discord's reset, at least every BUDGET_REFRESH_S, and
+#: BUDGET_RETRY_S after a failed fetch; shards waiting on it are reported every BUDGET_WATCH_S.
+BUDGET_RESET_MARGIN_S: Final = 1.0
+BUDGET_REFRESH_S: Final = 900.0
+BUDGET_RETRY_S: Final = 60.0
+BUDGET_WATCH_S: Final = 1.0
+
+Gate: TypeAlias = "InMemoryIdentifyGate | RedisIdentifyGate"
+
+
+async def set_gate_budget(gate: Gate, remaining: int, reset_after_s: float) -> None:
+    """Hand Discord's `session_start_limit` to either gate (the Redis one shares it with every host)."""
+    if isinstance(gate, InMemoryIdentifyGate):
+        gate.set_budget(remaining, reset_after_s)
+    else:
+        await gate.set_budget(remaining, reset_after_s)
 
 
 class SupervisorError(Exception):
@@ -143,11 +162,6 @@ class Supervisor:
         if max(shard_ids) >= shard_count:
             raise SupervisorError(f"shard ids go up to {max(shard_ids)} but there are {shard_count} shards")
         self.shard_total = len(shard_ids)
-        budget = check_session_budget(
-            len(shard_ids), info.remaining, info.total, info.reset_after_ms, settings.identify_reserve
-        )
-        if not budget.ok:
-            raise SupervisorError(budget.message)
         plan = plan_workers(shard_ids, settings.workers, len(os.sched_getaffinity(0)) or 1)
         LOGGER.info(
             "supervisor.plan",
@@ -162,43 +176,115 @@ class Supervisor:
         async with (
             self._own_ratelimit_segment(),
             self._open_gate(info.max_concurrency) as gate,
-            trio.open_nursery() as nursery,
         ):
-            self._nursery = nursery
-            if settings.prometheus_address:
-                await nursery.start(
-                    functools.partial(serve_metrics, directory=metrics_dir),
-                    settings.prometheus_address,
-                    settings.prometheus_endpoint,
-                    self.health,
-                )
-            for worker_range in plan:
-                ids = worker_range.shard_ids
-
-                def environment(ids: tuple[int, ...] = ids) -> dict[str, str]:
-                    env = child_environment(self.environ)
-                    env.update(
-                        settings.worker_environment(
-                            ids, shard_count, info.url, info.max_concurrency, workers=len(plan)
-                        )
-                    )
-                    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-                    return env
-
-                slot = WorkerSlot(
-                    worker_range.worker_index,
-                    ids,
-                    environment=environment,
-                    gate=gate,
-                    book=book,
-                    on_exit=self._on_worker_exit,
-                )
-                self.slots.append(slot)
-                await nursery.start(slot.run)
-            nursery.start_soon(self._report_status)
-            nursery.start_soon(self._watchdog)
-            await self._control_loop(nursery)
+            await self._spend_budget_check(gate, info, shard_ids)
+            async with trio.open_nursery() as nursery:
+                await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
         return self.status
+
+    async def _spend_budget_check(self, gate: Gate, info: GatewayBot, shard_ids: tuple[int, ...]) -> None:
+        """Refuse a start whose IDENTIFYs would eat into `SESSION_START_RESERVE` (F13); shards with a session
+        in the Redis store will RESUME and spend nothing. Then hand the budget to the gate, which never
+        grants an IDENTIFY the budget does not cover (exceeding it resets the token)."""
+        settings = self.settings
+        resuming: frozenset[int] = frozenset()
+        if settings.shard_store_type == "redis":
+            from workers.sessions import stored_session_shards
+
+            resuming = await stored_session_shards(settings.redis_url, settings.shard_store_prefix, shard_ids)
+        identifying = len(shard_ids) - len(resuming)
+        budget = check_session_budget(
+            identifying, info.remaining, info.total, info.reset_after_ms, settings.identify_reserve
+        )
+        if not budget.ok:
+            raise SupervisorError(budget.message)
+        LOGGER.info(
+            "supervisor.session_budget",
+            extra={"identifying": identifying, "resuming": len(resuming), "remaining": info.remaining},
+        )
+        await set_gate_budget(gate, info.remaining, info.reset_after_ms / MS_PER_S)
+
+    async def _refresh_budget(self, gate: Gate, reset_after_s: float) -> None:
+        """Ask Discord for the budget again when it resets (and at least every BUDGET_REFRESH_S), so the gate
+        keeps limiting with today's figure instead of none."""
+        while True:
+            await trio.sleep(min(reset_after_s + BUDGET_RESET_MARGIN_S, BUDGET_REFRESH_S))
+            try:
+                info = await fetch_gateway_bot(self.settings.api_url, self.settings.token)
+            except GatewayBotError as exc:
+                LOGGER.warning("supervisor.budget_refresh_failed", extra={"error": str(exc)})
+                reset_after_s = BUDGET_RETRY_S
+                continue
+            reset_after_s = info.reset_after_ms / MS_PER_S
+            await set_gate_budget(gate, info.remaining, reset_after_s)
+
+    async def _watch_budget(self, gate: Gate) -> None:
+        """Alert (an error log line, once per exhaustion) while shards wait for an IDENTIFY the daily budget
+        does not cover, instead of spending it (F13)."""
+        alerted = False
+        while True:
+            stats = gate.statistics()
+            left = stats.budget_remaining
+            exhausted = stats.waiting > 0 and left is not None and left <= 0
+            if exhausted and not alerted:
+                resets_at = stats.budget_resets_at
+                LOGGER.error(
+                    "supervisor.identify_budget_exhausted",
+                    extra={
+                        "waiting": stats.waiting,
+                        "resets_in_s": None if resets_at is None else round(resets_at - trio.current_time()),
+                    },
+                )
+            alerted = exhausted
+            await trio.sleep(BUDGET_WATCH_S)
+
+    async def _serve(
+        self,
+        nursery: trio.Nursery,
+        gate: Gate,
+        info: GatewayBot,
+        plan: list[ShardRange],
+        shard_count: int,
+        book: SessionBook | None,
+        metrics_dir: Path,
+    ) -> None:
+        settings = self.settings
+        self._nursery = nursery
+        nursery.start_soon(self._refresh_budget, gate, info.reset_after_ms / MS_PER_S)
+        nursery.start_soon(self._watch_budget, gate)
+        if settings.prometheus_address:
+            await nursery.start(
+                functools.partial(serve_metrics, directory=metrics_dir),
+                settings.prometheus_address,
+                settings.prometheus_endpoint,
+                self.health,
+            )
+        for worker_range in plan:
+            ids = worker_range.shard_ids
+
+            def environment(ids: tuple[int, ...] = ids) -> dict[str, str]:
+                env = child_environment(self.environ)
+                env.update(
+                    settings.worker_environment(
+                        ids, shard_count, info.url, info.max_concurrency, workers=len(plan)
+                    )
+                )
+                env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+                return env
+
+            slot = WorkerSlot(
+                worker_range.worker_index,
+                ids,
+                environment=environment,
+                gate=gate,
+                book=book,
+                on_exit=self._on_worker_exit,
+            )
+            self.slots.append(slot)
+            await nursery.start(slot.run)
+        nursery.start_soon(self._report_status)
+        nursery.start_soon(self._watchdog)
+        await self._control_loop(nursery)
 
     @contextlib.asynccontextmanager
     async def _own_ratelimit_segment(self) -> AsyncIterator[None]:
@@ -228,7 +314,7 @@ class Supervisor:
                 await backend.aclose()
 
     @contextlib.asynccontextmanager
-    async def _open_gate(self, max_concurrency: int) -> AsyncIterator[IdentifyGate]:
+    async def _open_gate(self, max_concurrency: int) -> AsyncIterator[Gate]:
         interval = IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S
         if self.settings.shard_store_type == "redis":
             import trio_asyncio

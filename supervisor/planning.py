@@ -122,7 +122,8 @@ def check_session_budget(
     """Decide whether `shards_to_start` identifies may be spent from `session_start_limit`.
 
     Only shards that must IDENTIFY count: shards that will RESUME a stored session spend nothing. The start
-    is allowed when `remaining - shards_to_start >= reserve`, i.e. the reserve survives it.
+    is allowed when `remaining - shards_to_start >= reserve`, i.e. the reserve survives it, and always when
+    it spends nothing (a restart whose shards all RESUME).
     """
     for name, value in (
         ("shards_to_start", shards_to_start),
@@ -134,7 +135,7 @@ def check_session_budget(
         if value < 0:
             raise ValueError(f"{name} must not be negative, not {value}")
     needed = shards_to_start + reserve
-    if remaining - shards_to_start >= reserve:
+    if remaining - shards_to_start >= reserve or shards_to_start == 0:
         return BudgetDecision(
             ok=True,
             wait_s=0.0,

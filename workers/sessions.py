@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final, Protocol, cast
@@ -419,6 +419,29 @@ class RedisSessionStore:
             )
         else:
             logger.debug("session_store.write_failed", extra={"error": repr(exc)})
+
+
+async def stored_session_shards(url: str, prefix: str, shard_ids: Sequence[int]) -> frozenset[int]:
+    """Which of `shard_ids` have a session in the Redis store (a start will RESUME them, spending no
+    IDENTIFY budget). Empty, with a warning, when Redis cannot be read within LOAD_TIMEOUT_S: then every
+    shard counts as one that identifies. Needs a running trio-asyncio loop."""
+    require_trio_asyncio_loop("stored_session_shards")
+    keys = [session_key(prefix, shard_id) for shard_id in shard_ids]
+    async with open_redis_client(url, pool_size=1, pool_timeout_s=LOAD_TIMEOUT_S) as client:
+
+        async def exists() -> list[int]:  # asyncio-flavoured
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.exists(key)
+                return cast(list[int], await pipe.execute())
+
+        try:
+            with trio.fail_after(LOAD_TIMEOUT_S):
+                found = await trio_asyncio.aio_as_trio(exists)()
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            logger.warning("session_store.count_failed", extra={"error": repr(exc)})
+            return frozenset()
+    return frozenset(shard_id for shard_id, count in zip(shard_ids, found, strict=True) if count)
 
 
 @asynccontextmanager

@@ -32,6 +32,8 @@ MAX_CLIENT_LAG_EVENTS: Final = 4096
 #: Longest firehose tick; shorter ticks at higher rates keep the stream smooth.
 MAX_TICK_S: Final = 1.0
 MIN_TICK_S: Final = 0.01
+#: A daily identify budget refills this long after it last did.
+BUDGET_PERIOD_MS: Final = 86_400_000
 
 
 @dataclass(slots=True)
@@ -179,8 +181,17 @@ class IdentifyLimiter:
         self._last_by_key: dict[int, float] = {}
 
     def reset_after_now_ms(self) -> int:
+        self.refill()
         elapsed_ms = int((trio.current_time() - self._budget_set_at) * 1000)
         return max(0, self.reset_after_ms - elapsed_ms)
+
+    def refill(self) -> None:
+        """Once `reset_after` has passed, the budget is whole again for another day (as on Discord)."""
+        now = trio.current_time()
+        if (now - self._budget_set_at) * 1000 >= self.reset_after_ms:
+            self.remaining = self.total
+            self.reset_after_ms = BUDGET_PERIOD_MS
+            self._budget_set_at = now
 
     def set_budget(
         self,
@@ -205,6 +216,7 @@ class IdentifyLimiter:
     def check(self, shard_id: int) -> IdentifyDecision:
         """Account one IDENTIFY for `shard_id` now and say whether Discord would accept it."""
         now = trio.current_time()
+        self.refill()
         if self.remaining <= 0:
             return IdentifyDecision(False, "budget_exhausted")
         key = shard_id % self.max_concurrency

@@ -11,11 +11,13 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.testing
 import zstandard
 from trio_websocket import ConnectionClosed
 
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
 from benchmarks.simulator.gateway_ledger import MAXIMA
+from benchmarks.simulator.sessions import BUDGET_PERIOD_MS, IdentifyLimiter
 
 from .gateway_client import GatewayTestClient, open_gateway_client
 
@@ -516,3 +518,17 @@ async def test_request_all_members_is_rate_limited() -> None:
             assert limited["d"]["opcode"] == 8 and 0 < limited["d"]["retry_after"] <= 30
             assert limited["d"]["meta"]["guild_id"] == guild_id
             await client.close()
+
+
+async def test_the_identify_budget_refills_after_reset_after(autojump_clock: trio.testing.MockClock) -> None:
+    """As on Discord: once `reset_after` has passed, `remaining` is `total` again for another day."""
+    limiter = IdentifyLimiter(max_concurrency=4, total=1000, remaining=1, reset_after_ms=3000)
+    assert limiter.check(0).allowed
+    assert limiter.check(1).reason == "budget_exhausted"
+    await trio.sleep(2.9)
+    assert limiter.reset_after_now_ms() == 100
+    assert limiter.check(2).reason == "budget_exhausted"
+    await trio.sleep(0.1)
+    assert limiter.reset_after_now_ms() == BUDGET_PERIOD_MS
+    assert limiter.remaining == 1000
+    assert limiter.check(3).allowed and limiter.remaining == 999

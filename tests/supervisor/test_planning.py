@@ -116,8 +116,11 @@ def test_budget_with_no_reserve_may_spend_everything() -> None:
 
 def test_resumes_only_cost_nothing() -> None:
     assert check_session_budget(0, remaining=0, total=1000, reset_after_ms=1000, reserve=0).ok
+    # Already inside the reserve: a start whose shards all RESUME spends nothing of it and goes ahead.
     decision = check_session_budget(0, remaining=3, total=1000, reset_after_ms=1500, reserve=5)
-    assert (decision.ok, decision.wait_s) == (False, 1.5)  # already inside the reserve: even nothing waits
+    assert (decision.ok, decision.wait_s) == (True, 0.0)
+    decision = check_session_budget(1, remaining=3, total=1000, reset_after_ms=1500, reserve=5)
+    assert (decision.ok, decision.wait_s) == (False, 1.5)
 
 
 def test_a_start_larger_than_the_daily_total_can_never_wait_its_way_through() -> None:
@@ -138,7 +141,7 @@ def test_budget_decision_rule(
     shards: int, remaining: int, total: int, reset_after_ms: int, reserve: int
 ) -> None:
     decision = check_session_budget(shards, remaining, total, reset_after_ms, reserve)
-    assert decision.ok == (remaining - shards >= reserve)
+    assert decision.ok == (remaining - shards >= reserve or shards == 0)
     if decision.ok:
         assert decision.wait_s == 0.0
     elif shards + reserve > total:

@@ -268,7 +268,10 @@ def test_print_config_shows_sources_and_hides_secrets(tmp_path: Path) -> None:
 
 async def test_redis_sessions_survive_a_supervisor_restart(tmp_path: Path) -> None:
     """With SHARD_STORE_TYPE=redis a new supervisor RESUMEs every shard of a killed one (0 identifies),
-    and its identify gate lives in Redis."""
+    and its identify gate lives in Redis. The daily budget (F13): a start whose shards all RESUME goes ahead
+    with 1 identify left (below the reserve of 10); once the shards must IDENTIFY, the gate spends that 1,
+    alerts, and holds the rest until Discord's reset instead of exceeding the budget (which resets the
+    token); after the reset they IDENTIFY."""
     prefix = f"test-{os.urandom(4).hex()}"
     with trio.fail_after(TIMEOUT_S):
         async with open_simulator(gateway()) as sim:
@@ -286,16 +289,32 @@ async def test_redis_sessions_survive_a_supervisor_restart(tmp_path: Path) -> No
                 await trio.sleep(0.5)  # committed seqs reach Redis within 100 ms
                 first.kill()
                 await first.wait()
-            async with supervisor(sim, tmp_path / "second.log", "--workers", "2", **redis_env) as (
-                second,
-                base,
-            ):
+            await sim.gateway.control("session_start", {"remaining": 1, "reset_after_ms": 6000})
+            second_log = tmp_path / "second.log"
+            async with supervisor(sim, second_log, "--workers", "2", **redis_env) as (second, base):
 
                 async def resumed() -> bool:
                     return ledger.counters["resumes_ok"] >= 4 and await ready(base)
 
                 await wait_until(resumed)
                 assert ledger.counters["identifies"] == 4
+                await sim.gateway.control("invalidate", {"resumable": False})
+
+                async def one_identified_and_alerted() -> bool:
+                    return (
+                        ledger.counters["identifies_accepted"] == 5
+                        and "supervisor.identify_budget_exhausted" in second_log.read_text()
+                    )
+
+                await wait_until(one_identified_and_alerted)
+                assert sim.gateway.identify.remaining == 0
+
+                async def all_identified_after_the_reset() -> bool:
+                    return ledger.counters["identifies_accepted"] == 8 and await ready(base)
+
+                await wait_until(all_identified_after_the_reset)
+                assert ledger.counters["identifies_refused"] == 0
+                assert "identify_budget" not in ledger.rules_broken()
                 second.send_signal(signal.SIGTERM)
                 with trio.fail_after(20):
                     await second.wait()
