@@ -70,6 +70,8 @@ MAX_PAYLOAD_BYTES: Final = 4096
 #: F14: HELLO timeout 10 s (READY 15 s), the backoff's first delay (up to 2 s), the RESUME and the consumer.
 HELLO_BOUND_S: Final = 10.0 + 2.0 + 2.0 + CONSUMER_SLACK_S
 READY_BOUND_S: Final = 15.0 + 2.0 + 2.0 + CONSUMER_SLACK_S
+#: F13: when the simulator's budget, left at 2, resets.
+BUDGET_RESET_S: Final = 12.0
 #: F12: how long a replaced worker must stay up while Redis is down (no crash loop).
 CRASH_LOOP_WATCH_S: Final = 3.0
 #: Recovery bound after an outage ends (RabbitMQ or Redis back): the outage itself is added.
@@ -470,6 +472,32 @@ async def redis_outage_worker_kill(system: System) -> int:
     return affected
 
 
+async def identify_budget_exhausted(system: System) -> int:
+    """F13: with 2 IDENTIFYs left of the day (below SESSION_START_RESERVE) a restarted supervisor still
+    starts, since every shard RESUMEs; then every session is invalidated. The gate spends the 2, alerts
+    (`supervisor.identify_budget_exhausted`) and holds the other shards until the budget resets
+    (BUDGET_RESET_S later) instead of exceeding it, which would reset the token: no IDENTIFY refused."""
+    shards = system.settings.shards
+    before = await ledger_counters(system)
+    await system.control("session_start", {"remaining": 2, "reset_after_ms": int(BUDGET_RESET_S * 1000)})
+    await system.restart_supervisor()
+    await wait_counter(system, "resumes_ok", int(before.get("resumes_ok", 0)) + shards, 30.0)
+    log = system.supervisor.running().log_path
+    await system.control("invalidate", {"resumable": False})
+    await wait_counter(
+        system, "identifies_accepted", int(before.get("identifies_accepted", 0)) + shards, 3 * BUDGET_RESET_S
+    )
+    after = await ledger_counters(system)
+    alerts = log.read_text(errors="replace").count("supervisor.identify_budget_exhausted")
+    failures = []
+    if counter_delta(before, after, "identifies_refused"):
+        failures.append(f"{counter_delta(before, after, 'identifies_refused')} IDENTIFYs refused")
+    if alerts < 1:
+        failures.append("no supervisor.identify_budget_exhausted alert")
+    system.notes.update(figures={"budget_alerts": alerts}, failures=failures)
+    return shards
+
+
 def faults_for(settings: Settings) -> list[Fault]:
     everything = [
         Fault("worker_kill9", kill_worker, True, 3.0 + CONSUMER_SLACK_S, "F1"),
@@ -497,6 +525,7 @@ def faults_for(settings: Settings) -> list[Fault]:
         Fault("ratelimit_holder_kill9", kill_permit_holder, True, LEASE_S + CONSUMER_SLACK_S, "RL 5.3-6"),
         Fault("rest_invalid_mix", rest_invalid_mix, True, 30.0, "RL 5.3-7"),
         Fault("identify_budget_low", identify_budget_low, True, 10.0, "F13"),
+        Fault("identify_budget_exhausted", identify_budget_exhausted, False, BUDGET_RESET_S + 15.0, "F13"),
         # Before send_limiter, whose leftover commands keep shard 0's send window full for a minute.
         Fault("oversized_command", oversized_command, True, 10.0, "F10"),
         Fault("send_limiter", send_limiter, True, SEND_WATCH_S + 5.0, "F9"),
