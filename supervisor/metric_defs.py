@@ -34,6 +34,8 @@ __all__ = [
     "EVENTS_RECEIVED",
     "HEARTBEAT_LATENCY",
     "IDENTIFIES",
+    "LOOP_STALLS",
+    "LOOP_STALL_SECONDS",
     "PUBLISH_CONFIRM_LAG",
     "RECONNECTS",
     "RESUMES",
@@ -81,6 +83,12 @@ HEARTBEAT_LATENCY: Final = Histogram(
 IDENTIFIES: Final = Counter("discord_identifies_total", "IDENTIFY payloads sent (each spends daily budget).")
 RESUMES: Final = Counter("discord_resumes_total", "RESUME payloads sent.")
 RECONNECTS: Final = Counter("discord_reconnects_total", "Gateway reconnects by reason.", ["reason"])
+LOOP_STALLS: Final = Counter(
+    "discord_event_loop_stalls_total", "Times a worker's event loop ran nothing for a second or more."
+)
+LOOP_STALL_SECONDS: Final = Counter(
+    "discord_event_loop_stall_seconds_total", "Time worker event loops spent in stalls of 1 s or more."
+)
 
 # -- REST ratelimit engine and proxy (fed from each worker's statistics) ---------------------------------
 

@@ -48,7 +48,14 @@ from .publish.stdio import StdioPublisher
 from .rest_proxy import WorkerRestProxy, open_worker_rest_proxy
 from .sessions import CLOSE_FLUSH_TIMEOUT_S, InMemorySessionStore, SessionStore, open_redis_session_store
 from .shard import CommandAck, ShardRunner
-from .telemetry import feed_metrics, feed_rest_metrics, metrics_enabled, observe_confirmed
+from .telemetry import (
+    count_stall,
+    feed_metrics,
+    feed_rest_metrics,
+    metrics_enabled,
+    observe_confirmed,
+    watch_event_loop,
+)
 
 LOGGER: Final = logging.getLogger("workers")
 EXIT_OK: Final = 0
@@ -112,6 +119,10 @@ async def _open_broker(config: WorkerConfig) -> AsyncIterator[tuple[Publisher, A
         yield NullPublisher(), None
     else:
         yield StdioPublisher(), None
+
+
+def _ignore_stall(_seconds: float) -> None:
+    """Without metrics a stall is only logged."""
 
 
 async def run_worker(
@@ -235,6 +246,7 @@ async def _run_shards(
                     rest_done.set()
 
             nursery.start_soon(run_shards)
+            nursery.start_soon(watch_event_loop, count_stall if metrics_enabled() else _ignore_stall)
             if metrics_enabled():
                 nursery.start_soon(feed_metrics, runners)
                 if rest.limiter is not None and rest.proxy is not None:

@@ -8,9 +8,10 @@ the confirm-lag observation, one per published batch.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -23,7 +24,11 @@ if TYPE_CHECKING:
 
     from .shard import ShardRunner
 
+LOGGER: Final = logging.getLogger("workers.telemetry")
 FEED_PERIOD_S: Final = 1.0
+#: The loop watchdog wakes this often; a wake-up later than LOOP_STALL_REPORT_S is a stall (F15).
+LOOP_CHECK_S: Final = 0.25
+LOOP_STALL_REPORT_S: Final = 1.0
 MULTIPROC_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -65,6 +70,36 @@ async def feed_metrics(runners: Mapping[int, ShardRunner]) -> None:
         for state in SHARD_STATES:
             metrics.SHARDS.labels(state=state).set(states.get(state, 0))
         await trio.sleep(FEED_PERIOD_S)
+
+
+async def watch_event_loop(
+    on_stall: Callable[[float], None],
+    *,
+    check_s: float = LOOP_CHECK_S,
+    report_s: float = LOOP_STALL_REPORT_S,
+) -> None:
+    """Report event-loop stalls until cancelled (anchors gateway.md F15, as discord.py's heartbeat thread
+    warns of a blocked loop): a sleep that ends `report_s` or more after it was due means nothing ran on
+    this loop for that long (a blocking call, a long GC pause, a stopped process). Logs
+    `worker.loop_stalled` and calls `on_stall(seconds)`. The stall itself is not a zombie: the shards'
+    ACK deadlines count any inbound message, which the socket buffered meanwhile."""
+    due = trio.current_time() + check_s
+    while True:
+        await trio.sleep_until(due)
+        now = trio.current_time()
+        late = now - due
+        if late >= report_s:
+            LOGGER.warning("worker.loop_stalled", extra={"stalled_s": round(late, 3)})
+            on_stall(late)
+        due = now + check_s
+
+
+def count_stall(seconds: float) -> None:
+    """`watch_event_loop`'s metric: stalls and their total length."""
+    from supervisor import metric_defs as metrics
+
+    metrics.LOOP_STALLS.inc()
+    metrics.LOOP_STALL_SECONDS.inc(seconds)
 
 
 def _counts_delta(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str, int]:

@@ -12,14 +12,14 @@ simulator's ledger.
 Faults: worker_kill9 (F1), rolling_restart (SIGHUP, F2), op7_storm (F3), op9_resumable and
 op9_not_resumable (F4), corrupt (zlib, F7), corrupt_zstd (a restart onto zstd-stream, then corrupt bytes;
 F8, the faults after it run on zstd-stream), close_1000, close_1001, close_4000..4009 and drop (F5),
-blackhole (B6), expire_sessions (F6), worker_stall (SIGSTOP past the supervisor's heartbeat timeout, F15),
-supervisor_kill9 (F16), ratelimit_holder_kill9 (ratelimit 5.3-6), rest_invalid_mix (5.3-7),
-identify_budget_low and identify_budget_exhausted (F13), oversized_command (F10), send_limiter (1000
-queued commands, F9), timeout_hello and timeout_ready (F14), redis_outage and redis_outage_worker_kill
-(F12), rabbitmq_outage (`rabbitmqctl stop_app`/`start_app`, F11), and last the fatal codes
-close_4004_fatal .. close_4014_fatal (the supervisor must exit 3; the suite starts a new one after each
-but the last). `--smoke` runs worker_kill9, op7_storm, corrupt, oversized_command and close_4010_fatal.
-`--soak MINUTES` is a different run: see `benchmarks.faults.soak`.
+blackhole (B6), expire_sessions (F6), loop_stall_5s (SIGSTOP for 5 s, F15), worker_stall (SIGSTOP past
+the supervisor's heartbeat timeout, F15), supervisor_kill9 (F16), ratelimit_holder_kill9 (ratelimit
+5.3-6), rest_invalid_mix (5.3-7), identify_budget_low and identify_budget_exhausted (F13),
+oversized_command (F10), send_limiter (1000 queued commands, F9), timeout_hello and timeout_ready (F14),
+redis_outage and redis_outage_worker_kill (F12), rabbitmq_outage (`rabbitmqctl stop_app`/`start_app`,
+F11), and last the fatal codes close_4004_fatal .. close_4014_fatal (the supervisor must exit 3; the suite
+starts a new one after each but the last). `--smoke` runs worker_kill9, op7_storm, corrupt,
+oversized_command and close_4010_fatal. `--soak MINUTES` is a different run: see `benchmarks.faults.soak`.
 
 Figures per fault (`faults.<name>.*`):
 - `lost`: dispatches the simulator produced that the consumer never received. For the session a shard is

@@ -70,6 +70,8 @@ MAX_PAYLOAD_BYTES: Final = 4096
 #: F14: HELLO timeout 10 s (READY 15 s), the backoff's first delay (up to 2 s), the RESUME and the consumer.
 HELLO_BOUND_S: Final = 10.0 + 2.0 + 2.0 + CONSUMER_SLACK_S
 READY_BOUND_S: Final = 15.0 + 2.0 + 2.0 + CONSUMER_SLACK_S
+#: F15: a stall the worker must ride out without a reconnect.
+SHORT_STALL_S: Final = 5.0
 #: F13: when the simulator's budget, left at 2, resets.
 BUDGET_RESET_S: Final = 12.0
 #: F12: how long a replaced worker must stay up while Redis is down (no crash loop).
@@ -113,6 +115,29 @@ async def stall_worker(system: System) -> int:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pids[0], signal.SIGCONT)
     return system.settings.shards // len(pids)
+
+
+async def stall_worker_briefly(system: System) -> int:
+    """F15: stop a worker's event loop for SHORT_STALL_S (SIGSTOP, then SIGCONT), under the supervisor's
+    heartbeat timeout: its watchdog reports the stall (`worker.loop_stalled`), and the stall is not taken
+    for a zombie: no shard reconnects, nothing is replaced."""
+    pids = await system.worker_pids()
+    log = system.supervisor.running().log_path
+    reported_before = log.read_text(errors="replace").count("worker.loop_stalled")
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        await trio.sleep(SHORT_STALL_S)
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    await trio.sleep(2.0)  # the watchdog's report, and any reconnect it might have caused
+    reported = log.read_text(errors="replace").count("worker.loop_stalled") - reported_before
+    failures = []
+    if reported != 1:
+        failures.append(f"{reported} worker.loop_stalled reports, not 1")
+    if await system.worker_pids() != pids:
+        failures.append("a worker was replaced")
+    system.notes.update(figures={"stall_reports": reported}, failures=failures)
+    return 0
 
 
 async def rolling_restart(system: System) -> int:
@@ -520,6 +545,7 @@ def faults_for(settings: Settings) -> list[Fault]:
         # B6: detection within I + 10 s, RESUMED within 2 s more.
         Fault("blackhole", gateway_action("blackhole"), True, HEARTBEAT_INTERVAL_MS / 1000 + 12.0, "B6"),
         Fault("expire_sessions", expire_then_close, False, 10.0, "F6"),
+        Fault("loop_stall_5s", stall_worker_briefly, True, SHORT_STALL_S + 2.0 + 3.0, "F15"),
         Fault("worker_stall", stall_worker, True, 12.0 + 3.0 + CONSUMER_SLACK_S, "F15"),
         Fault("supervisor_kill9", kill_supervisor, True, 10.0, "F16"),
         Fault("ratelimit_holder_kill9", kill_permit_holder, True, LEASE_S + CONSUMER_SLACK_S, "RL 5.3-6"),
