@@ -296,9 +296,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
         help="RabbitMQ (default: $AMQP_URL)",
     )
+    from benchmarks.faults.soak import add_soak_argument  # the module also runs on its own (-m)
+
+    add_soak_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.soak is not None:
+        from benchmarks.faults.soak import run_soak
+
+        return run_soak(args, SETTINGS["quick"])
     settings = SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
     faults = faults_for(settings)
     if args.only:
