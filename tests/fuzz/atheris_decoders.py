@@ -7,7 +7,8 @@ tests beside this file instead.
 TARGET is one of `payload` (workers.protocol.decode_payload and the shard core), `zlib` and `zstd`
 (workers.transport.Decompressor, the input cut into frames), `command` (workers.commands.decode_command in
 every encoding) or `rpc` (ratelimit.proxy.rpc.decode_request and decode_cancel). Useful flags:
-`-runs=100000`, `-max_total_time=300`, `-max_len=65536`, `-rss_limit_mb=2048`, and a corpus directory.
+`-runs=100000`, `-max_total_time=300`, `-max_len=65536`, `-rss_limit_mb=2048`, and a corpus directory
+(`payload` without one starts from PAYLOAD_SEEDS, written to a temporary directory).
 Each target raises only the module's own error for bad input (ProtocolError, TransportError,
 CommandRejected, ProxyError); anything else is a crash that libFuzzer reports with the input that caused it
 (saved as `crash-*`; replay it by passing the file instead of a directory).
@@ -18,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import tempfile
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 atheris: Any = importlib.import_module("atheris")
 
@@ -82,11 +85,32 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 }
 
 
+#: Valid gateway payloads to start `payload` from when no corpus is given: random bytes seldom form JSON
+#: with an `op`, so without seeds the fuzzer spends its time in the decoder's first check.
+PAYLOAD_SEEDS: Final = (
+    b'{"op":10,"d":{"heartbeat_interval":41250}}',
+    b'{"op":11,"d":null}',
+    b'{"op":1,"d":null}',
+    b'{"op":7,"d":null}',
+    b'{"op":9,"d":false}',
+    b'{"op":9,"d":true}',
+    b'{"op":0,"s":1,"t":"READY","d":{"session_id":"s","resume_gateway_url":"wss://r","v":10}}',
+    b'{"op":0,"s":2,"t":"RESUMED","d":null}',
+    b'{"op":0,"s":3,"t":"MESSAGE_CREATE","d":{"id":"1","guild_id":"2"}}',
+)
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
         sys.exit(f"usage: {sys.argv[0]} {{{','.join(TARGETS)}}} [libFuzzer flags]")
-    target = TARGETS[sys.argv.pop(1)]
-    atheris.Setup(sys.argv, target)
+    name = sys.argv.pop(1)
+    argv = list(sys.argv)
+    if name == "payload" and not any(not arg.startswith("-") for arg in argv[1:]):
+        seeds = Path(tempfile.mkdtemp(prefix="fuzz-payload-"))
+        for number, seed in enumerate(PAYLOAD_SEEDS):
+            (seeds / f"seed-{number}").write_bytes(seed)
+        argv.append(str(seeds))
+    atheris.Setup(argv, TARGETS[name])
     atheris.Fuzz()
 
 
