@@ -44,10 +44,11 @@ POLL_S: Final = 0.1
 DRAIN_TIMEOUT_S: Final = 20.0
 #: The simulator's invalid requests (401, 403, 429) per IP per 10 minutes before a ban (Discord: 10,000).
 INVALID_REQUEST_LIMIT: Final = 200
-#: The simulator's heartbeat interval: short, so a blackholed connection is detected in I + 10 s (B6), but
-#: long enough that a worker stalled past the supervisor's 10 s heartbeat timeout has not yet missed the
-#: simulator's 1.5 I + 1 s (which ends the session with 4009, as Discord's 41.25 s interval would not).
-HEARTBEAT_INTERVAL_MS: Final = 10_000
+#: The simulator's heartbeat interval: shorter than Discord's 41.25 s, so a blackholed connection is detected
+#: sooner (I + 10 s, B6), but long enough that a worker stalled past the supervisor's 10 s heartbeat timeout
+#: and replaced (about 13 s in all) is back before the simulator's 1.5 I + 1 s after its last beat, whatever
+#: the beat's phase: 0.5 I + 1 s > 13 s. With 10 s a stall right before a beat ended the session (4009).
+HEARTBEAT_INTERVAL_MS: Final = 30_000
 
 
 @dataclass(frozen=True, slots=True)
