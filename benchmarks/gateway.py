@@ -70,6 +70,7 @@ from benchmarks.harness import (
     write_results,
 )
 from benchmarks.simulator.config import DEFAULT_TOKEN
+from benchmarks.targets import Target, nest, verdicts
 
 DESCRIPTION: Final = "events per worker CPU-second and RSS per idle shard, against discord.py (B1-B3)"
 Compression = Literal["zlib", "zstd"]
@@ -448,13 +449,13 @@ async def run_suite(bench: Bench) -> dict[str, Any]:
     }
 
 
-#: Figure -> (comparison, threshold) from the issue; figures not listed are reported without a target.
-TARGETS: Final[dict[str, tuple[Literal[">=", "<=", ">"], float]]] = {
-    "events_per_cpu_s.zlib.null": (">=", TARGET_EVENTS_PER_CPU_S_NULL),
-    "events_per_cpu_s.zlib.amqp": (">=", TARGET_EVENTS_PER_CPU_S_AMQP),
-    RATIO_KEY: (">", 1.0),
-    "rss_kib_per_idle_shard.zlib": ("<=", TARGET_RSS_KIB_PER_IDLE_SHARD),
-    "rss_kib_per_idle_shard.zstd": ("<=", TARGET_RSS_KIB_PER_IDLE_SHARD),
+#: Figure -> target from the issue; figures not listed are reported without a target.
+TARGETS: Final = {
+    "events_per_cpu_s.zlib.null": Target(">=", TARGET_EVENTS_PER_CPU_S_NULL),
+    "events_per_cpu_s.zlib.amqp": Target(">=", TARGET_EVENTS_PER_CPU_S_AMQP),
+    RATIO_KEY: Target(">", 1.0),
+    "rss_kib_per_idle_shard.zlib": Target("<=", TARGET_RSS_KIB_PER_IDLE_SHARD),
+    "rss_kib_per_idle_shard.zstd": Target("<=", TARGET_RSS_KIB_PER_IDLE_SHARD),
 }
 
 
@@ -466,33 +467,6 @@ def with_ratio(figures: dict[str, float | None]) -> dict[str, float | None]:
         return figures
     peer = figures[peer_key]
     return {**figures, RATIO_KEY: round(ours / peer, 2) if ours and peer else None}
-
-
-def verdicts(figures: dict[str, float | None]) -> dict[str, str]:
-    """PASS, FAIL, or ERROR (no figure) for each measured figure that has a target."""
-    out: dict[str, str] = {}
-    for key, (comparison, threshold) in TARGETS.items():
-        if key not in figures:
-            continue
-        value = figures[key]
-        if value is None:
-            out[key] = "ERROR"
-            continue
-        ok = {">=": value >= threshold, "<=": value <= threshold, ">": value > threshold}[comparison]
-        out[key] = "PASS" if ok else "FAIL"
-    return out
-
-
-def nest(flat: dict[str, float | None]) -> dict[str, Any]:
-    """`{"a.b.c": 1}` -> `{"a": {"b": {"c": 1}}}`."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def format_table(figures: dict[str, float | None], results: dict[str, Any]) -> str:
@@ -595,8 +569,8 @@ def run(args: argparse.Namespace) -> int:
         "suite": "gateway",
         "settings": asdict(settings),
         **nest(figures),
-        "targets": {key: f"{comparison} {threshold:g}" for key, (comparison, threshold) in TARGETS.items()},
-        "verdicts": verdicts(figures),
+        "targets": {key: str(target) for key, target in TARGETS.items()},
+        "verdicts": verdicts(figures, TARGETS),
         "errors": bench.errors,
         "runs": {"throughput": outcome["throughput_runs"], "idle": outcome["idle_runs"]},
         "notes": {
