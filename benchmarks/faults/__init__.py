@@ -67,6 +67,7 @@ from benchmarks.faults.system import (
     SETTINGS,
     Settings,
     System,
+    Tally,
     drain,
     open_system,
     tally,
@@ -116,12 +117,18 @@ def broken_rule_reasons(rules_broken: dict[str, int]) -> list[str]:
     ]
 
 
-async def run_fault(system: System, fault: Fault) -> FaultResult:
-    system.notes.clear()
+async def start_fault(system: System, fault: Fault) -> Tally:
+    """The tally at a quiet moment, then the firehose running for a second; the fault is injected next."""
     before = await drain(system)
     await system.sim.set_event_rate(system.settings.event_rate)
     await trio.sleep(1.0)
     system.progress.say(f"{fault.name}: injecting ({fault.anchor})")
+    return before
+
+
+async def run_fault(system: System, fault: Fault) -> FaultResult:
+    system.notes.clear()
+    before = await start_fault(system, fault)
     fault_at = time.time()
     affected = await fault.inject(system)
     bound_s = fault.bound_s + (system.settings.outage_s if fault.after_outage else 0.0)
@@ -176,10 +183,7 @@ async def run_fatal(system: System, fault: Fault, *, restart: bool) -> FaultResu
     shard identifies or resumes afterwards, and nothing read before the close is lost (every session has
     ended, so only holes count). `recover_s` is the time to the supervisor's exit. With `restart`, a new
     supervisor is started afterwards (outside the measurement) and every shard is READY again."""
-    before = await drain(system)
-    await system.sim.set_event_rate(system.settings.event_rate)
-    await trio.sleep(1.0)
-    system.progress.say(f"{fault.name}: injecting ({fault.anchor})")
+    before = await start_fault(system, fault)
     supervisor = system.supervisor.running()
     fault_at = time.time()
     await fault.inject(system)

@@ -122,15 +122,14 @@ async def stall_worker_briefly(system: System) -> int:
     heartbeat timeout: its watchdog reports the stall (`worker.loop_stalled`), and the stall is not taken
     for a zombie: no shard reconnects, nothing is replaced."""
     pids = await system.worker_pids()
-    log = system.supervisor.running().log_path
-    reported_before = log.read_text(errors="replace").count("worker.loop_stalled")
+    reported_before = system.supervisor_log_count("worker.loop_stalled")
     os.kill(pids[0], signal.SIGSTOP)
     try:
         await trio.sleep(SHORT_STALL_S)
     finally:
         os.kill(pids[0], signal.SIGCONT)
     await trio.sleep(2.0)  # the watchdog's report, and any reconnect it might have caused
-    reported = log.read_text(errors="replace").count("worker.loop_stalled") - reported_before
+    reported = system.supervisor_log_count("worker.loop_stalled") - reported_before
     failures = []
     if reported != 1:
         failures.append(f"{reported} worker.loop_stalled reports, not 1")
@@ -407,8 +406,7 @@ async def oversized_command(system: System) -> int:
     await system.control("reset_maxima")
     ledger_before = await system.sim.gateway_ledger()
     before = ledger_before["counters"]
-    log = system.supervisor.running().log_path
-    rejections_before = log.read_text(errors="replace").count("command.rejected")
+    rejections_before = system.supervisor_log_count("command.rejected")
     big = {"op": 3, "d": {"since": None, "activities": [], "status": "online", "afk": False}}
     big["d"]["padding"] = "x" * 5000  # type: ignore[index]
     await system.publish_commands("0", 1, big)
@@ -417,7 +415,7 @@ async def oversized_command(system: System) -> int:
     await wait_counter(system, "op3_received", int(before.get("op3_received", 0)) + 1, 10.0)
     after = await ledger_counters(system)
     ledger = await system.sim.gateway_ledger()
-    rejections = log.read_text(errors="replace").count("command.rejected") - rejections_before
+    rejections = system.supervisor_log_count("command.rejected") - rejections_before
     largest = int(after.get("payload_max_bytes", 0))
     failures = []
     if largest > MAX_PAYLOAD_BYTES:
@@ -507,13 +505,12 @@ async def identify_budget_exhausted(system: System) -> int:
     await system.control("session_start", {"remaining": 2, "reset_after_ms": int(BUDGET_RESET_S * 1000)})
     await system.restart_supervisor()
     await wait_counter(system, "resumes_ok", int(before.get("resumes_ok", 0)) + shards, 30.0)
-    log = system.supervisor.running().log_path
     await system.control("invalidate", {"resumable": False})
     await wait_counter(
         system, "identifies_accepted", int(before.get("identifies_accepted", 0)) + shards, 3 * BUDGET_RESET_S
     )
     after = await ledger_counters(system)
-    alerts = log.read_text(errors="replace").count("supervisor.identify_budget_exhausted")
+    alerts = system.supervisor_log_count("supervisor.identify_budget_exhausted")
     failures = []
     if counter_delta(before, after, "identifies_refused"):
         failures.append(f"{counter_delta(before, after, 'identifies_refused')} IDENTIFYs refused")

@@ -159,6 +159,10 @@ class System:
                         return pids
                 await trio.sleep(POLL_S)
 
+    def supervisor_log_count(self, event: str) -> int:
+        """How often the running supervisor's log (its workers' included) names `event`."""
+        return self.supervisor.running().log_path.read_text(errors="replace").count(event)
+
     async def restart_supervisor(self) -> None:
         """Stop the supervisor (SIGTERM: sessions saved) and start it again with `supervisor_env`."""
         await self.supervisor.close()
