@@ -190,21 +190,22 @@ async def test_request_failed_and_timeouts() -> None:
             ledger = await stack.ledger()
             assert "429" not in ledger["by_status"], ledger
 
-        # 7: Discord cannot be reached.
+        # 7: Discord cannot be reached. The port stays bound (not listening: connections are refused) for
+        # the whole call, so the simulator that proxy_stack starts cannot be given it.
         with trio.socket.socket() as sock:
             await sock.bind(("127.0.0.1", 0))
             dead_port = sock.getsockname()[1]
-        limiter = Ratelimiter(LocalBackend())
-        async with (
-            open_rest_proxy(
-                limiter, api_url=f"http://127.0.0.1:{dead_port}/api/v10", bot_token="x" * 30
-            ) as proxy,
-            proxy_stack() as stack,
-        ):
-            stack.proxy = proxy
-            async with rpc_front(stack.proxy) as (_, client, _amqp):
-                failed = await client.call({"method": "GET", "path": "/users/@me"})
-                assert failed == {"status": 7, "body": "request to Discord failed: ConnectError"}
+            limiter = Ratelimiter(LocalBackend())
+            async with (
+                open_rest_proxy(
+                    limiter, api_url=f"http://127.0.0.1:{dead_port}/api/v10", bot_token="x" * 30
+                ) as proxy,
+                proxy_stack() as stack,
+            ):
+                stack.proxy = proxy
+                async with rpc_front(stack.proxy) as (_, client, _amqp):
+                    failed = await client.call({"method": "GET", "path": "/users/@me"})
+                    assert failed == {"status": 7, "body": "request to Discord failed: ConnectError"}
 
 
 async def test_cancel_before_and_during_the_request() -> None:

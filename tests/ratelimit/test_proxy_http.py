@@ -195,17 +195,18 @@ async def test_the_proxys_own_answers_are_marked() -> None:
             assert ledger["by_status"] == {"200": 5, "401": 1}
 
         # Discord unreachable: 502; no answer within the timeout: 504.
+        # The port stays bound, not listening, through the call, so the front cannot be given it.
         with trio.socket.socket() as sock:
             await sock.bind(("127.0.0.1", 0))
             dead = sock.getsockname()[1]
-        limiter = Ratelimiter(LocalBackend())
-        async with (
-            open_rest_proxy(limiter, api_url=f"http://127.0.0.1:{dead}/api/v10") as proxy,
-            http_front(proxy) as (_, base),
-            httpx.AsyncClient(base_url=base, headers=AUTH) as client,
-        ):
-            failed = await client.get("/users/@me")
-            assert (failed.status_code, failed.headers["x-proxy-error"]) == (502, "upstream-failed")
+            limiter = Ratelimiter(LocalBackend())
+            async with (
+                open_rest_proxy(limiter, api_url=f"http://127.0.0.1:{dead}/api/v10") as proxy,
+                http_front(proxy) as (_, base),
+                httpx.AsyncClient(base_url=base, headers=AUTH) as client,
+            ):
+                failed = await client.get("/users/@me")
+                assert (failed.status_code, failed.headers["x-proxy-error"]) == (502, "upstream-failed")
         async with (
             proxy_stack(latency_ms=2000.0, timeout_s=0.3) as stack,
             http_front(stack.proxy) as (_, base),
