@@ -17,9 +17,10 @@ the supervisor's heartbeat timeout, F15), supervisor_kill9 (F16), ratelimit_hold
 5.3-6), rest_invalid_mix (5.3-7), identify_budget_low and identify_budget_exhausted (F13),
 oversized_command (F10), send_limiter (1000 queued commands, F9), timeout_hello and timeout_ready (F14),
 redis_outage and redis_outage_worker_kill (F12), rabbitmq_outage (`rabbitmqctl stop_app`/`start_app`,
-F11), and last the fatal codes close_4004_fatal .. close_4014_fatal (the supervisor must exit 3; the suite
-starts a new one after each but the last). `--smoke` runs worker_kill9, op7_storm, corrupt,
-oversized_command and close_4010_fatal. `--soak MINUTES` is a different run: see `benchmarks.faults.soak`.
+F11; both outages last 30 s, 5 s in the smoke settings), and last the fatal codes close_4004_fatal ..
+close_4014_fatal (the supervisor must exit 3; the suite starts a new one after each but the last).
+`--smoke` runs worker_kill9, op7_storm, corrupt, oversized_command and close_4010_fatal. `--soak MINUTES`
+is a different run: see `benchmarks.faults.soak`.
 
 Figures per fault (`faults.<name>.*`):
 - `lost`: dispatches the simulator produced that the consumer never received. For the session a shard is

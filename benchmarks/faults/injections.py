@@ -56,6 +56,10 @@ REVOKED_TOKEN: Final = "MTExMTExMTExMTExMTExMTEx.Gfault.cmV2b2tlZC1ieS10aGUtZmF1
 GLOBAL_LIMIT: Final = 50
 #: How long a dead process's permit may block its bucket (EngineConfig.lease_s).
 LEASE_S: Final = EngineConfig().lease_s
+#: The permit holder's start: an interpreter, the engine's imports, the segment opened, the probe granted.
+HOLDER_START_S: Final = 3.0
+#: How much later than the lease's end the suite may see the grant: its poll (0.1 s) and the scheduler.
+BLOCK_TOLERANCE_S: Final = 0.5
 #: The supervisor's exit after a fatal close code: the shutdown deadline (SHUTDOWN_TIMEOUT 10 s) and more.
 FATAL_EXIT_BOUND_S: Final = 15.0
 #: Discord's fatal close codes (anchors gateway.md F): each stops the supervisor with EXIT_FATAL.
@@ -216,7 +220,9 @@ async def rabbitmq_outage(system: System) -> int:
 async def kill_permit_holder(system: System) -> int:
     """A process takes the probe permit of a fresh bucket on the supervisor's shm segment and is SIGKILLed
     while holding it; the suite then asks for the same bucket until it is granted, which must happen within
-    the permit's lease (ratelimit.md 5.3 scenario 6). Returns after the grant: the recovery is the block."""
+    the permit's lease (ratelimit.md 5.3 scenario 6). The block is judged from the holder's grant (its lease
+    starts there) to the suite's grant: `blocked_s` at most the lease and BLOCK_TOLERANCE_S. The fault's
+    recovery also counts the holder's start-up. Returns after the grant."""
     segment = shm_segment_name(DEFAULT_TOKEN)
     major = uuid.uuid4().hex
     argv = [sys.executable, "-m", "benchmarks.faults.permit_holder", system.shm_dir, segment]
@@ -229,6 +235,7 @@ async def kill_permit_holder(system: System) -> int:
             line = await read_line(holder.process.stdout, bytearray())
         if line != b"granted":
             raise BenchmarkError(f"the permit holder was not granted ({line!r}):\n{holder.log_tail()}")
+        granted_at = trio.current_time()  # the holder's lease started before it said so
         backend = ShmBackend.open(segment, config, directory=system.shm_dir)
         try:
             first = await backend.acquire(ask)
@@ -247,12 +254,19 @@ async def kill_permit_holder(system: System) -> int:
                     if isinstance(result, Refusal):
                         raise BenchmarkError(f"refused after the holder's death: {result.reason}")
                     await trio.sleep(min(result.seconds, POLL_S))
-            blocked_s = trio.current_time() - killed_at
+            now = trio.current_time()
+            blocked_s, after_kill_s = now - granted_at, now - killed_at
         finally:
             await backend.aclose()
     system.progress.say(
-        f"  the bucket was granted {blocked_s:.2f} s after the kill (lease {config.lease_s:g} s)"
+        f"  the bucket was granted {blocked_s:.2f} s after the holder's grant, {after_kill_s:.2f} s after"
+        f" its kill (lease {config.lease_s:g} s)"
     )
+    failures = []
+    if blocked_s > config.lease_s + BLOCK_TOLERANCE_S:
+        failures.append(f"the bucket stayed blocked {blocked_s:.2f} s > lease {config.lease_s:g} s")
+    figures = {"blocked_s": round(blocked_s, 2), "lease_s": config.lease_s}
+    system.notes.update(figures=figures, failures=failures)
     return 0
 
 
@@ -545,7 +559,13 @@ def faults_for(settings: Settings) -> list[Fault]:
         Fault("loop_stall_5s", stall_worker_briefly, True, SHORT_STALL_S + 2.0 + 3.0, "F15"),
         Fault("worker_stall", stall_worker, True, 12.0 + 3.0 + CONSUMER_SLACK_S, "F15"),
         Fault("supervisor_kill9", kill_supervisor, True, 10.0, "F16"),
-        Fault("ratelimit_holder_kill9", kill_permit_holder, True, LEASE_S + CONSUMER_SLACK_S, "RL 5.3-6"),
+        Fault(
+            "ratelimit_holder_kill9",
+            kill_permit_holder,
+            True,
+            HOLDER_START_S + LEASE_S + CONSUMER_SLACK_S,
+            "RL 5.3-6",
+        ),
         Fault("rest_invalid_mix", rest_invalid_mix, True, 30.0, "RL 5.3-7"),
         Fault("identify_budget_low", identify_budget_low, True, 10.0, "F13"),
         Fault("identify_budget_exhausted", identify_budget_exhausted, False, BUDGET_RESET_S + 15.0, "F13"),

@@ -76,7 +76,7 @@ SETTINGS: Final = {
         ("worker_kill9", "op7_storm", "corrupt", "oversized_command", "close_4010_fatal"),
         5.0,
     ),
-    "quick": Settings("quick", 4, 2, 100.0, 2.0, None, 10.0),
+    "quick": Settings("quick", 4, 2, 100.0, 2.0, None, 30.0),
     "full": Settings("full", 8, 2, 200.0, 5.0, None, 30.0),
 }
 
