@@ -74,6 +74,9 @@ MAX_PAYLOAD_BYTES: Final = 4096
 #: F14: HELLO timeout 10 s (READY 15 s), the backoff's first delay (up to 2 s), the RESUME and the consumer.
 HELLO_BOUND_S: Final = 10.0 + 2.0 + 2.0 + CONSUMER_SLACK_S
 READY_BOUND_S: Final = 15.0 + 2.0 + 2.0 + CONSUMER_SLACK_S
+#: B6: the zombie found within the interval and the ACK deadline (10 s), the socket aborted (0.5 s), RESUMED
+#: within 2 s of that, and the consumer.
+BLACKHOLE_BOUND_S: Final = HEARTBEAT_INTERVAL_MS / 1000 + 10.0 + 0.5 + 2.0 + CONSUMER_SLACK_S
 #: F15: a stall the worker must ride out without a reconnect.
 SHORT_STALL_S: Final = 5.0
 #: F13: when the simulator's budget, left at 2, resets.
@@ -554,7 +557,7 @@ def faults_for(settings: Settings) -> list[Fault]:
         ),
         Fault("drop", gateway_action("drop"), True, 5.0, "F5 RST"),
         # B6: detection within I + 10 s, RESUMED within 2 s more.
-        Fault("blackhole", gateway_action("blackhole"), True, HEARTBEAT_INTERVAL_MS / 1000 + 12.0, "B6"),
+        Fault("blackhole", gateway_action("blackhole"), True, BLACKHOLE_BOUND_S, "B6"),
         Fault("expire_sessions", expire_then_close, False, 10.0, "F6"),
         Fault("loop_stall_5s", stall_worker_briefly, True, SHORT_STALL_S + 2.0 + 3.0, "F15"),
         Fault("worker_stall", stall_worker, True, 12.0 + 3.0 + CONSUMER_SLACK_S, "F15"),
