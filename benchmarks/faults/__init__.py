@@ -232,8 +232,7 @@ async def run_fatal(system: System, fault: Fault, *, restart: bool) -> FaultResu
         f"identifies {identifies}, resumes {resumes}: {verdict}"
     )
     if restart:
-        await system.supervisor.close()
-        await system.supervisor.open()
+        await system.restart_supervisor()
         await wait_sessions_ready(
             system.sim,
             system.settings.shards,

@@ -359,9 +359,10 @@ def counter_delta(before: dict[str, int], after: dict[str, int], name: str) -> i
     return int(after.get(name, 0)) - int(before.get(name, 0))
 
 
-async def wait_counter(system: System, name: str, at_least: int, within_s: float) -> None:
-    """Poll the simulator's ledger until counter `name` reaches `at_least` (BenchmarkError after
-    `within_s`)."""
+async def wait_counter(system: System, name: str, before: dict[str, int], more: int, within_s: float) -> None:
+    """Poll the simulator's ledger until counter `name` is `more` above its value in `before`
+    (BenchmarkError after `within_s`)."""
+    at_least = int(before.get(name, 0)) + more
     with trio.move_on_after(within_s):
         while int((await ledger_counters(system)).get(name, 0)) < at_least:
             system.check_alive()
@@ -429,9 +430,9 @@ async def oversized_command(system: System) -> int:
     await system.publish_commands("0", 1, big)
     small = {"op": 3, "d": {"since": None, "activities": [], "status": "idle", "afk": False}}
     await system.publish_commands("0", 1, small)
-    await wait_counter(system, "op3_received", int(before.get("op3_received", 0)) + 1, 10.0)
-    after = await ledger_counters(system)
+    await wait_counter(system, "op3_received", before, 1, 10.0)
     ledger = await system.sim.gateway_ledger()
+    after = ledger["counters"]
     rejections = system.supervisor_log_count("command.rejected") - rejections_before
     largest = int(after.get("payload_max_bytes", 0))
     failures = []
@@ -439,8 +440,9 @@ async def oversized_command(system: System) -> int:
         failures.append(f"the simulator received a {largest}-byte payload")
     if rejections != 1:
         failures.append(f"{rejections} command.rejected log lines, not 1")
-    if counter_delta(before, after, "op3_received") != 1:
-        failures.append(f"{counter_delta(before, after, 'op3_received')} commands sent, not 1")
+    sent = counter_delta(before, after, "op3_received")
+    if sent != 1:
+        failures.append(f"{sent} commands sent, not 1")
     if counter_delta(ledger_before["closes_sent"], ledger["closes_sent"], "4002"):
         failures.append("the simulator closed a connection with 4002")
     system.notes.update(
@@ -460,8 +462,8 @@ def withhold_then_drop(what: str) -> Callable[[System], Awaitable[int]]:
         await system.control(f"withhold_{what}", {"count": shards})
         started = time.monotonic()
         await system.control("drop")
-        await wait_counter(system, f"{what}_withheld", int(before.get(f"{what}_withheld", 0)) + shards, 10.0)
-        await wait_counter(system, "resumes_ok", int(before.get("resumes_ok", 0)) + shards, 60.0)
+        await wait_counter(system, f"{what}_withheld", before, shards, 10.0)
+        await wait_counter(system, "resumes_ok", before, shards, 60.0)
         elapsed = time.monotonic() - started
         attempts = counter_delta(before, await ledger_counters(system), "connections")
         failures = []
@@ -482,7 +484,7 @@ async def switch_to_zstd_then_corrupt(system: System) -> int:
     system.supervisor_env["GATEWAY_COMPRESSION"] = "zstd-stream"
     await system.restart_supervisor()
     shards = system.settings.shards
-    await wait_counter(system, "resumes_ok", int(before.get("resumes_ok", 0)) + shards, 60.0)
+    await wait_counter(system, "resumes_ok", before, shards, 60.0)
     zstd = counter_delta(before, await ledger_counters(system), "connections.zstd-stream")
     if zstd < shards:
         raise BenchmarkError(f"{zstd} zstd-stream connections after the restart, not {shards}")
@@ -500,9 +502,7 @@ async def redis_outage_worker_kill(system: System) -> int:
         pids = await system.worker_pids()
         os.kill(pids[0], signal.SIGKILL)
         affected = system.settings.shards // len(pids)
-        await wait_counter(
-            system, "identifies_accepted", int(before.get("identifies_accepted", 0)) + affected, 30.0
-        )
+        await wait_counter(system, "identifies_accepted", before, affected, 30.0)
         replaced = await system.worker_pids()
         await trio.sleep(CRASH_LOOP_WATCH_S)
         if await system.worker_pids() != replaced:
@@ -521,16 +521,15 @@ async def identify_budget_exhausted(system: System) -> int:
     before = await ledger_counters(system)
     await system.control("session_start", {"remaining": 2, "reset_after_ms": int(BUDGET_RESET_S * 1000)})
     await system.restart_supervisor()
-    await wait_counter(system, "resumes_ok", int(before.get("resumes_ok", 0)) + shards, 30.0)
+    await wait_counter(system, "resumes_ok", before, shards, 30.0)
     await system.control("invalidate", {"resumable": False})
-    await wait_counter(
-        system, "identifies_accepted", int(before.get("identifies_accepted", 0)) + shards, 3 * BUDGET_RESET_S
-    )
+    await wait_counter(system, "identifies_accepted", before, shards, 3 * BUDGET_RESET_S)
     after = await ledger_counters(system)
     alerts = system.supervisor_log_count("supervisor.identify_budget_exhausted")
     failures = []
-    if counter_delta(before, after, "identifies_refused"):
-        failures.append(f"{counter_delta(before, after, 'identifies_refused')} IDENTIFYs refused")
+    refused = counter_delta(before, after, "identifies_refused")
+    if refused:
+        failures.append(f"{refused} IDENTIFYs refused")
     if alerts < 1:
         failures.append("no supervisor.identify_budget_exhausted alert")
     system.notes.update(figures={"budget_alerts": alerts}, failures=failures)
