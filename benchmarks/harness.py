@@ -389,6 +389,20 @@ def add_common_arguments(parser: argparse.ArgumentParser, suite: str, quick_help
     )
 
 
+#: The machine's RabbitMQ (README), when neither `--amqp-url` nor `$AMQP_URL` names one.
+DEFAULT_AMQP_URL: Final = "amqp://guest:guest@127.0.0.1/"
+
+
+def add_amqp_url_argument(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """`--amqp-url`, defaulting to `$AMQP_URL`, else DEFAULT_AMQP_URL. The help does not print the default:
+    a URL may carry a password."""
+    parser.add_argument(
+        "--amqp-url",
+        default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
+        help=f"RabbitMQ {purpose} (default: $AMQP_URL or guest@127.0.0.1)",
+    )
+
+
 def write_results(path: Path, results: Mapping[str, Any]) -> None:
     """Write `results` as indented JSON (creating the folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ from benchmarks.harness import (
     ChildProcess,
     Progress,
     SimulatorProcess,
+    add_amqp_url_argument,
     add_common_arguments,
     inherited_environment,
     machine_info,
@@ -384,11 +385,7 @@ def distribution(samples: Sequence[float]) -> dict[str, float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "proxy", "1,000 rounds and 3 s per throughput phase")
-    parser.add_argument(
-        "--amqp-url",
-        default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/"),
-        help="RabbitMQ for the AMQP proxy (default: $AMQP_URL or guest@127.0.0.1)",
-    )
+    add_amqp_url_argument(parser, "for the AMQP proxy")
     parser.add_argument("--no-amqp", action="store_true", help="measure the HTTP proxy only (no RabbitMQ)")
     parser.add_argument(
         "--backend",

@@ -47,7 +47,6 @@ is 1 on any FAIL. The RabbitMQ outage stops the machine's shared broker: do not 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -78,13 +77,13 @@ from benchmarks.harness import (
     ROOT,
     BenchmarkError,
     Progress,
+    add_amqp_url_argument,
     machine_info,
     wait_sessions_ready,
     write_results,
 )
 
 DESCRIPTION: Final = "events lost, duplicates, identifies and recovery under injected faults"
-DEFAULT_AMQP_URL: Final = "amqp://guest:guest@127.0.0.1/"
 #: Simulator rules a fault may break without failing (see `broken_rule_reasons`).
 TOLERATED_RULES: Final = frozenset({"resume_not_on_resume_url"})
 #: How long the suite watches for a reconnect after a fatal close.
@@ -295,11 +294,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--logs", type=Path, default=None, help="child logs (default: faults-logs next to --json)"
     )
     parser.add_argument("--only", default=None, metavar="NAMES", help="comma-separated fault names to run")
-    parser.add_argument(
-        "--amqp-url",
-        default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
-        help="RabbitMQ (default: $AMQP_URL)",
-    )
+    add_amqp_url_argument(parser, "for the workers and the consumer")
     from benchmarks.faults.soak import add_soak_argument  # the module also runs on its own (-m)
 
     add_soak_argument(parser)

@@ -66,6 +66,7 @@ from benchmarks.harness import (
     ROOT,
     BenchmarkError,
     Progress,
+    add_amqp_url_argument,
     machine_info,
     process_usage,
     write_results,
@@ -529,9 +530,6 @@ def add_soak_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Imported here: the package imports this module to wire `--soak` into the fault suite.
-    from benchmarks.faults import DEFAULT_AMQP_URL
-
     parser = argparse.ArgumentParser(prog="python -m benchmarks.faults.soak", description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_soak_argument(parser)
@@ -539,11 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--logs", type=Path, default=None, help="child logs (default: soak-logs next to --json)"
     )
-    parser.add_argument(
-        "--amqp-url",
-        default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL),
-        help="RabbitMQ (default: $AMQP_URL)",
-    )
+    add_amqp_url_argument(parser, "for the workers and the consumer")
     args = parser.parse_args(argv)
     if args.soak is None:
         parser.error("--soak MINUTES is required")
