@@ -36,7 +36,7 @@ from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
 
 if TYPE_CHECKING:  # imported when used: Redis brings redis-py and trio-asyncio
-    from workers.identify_redis import RedisIdentifyGate
+    from supervisor.identify_redis import RedisIdentifyGate
 
 LOGGER: Final = logging.getLogger("supervisor")
 EXIT_OK: Final = 0
@@ -107,7 +107,7 @@ class Supervisor:
             mark_worker_dead(slot.pid)
         if self._stop.is_set():
             return None
-        from . import metric_defs as metrics
+        from workers import metric_defs as metrics
 
         if returncode == 0:
             metrics.WORKER_RESTARTS.labels(cause="rolling_restart" if self._rolling else "clean_exit").inc()
@@ -293,7 +293,7 @@ class Supervisor:
         if self.settings.ratelimit_backend != "shm":
             yield
             return
-        from ratelimit.factory import engine_config, shm_segment_name
+        from ratelimit.configured import engine_config, shm_segment_name
         from ratelimit.shm import ShmBackend, ShmError
 
         try:
@@ -319,7 +319,7 @@ class Supervisor:
         if self.settings.shard_store_type == "redis":
             import trio_asyncio
 
-            from workers.identify_redis import open_redis_identify_gate
+            from supervisor.identify_redis import open_redis_identify_gate
 
             async with (
                 trio_asyncio.open_loop(),
@@ -408,7 +408,7 @@ class Supervisor:
         LOGGER.info("supervisor.rolling_restart_done")
 
     async def _report_status(self) -> None:
-        from . import metric_defs as metrics
+        from workers import metric_defs as metrics
 
         while True:
             metrics.WORKERS.set(

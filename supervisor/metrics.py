@@ -8,7 +8,7 @@ per-worker endpoints would be ports that change under it.
 
 The trap is import order: prometheus_client picks its value class (in-memory or mmap files) when
 `prometheus_client.values` is first imported, from the environment at that moment. Hence:
-- The metric objects live in `supervisor.metric_defs`, which only code that updates metrics imports, and
+- The metric objects live in `workers.metric_defs`, which only code that updates metrics imports, and
   only once the variable is set: the supervisor calls `prepare_multiprocess_dir()` first thing (it exports
   the variable into its own environment) and passes the directory to every worker in the worker's
   environment. `metric_defs` refuses to load if prometheus_client was imported too early, instead of
@@ -41,27 +41,25 @@ from typing import Final
 import orjson
 import trio
 
-from workers.httpserver import HttpRequest, HttpResponse, serve_http
+from workers.metric_labels import (
+    MULTIPROC_DIR_ENV,
+)
+
+from .httpserver import HttpRequest, HttpResponse, serve_http
 
 __all__ = [
     "DEFAULT_LISTEN_HOST",
     "HEALTH_PATH",
-    "MULTIPROC_DIR_ENV",
     "READY_PATH",
-    "RECONNECT_REASONS",
-    "SHARD_STATES",
-    "WORKER_RESTART_CAUSES",
     "HealthState",
     "mark_worker_dead",
     "parse_listen_address",
     "prepare_multiprocess_dir",
-    "reconnect_reason_label",
     "render_metrics",
     "serve_metrics",
 ]
 
 LOGGER: Final = logging.getLogger("supervisor.metrics")
-MULTIPROC_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
 HEALTH_PATH: Final = "/healthz"
 READY_PATH: Final = "/readyz"
@@ -69,39 +67,6 @@ READY_PATH: Final = "/readyz"
 #: files never touch a disk.
 SHM_DIR: Final = Path("/dev/shm")
 _TEMP_PREFIX: Final = "discord-gateway-metrics-"
-
-# -- label values: bounded sets, shared by metric_defs and the code that counts --------------------------
-
-#: `discord_shards{state}`: the values of workers.protocol.ShardState (READY covers RESUMED).
-SHARD_STATES: Final = ("disconnected", "connecting", "identifying", "authenticating", "ready", "fatal")
-#: `discord_reconnects_total{reason}`: the reasons workers.protocol gives, plus `close-<code>` for the close
-#: codes in `_LABELLED_CLOSE_CODES`; anything else is `other`.
-RECONNECT_REASONS: Final = (
-    "reconnect-requested",
-    "invalid-session",
-    "invalid-session-resumable",
-    "zombie",
-    "dropped",
-    "connect-failed",
-    "hello-timeout",
-    "ready-timeout",
-    "other",
-)
-# WebSocket close codes (RFC 6455) and Discord's: a fixed set, so `close-<code>` stays bounded.
-_LABELLED_CLOSE_CODES: Final = frozenset(range(1000, 1016)) | frozenset(range(4000, 4015))
-#: `discord_worker_restarts_total{cause}`.
-WORKER_RESTART_CAUSES: Final = ("crash", "clean_exit", "unresponsive", "rolling_restart")
-
-
-def reconnect_reason_label(reason: str) -> str:
-    """`reason` as a `discord_reconnects_total` label: itself if it is in the bounded set, else `other`."""
-    if reason in RECONNECT_REASONS:
-        return reason
-    code = reason.removeprefix("close-")
-    if code != reason and code.isdigit() and int(code) in _LABELLED_CLOSE_CODES:
-        return f"close-{int(code)}"
-    return "other"
-
 
 # -- the multiprocess directory ----------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar
+from typing import Any, Final, Literal, ParamSpec, Protocol, TypeVar
 
 import aio_pika
 import aiormq
@@ -100,10 +100,6 @@ from pamqp.common import FieldTable
 from pamqp.header import ContentHeader
 
 from workers.errors import PublishError, WorkerError
-
-if TYPE_CHECKING:
-    from workers.publish.amqp import AmqpPublisher
-    from workers.publish.base import Encoding
 
 log = logging.getLogger(__name__)
 
@@ -603,12 +599,6 @@ class Amqp:
     def __init__(self, bridge: _Bridge, side: _AmqpSide) -> None:
         self._bridge = bridge
         self._side = side
-
-    def publisher(self, group: str, encoding: Encoding, message_ttl_s: float | None) -> AmqpPublisher:
-        """The event publisher of DESIGN 3.4 on exchange ``group`` (declared on first use)."""
-        from workers.publish.amqp import AmqpPublisher
-
-        return AmqpPublisher(self, group=group, encoding=encoding, message_ttl_s=message_ttl_s)
 
     async def publish_batch(self, exchange: str, messages: Sequence[OutgoingMessage]) -> None:
         """Publish ``messages`` on ``exchange`` (declared direct and durable on first use; "" is the default

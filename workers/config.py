@@ -257,7 +257,7 @@ class WorkerConfig:
     redis_url: str = field(default="redis://127.0.0.1:6379", repr=False)
     redis_pool_size: int = 5
     #: REST proxy (DESIGN 3.6): the ratelimit backend and the directory of its shm segment (the segment is
-    #: named after the token: `ratelimit.factory.shm_segment_name`), the global limit, the RPC exchange and
+    #: named after the token: `ratelimit.configured.shm_segment_name`), the global limit, the RPC exchange and
     #: event, the HTTP address (None = off) and the longest a request may wait for limits plus the answer.
     ratelimit_backend: RatelimitBackendKind = "shm"
     ratelimit_shm_dir: str = "/dev/shm"

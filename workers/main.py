@@ -41,6 +41,7 @@ from .control import SupervisorLink, control_fd_from_env, open_supervisor_link
 from .errors import CommandRejected, ConfigError, FatalCloseCode
 from .gateway_bot import GatewayBotError, fetch_gateway_bot
 from .identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGate, InMemoryIdentifyGate
+from .publish.amqp import AmqpPublisher
 from .publish.base import OutboundEvent, Publisher
 from .publish.null import NullPublisher
 from .publish.pump import PublishPump, open_publish_pump
@@ -112,7 +113,12 @@ async def _open_broker(config: WorkerConfig) -> AsyncIterator[tuple[Publisher, A
     if config.broker_type == "amqp":
         async with open_amqp(config.amqp_url) as amqp:
             yield (
-                amqp.publisher(config.broker_group, config.broker_encoding, config.broker_message_timeout_s),
+                AmqpPublisher(
+                    amqp,
+                    group=config.broker_group,
+                    encoding=config.broker_encoding,
+                    message_ttl_s=config.broker_message_timeout_s,
+                ),
                 amqp,
             )
     elif config.broker_type == "null":

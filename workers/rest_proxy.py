@@ -5,7 +5,7 @@ channel, replies on the publish channel); the HTTP front when `PROXY_HTTP_ADDRES
 `RestProxy`, so one process keeps one view of the limits, and the backend (`RATELIMIT_BACKEND`) shares it
 with every other worker and host:
 
-- `shm`: the host's segment for this bot (`ratelimit.factory.shm_segment_name`, in `RATELIMIT_SHM_DIR`),
+- `shm`: the host's segment for this bot (`ratelimit.configured.shm_segment_name`, in `RATELIMIT_SHM_DIR`),
   which the supervisor creates before its workers start and removes when it stops; a supervised worker only
   joins it (a missing segment is an error, not a reason to make a private one that nobody shares). A
   worker started alone (tests, by hand) creates it, or joins it when another process already has.
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import trio
 
+from ratelimit.configured import BackendSpec, engine_config, open_ratelimiter, shm_segment_name
 from ratelimit.engine import Ratelimiter
-from ratelimit.factory import BackendSpec, engine_config, open_ratelimiter, shm_segment_name
 from ratelimit.proxy.amqp import RestRpcServer
 from ratelimit.proxy.core import RestProxy, open_rest_proxy
 from ratelimit.proxy.http import HttpProxyServer

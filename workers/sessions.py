@@ -56,7 +56,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from workers.errors import SessionStoreError
-from workers.redis_util import is_hash_tag, open_redis_client, require_trio_asyncio_loop
+from workers.redis_connection import is_hash_tag, open_redis_client, require_trio_asyncio_loop
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -82,7 +82,7 @@ SAVE_WINDOW_S: Final = 0.1
 LOAD_TIMEOUT_S: Final = 2.0
 # One batch may take this long, redis-py's own retries included, before it counts as failed.
 WRITE_TIMEOUT_S: Final = 5.0
-# Beyond redis-py's own few retries (workers/redis_util.py), the flusher backs off this way.
+# Beyond redis-py's own few retries (workers/redis_connection.py), the flusher backs off this way.
 OUTAGE_BACKOFF_FIRST_S: Final = 0.1
 OUTAGE_BACKOFF_CAP_S: Final = 2.0
 # On leaving open_redis_session_store, how long to try writing what is still pending.

@@ -34,6 +34,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from . import logs
 from .commands import GatewayCommand
 from .config import WorkerConfig
+from .decompress import Decompressor, gateway_query
 from .errors import CommandRejected, FatalCloseCode, ProtocolError, TransportError
 from .identify import IdentifyGate
 from .protocol import (
@@ -57,7 +58,6 @@ from .protocol import (
 from .publish.base import OutboundEvent
 from .publish.pump import CommittedSeq, PublishPump
 from .sessions import SessionStore, StoredSession
-from .transport import Decompressor, gateway_query
 
 LOGGER: Final = logging.getLogger("workers.shard")
 CONNECT_TIMEOUT_S: Final = 10.0

@@ -1,7 +1,7 @@
 """Worker metrics: the shards' statistics fed to Prometheus (multiprocess mode) for the supervisor to serve.
 
 Only when the supervisor gave this process `PROMETHEUS_MULTIPROC_DIR` (metrics live in shared mmap files
-there; supervisor/metric_defs.py defines them once for every process). Counters advance by the difference
+there; workers/metric_defs.py defines them once for every process). Counters advance by the difference
 between two statistics snapshots, once per `FEED_PERIOD_S`, so the hot path pays nothing for metrics except
 the confirm-lag observation, one per published batch.
 """
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from .metric_labels import MULTIPROC_DIR_ENV, SHARD_STATES
 from .publish.base import OutboundEvent
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ FEED_PERIOD_S: Final = 1.0
 #: The loop watchdog wakes this often; a wake-up later than LOOP_STALL_REPORT_S is a stall (F15).
 LOOP_CHECK_S: Final = 0.25
 LOOP_STALL_REPORT_S: Final = 1.0
-MULTIPROC_DIR_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def metrics_enabled() -> bool:
@@ -38,7 +38,7 @@ def metrics_enabled() -> bool:
 
 def observe_confirmed(batch: Sequence[OutboundEvent]) -> None:
     """Record the confirm lag of a published batch (its newest event) and count its events."""
-    from supervisor import metric_defs as metrics
+    from . import metric_defs as metrics
 
     metrics.EVENTS_PUBLISHED.inc(len(batch))
     newest = batch[-1]
@@ -48,8 +48,7 @@ def observe_confirmed(batch: Sequence[OutboundEvent]) -> None:
 
 async def feed_metrics(runners: Mapping[int, ShardRunner]) -> None:
     """Update the shard gauges and counters from statistics until cancelled."""
-    from supervisor import metric_defs as metrics
-    from supervisor.metrics import SHARD_STATES
+    from . import metric_defs as metrics
 
     last: dict[int, tuple[int, int, int, Counter[str]]] = {}
     while True:
@@ -96,7 +95,7 @@ async def watch_event_loop(
 
 def count_stall(seconds: float) -> None:
     """`watch_event_loop`'s metric: stalls and their total length."""
-    from supervisor import metric_defs as metrics
+    from . import metric_defs as metrics
 
     metrics.LOOP_STALLS.inc()
     metrics.LOOP_STALL_SECONDS.inc(seconds)
@@ -108,7 +107,7 @@ def _counts_delta(now: Mapping[str, int], before: Mapping[str, int]) -> dict[str
 
 async def feed_rest_metrics(limiter: Ratelimiter, proxy: RestProxy) -> None:
     """Feed the ratelimit engine's and the REST proxy's statistics to Prometheus until cancelled."""
-    from supervisor import metric_defs as metrics
+    from . import metric_defs as metrics
 
     last_grants = last_timeouts = 0
     last: dict[str, dict[str, int]] = {

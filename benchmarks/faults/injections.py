@@ -37,7 +37,7 @@ from benchmarks.harness import (
     read_line,
 )
 from benchmarks.simulator.config import DEFAULT_TOKEN
-from ratelimit.factory import engine_config, shm_segment_name
+from ratelimit.configured import engine_config, shm_segment_name
 from ratelimit.model import EngineConfig, Outcome, Permit, Refusal
 from ratelimit.shm import ShmBackend
 

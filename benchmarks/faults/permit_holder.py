@@ -1,7 +1,7 @@
 """A process that takes a ratelimit permit on the supervisor's shm segment and never gives it back:
 `python -m benchmarks.faults.permit_holder DIRECTORY SEGMENT GLOBAL_RATE MAJOR`.
 
-It attaches to the segment (`ratelimit.factory`'s configuration, so the segment accepts it), takes the
+It attaches to the segment (`ratelimit.configured`'s configuration, so the segment accepts it), takes the
 first permit of an interaction callback under `MAJOR` (a bucket nobody has learned yet, so it is the only
 request allowed in flight: a probe), prints `granted` and sleeps until the fault suite SIGKILLs it.
 Everyone else must then wait no longer than the permit's lease (EngineConfig.lease_s; ratelimit.md 5.3
@@ -16,7 +16,7 @@ from typing import Final
 
 import trio
 
-from ratelimit.factory import engine_config
+from ratelimit.configured import engine_config
 from ratelimit.model import Ask, Permit
 from ratelimit.shm import ShmBackend
 

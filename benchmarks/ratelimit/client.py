@@ -2,7 +2,7 @@
 
     python -m benchmarks.ratelimit.client --plan PATH --index I
 
-It opens the shared engine the plan names (`ratelimit.factory.open_backend`: the shm segment the suite
+It opens the shared engine the plan names (`ratelimit.configured.open_backend`: the shm segment the suite
 created, or the suite's Redis prefix; the bot token and the Redis URL come in the environment), prints
 `{"ready": true}` on stdout once it is set up, waits for SIGUSR1 (the suite signals every process at once),
 then runs its part of the plan and prints one JSON report line. Two modes:
@@ -54,10 +54,10 @@ from benchmarks.ratelimit.workloads import (
 )
 from ratelimit.backend import Backend
 from ratelimit.buckets import RateLimitHeaders
+from ratelimit.configured import BackendSpec, open_backend
 from ratelimit.engine import Ratelimiter
-from ratelimit.factory import BackendSpec, open_backend
+from ratelimit.httpx_transport import RatelimitedTransport
 from ratelimit.model import Ask, Outcome, Permit
-from ratelimit.transport import RatelimitedTransport
 
 #: The capacity run's buckets: this many requests per `CAPACITY_RESET_AFTER_S`, i.e. never exhausted.
 CAPACITY_LIMIT: Final = 1_000_000_000

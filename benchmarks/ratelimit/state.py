@@ -23,7 +23,7 @@ from benchmarks.harness import BenchmarkError, ChildProcess, open_child
 from benchmarks.ratelimit.client import backend_spec
 from benchmarks.ratelimit.settings import Backend
 from benchmarks.ratelimit.workloads import EngineSpec
-from ratelimit.factory import open_backend
+from ratelimit.configured import open_backend
 from ratelimit.resp import RedisConnectionError, RedisReplyError, RespClient
 from ratelimit.shm import ShmBackend
 

@@ -125,7 +125,7 @@ class CapacityPlan:
 
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
-    """How a client process opens the shared engine (`ratelimit.factory.BackendSpec` fields). The Redis URL
+    """How a client process opens the shared engine (`ratelimit.configured.BackendSpec` fields). The Redis URL
     (it may hold a password) comes in the environment, `REDIS_URL_ENV`."""
 
     kind: str

@@ -23,7 +23,7 @@ from typing import Any, Final
 import orjson
 import trio
 
-from workers.httpserver import HttpRequest, HttpResponse, serve_http
+from supervisor.httpserver import HttpRequest, HttpResponse, serve_http
 
 from .config import SimulatorConfig
 from .gateway import GatewaySimulator

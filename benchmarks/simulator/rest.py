@@ -35,7 +35,7 @@ from typing import Any, Final
 import orjson
 import trio
 
-from workers.httpserver import HttpRequest, HttpResponse
+from supervisor.httpserver import HttpRequest, HttpResponse
 
 from .buckets import EMPTY_STATE, BucketState, BucketView, SlidingLog, peek, take
 from .config import BOT_USER_ID, SimulatorConfig

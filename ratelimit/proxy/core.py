@@ -51,10 +51,10 @@ import orjson
 import trio
 
 from ratelimit.engine import Ratelimiter, RateLimitTimeout, RequestRefused
+from ratelimit.httpx_transport import RatelimitedTransport
 from ratelimit.invalid import TOKEN_REVOKED, WEBHOOK_DEAD
 from ratelimit.model import INVALID_BUDGET
 from ratelimit.routes import route_key
-from ratelimit.transport import RatelimitedTransport
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",

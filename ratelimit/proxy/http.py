@@ -17,7 +17,7 @@ and the kernel spreads new connections over them (Linux hashes the 4-tuple). The
 accepting and passing sockets on, would need a process that is not a worker, or one worker more loaded
 than the others; a socket inherited from the supervisor would not survive the supervisor's own restart.
 
-Why not `workers.httpserver` (the simulator's and the metrics' server): the proxy needs the raw request
+Why not `supervisor.httpserver` (the simulator's and the metrics' server): the proxy needs the raw request
 target and header list, a 413 before reading an oversized body, a deadline on each request head and body
 (a slowloris client holds a connection for at most `head_timeout_s`), a cap on connections, and a drain
 on stop; and `ratelimit/` does not depend on `workers/`. One connection, one task, requests in order;

@@ -31,8 +31,8 @@ from typing import Any, Final
 import httpx
 import trio
 
-from supervisor.metrics import MULTIPROC_DIR_ENV
 from workers.amqp_bridge import open_amqp
+from workers.metric_labels import MULTIPROC_DIR_ENV
 
 from .deployfiles import (
     BENCH_ENV,

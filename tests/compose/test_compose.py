@@ -25,7 +25,7 @@ from benchmarks.simulator.app import SimulatorAddresses
 from benchmarks.simulator.cli import build_parser as simulator_parser
 from benchmarks.simulator.cli import config_from_args
 from supervisor.config import KNOWN_VARIABLES, load_settings
-from supervisor.metrics import MULTIPROC_DIR_ENV
+from workers.metric_labels import MULTIPROC_DIR_ENV
 
 from .deployfiles import (
     BENCH_ENV,

@@ -5,7 +5,7 @@ tests beside this file instead.
     .venv/bin/python tests/fuzz/atheris_decoders.py TARGET [libFuzzer flags]
 
 TARGET is one of `payload` (workers.protocol.decode_payload and the shard core), `zlib` and `zstd`
-(workers.transport.Decompressor, the input cut into frames), `command` (workers.commands.decode_command in
+(workers.decompress.Decompressor, the input cut into frames), `command` (workers.commands.decode_command in
 every encoding) or `rpc` (ratelimit.proxy.rpc.decode_request and decode_cancel). Useful flags:
 `-runs=100000`, `-max_total_time=300`, `-max_len=65536`, `-rss_limit_mb=2048`, and a corpus directory
 (`payload` without one starts from PAYLOAD_SEEDS, written to a temporary directory).
@@ -30,9 +30,9 @@ with atheris.instrument_imports():
     from ratelimit.proxy.core import ProxyError
     from ratelimit.proxy.rpc import decode_cancel, decode_request
     from workers.commands import decode_command
+    from workers.decompress import Decompressor
     from workers.errors import CommandRejected, ProtocolError, TransportError
     from workers.protocol import ShardProtocol, decode_payload
-    from workers.transport import Decompressor
 
 
 def fuzz_payload(data: bytes) -> None:

@@ -1,4 +1,4 @@
-"""Fuzz the transport decompressors (workers/transport.py) for zlib-stream and zstd-stream.
+"""Fuzz the transport decompressors (workers/decompress.py) for zlib-stream and zstd-stream.
 
 The shard catches `TransportError` from `Decompressor.feed` and replaces the connection (and with it the
 decompressor), so for any sequence of messages `feed` must return bytes or None, or raise `TransportError`;
@@ -22,10 +22,10 @@ import zstandard
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers import transport
+from workers import decompress
 from workers.config import Compression
+from workers.decompress import MAX_PAYLOAD_BYTES, ZLIB_SUFFIX, Decompressor
 from workers.errors import TransportError
-from workers.transport import MAX_PAYLOAD_BYTES, ZLIB_SUFFIX, Decompressor
 
 from .strategies import FUZZ, json_values
 
@@ -182,7 +182,7 @@ def test_output_past_the_limit_is_refused(
     frames = split(Stream(compression).message(payload), cuts)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(transport, "MAX_PAYLOAD_BYTES", SMALL_LIMIT)
+            patch.setattr(decompress, "MAX_PAYLOAD_BYTES", SMALL_LIMIT)
             outputs = list(feed_all(Decompressor(compression), frames))
     except TransportError as exc:
         refused: TransportError | None = exc
@@ -222,7 +222,7 @@ def test_a_real_bomb_is_refused_without_inflating_it(compression: Compression) -
 
 
 def test_a_zlib_message_that_never_ends_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport, "MAX_PENDING_BYTES", 1024)
+    monkeypatch.setattr(decompress, "MAX_PENDING_BYTES", 1024)
     decompressor = Decompressor("zlib-stream")
     with pytest.raises(TransportError, match="never ended"):
         for _ in range(100):

@@ -14,7 +14,7 @@ import orjson
 import trio
 
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, RestConfig, SimulatorConfig, open_simulator
-from ratelimit.factory import engine_config, shm_segment_name
+from ratelimit.configured import engine_config, shm_segment_name
 from ratelimit.shm import ShmBackend
 from tests.ratelimit.proxy_helpers import AMQP_URL, open_rpc_client, unique_group
 from tests.simulator.rest_helpers import AUTH

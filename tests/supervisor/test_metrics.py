@@ -21,14 +21,13 @@ import pytest
 import trio
 
 from supervisor.metrics import (
-    MULTIPROC_DIR_ENV,
     HealthState,
     mark_worker_dead,
     parse_listen_address,
     prepare_multiprocess_dir,
-    reconnect_reason_label,
     serve_metrics,
 )
+from workers.metric_labels import MULTIPROC_DIR_ENV, reconnect_reason_label
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 30.0
@@ -36,7 +35,7 @@ TIMEOUT_S = 30.0
 # A worker's part: count, then exit (its files stay, as a crashed worker's would). argv: received, ready.
 WRITER = """
 import os, sys
-from supervisor import metric_defs as m
+from workers import metric_defs as m
 m.EVENTS_RECEIVED.inc(int(sys.argv[1]))
 m.EVENTS_PUBLISHED.inc(int(sys.argv[1]))
 m.SHARDS.labels(state="ready").set(int(sys.argv[2]))
@@ -205,7 +204,7 @@ async def test_metric_defs_refuse_a_prometheus_client_imported_too_early(tmp_pat
 import os
 import prometheus_client
 os.environ[{MULTIPROC_DIR_ENV!r}] = {str(tmp_path)!r}
-import supervisor.metric_defs
+import workers.metric_defs
 """
     result = await run_python(code, metrics_dir=None)
     assert result.returncode == 1
@@ -312,7 +311,7 @@ def test_reconnect_reasons_stay_bounded() -> None:
 
 
 def test_shard_states_match_the_protocol() -> None:
-    from supervisor.metrics import SHARD_STATES
+    from workers.metric_labels import SHARD_STATES
     from workers.protocol import ShardState
 
     assert tuple(state.value for state in ShardState) == SHARD_STATES

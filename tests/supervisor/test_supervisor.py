@@ -18,7 +18,7 @@ import httpx
 import trio
 
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
-from ratelimit.factory import shm_segment_name
+from ratelimit.configured import shm_segment_name
 
 TIMEOUT_S = 90
 

@@ -21,6 +21,7 @@ import trio_asyncio
 from workers.amqp_bridge import Amqp, AmqpConnectError, BridgeKind, open_amqp
 from workers.errors import PublishError
 from workers.publish import OutboundEvent
+from workers.publish.amqp import AmqpPublisher
 
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/")
 EXCHANGE = "test-gateway"
@@ -132,10 +133,10 @@ async def test_publish_a_batch_and_read_it_with_plain_aio_pika(amqp: Amqp, queue
     events = [ev(1), ev(2, "GUILD_CREATE", big), ev(3, "TYPING_START")]
     with trio.fail_after(20):
         await amqp.declare_queue(queue_name, ["MESSAGE_CREATE", "GUILD_CREATE"], EXCHANGE)
-        spectacles = amqp.publisher(EXCHANGE, "spectacles", message_ttl_s=120.0)
+        spectacles = AmqpPublisher(amqp, group=EXCHANGE, encoding="spectacles", message_ttl_s=120.0)
         await spectacles.publish(events)  # TYPING_START is not bound: dropped by the broker, still confirmed
-        await amqp.publisher(EXCHANGE, "msgpack", message_ttl_s=1.5).publish([ev(4)])
-        await amqp.publisher(EXCHANGE, "json", message_ttl_s=None).publish([ev(5)])
+        await AmqpPublisher(amqp, group=EXCHANGE, encoding="msgpack", message_ttl_s=1.5).publish([ev(4)])
+        await AmqpPublisher(amqp, group=EXCHANGE, encoding="json", message_ttl_s=None).publish([ev(5)])
         got = await plain_aio_pika_get(queue_name, 4)
     assert [m["routing_key"] for m in got] == [
         "MESSAGE_CREATE",
@@ -186,7 +187,7 @@ async def test_consume_ack_reject_and_publish_raw(amqp: Amqp, queue_name: str) -
 async def test_a_cancelled_publish_returns_promptly_and_the_channel_stays_usable(
     amqp: Amqp, queue_name: str
 ) -> None:
-    publisher = amqp.publisher(EXCHANGE, "spectacles", message_ttl_s=60)
+    publisher = AmqpPublisher(amqp, group=EXCHANGE, encoding="spectacles", message_ttl_s=60)
     with trio.fail_after(20):
         await amqp.declare_queue(queue_name, ["MESSAGE_CREATE"], EXCHANGE, durable=False)
         for delay in (0, 0.0005, 0.002):
@@ -209,7 +210,9 @@ async def test_other_bridges_publish_too(bridge: BridgeKind, queue_name: str) ->
     with trio.fail_after(20):
         async with open_amqp(URL, bridge=bridge) as connection:
             await connection.declare_queue(queue_name, ["MESSAGE_CREATE"], EXCHANGE, durable=False)
-            await connection.publisher(EXCHANGE, "json", message_ttl_s=60).publish([ev(1), ev(2)])
+            await AmqpPublisher(connection, group=EXCHANGE, encoding="json", message_ttl_s=60).publish(
+                [ev(1), ev(2)]
+            )
             got = await plain_aio_pika_get(queue_name, 2)
             await connection.delete_queue(queue_name)
     assert [m["body"] for m in got] == [b'{"seq":1}', b'{"seq":2}']
@@ -226,7 +229,7 @@ async def test_broker_restart_loses_nothing_that_was_confirmed(amqp: Amqp, queue
     """Publish batches continuously, several in flight as the pump does, while the broker's app stops and
     starts. Every event whose publish() returned must be in the (durable) queue afterwards; publishes during
     the outage must fail fast. Events of a failed publish may or may not be there (at-least-once)."""
-    publisher = amqp.publisher(EXCHANGE, "spectacles", message_ttl_s=600)
+    publisher = AmqpPublisher(amqp, group=EXCHANGE, encoding="spectacles", message_ttl_s=600)
     confirmed: set[int] = set()
     failures: list[float] = []  # how long each failing publish took
     after_restart = 0

@@ -21,6 +21,7 @@ import trio
 
 from workers.amqp_bridge import open_amqp
 from workers.publish import OutboundEvent
+from workers.publish.amqp import AmqpPublisher
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "node"
 URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/")
@@ -91,7 +92,9 @@ async def test_a_spectacles_consumer_decodes_our_events() -> None:
             try:
                 lines = LineReader(process.stdout)
                 assert orjson.loads(await lines.readline()) == {"ready": True}
-                await amqp.publisher(GROUP, "spectacles", message_ttl_s=60).publish(events)
+                await AmqpPublisher(amqp, group=GROUP, encoding="spectacles", message_ttl_s=60).publish(
+                    events
+                )
                 got = [orjson.loads(await lines.readline()) for _ in range(3)]
             finally:
                 await process.stdin.aclose()

@@ -1,12 +1,12 @@
-"""The shared HTTP server (workers.httpserver) over real sockets."""
+"""The shared HTTP server (supervisor.httpserver) over real sockets."""
 
 from __future__ import annotations
 
 import pytest
 import trio
 
-from workers import httpserver
-from workers.httpserver import HttpRequest, HttpResponse, serve_http
+from supervisor import httpserver
+from supervisor.httpserver import HttpRequest, HttpResponse, serve_http
 
 
 async def answer(request: HttpRequest) -> HttpResponse:

@@ -25,21 +25,21 @@ import trio
 import trio_asyncio
 from redis.asyncio import Redis
 
-from tests.workers.test_sessions import REDIS_URL, SwitchableProxy, closed_port, redis_monitor
-from tests.workers.test_sessions import Probe as RedisProbe
-from workers.identify import IdentifyGate
-from workers.identify_redis import (
+from supervisor.identify_redis import (
     _GRANT_LUA,
     RedisIdentifyGate,
     budget_key,
     identify_key,
     open_redis_identify_gate,
 )
+from tests.workers.test_sessions import REDIS_URL, SwitchableProxy, closed_port, redis_monitor
+from tests.workers.test_sessions import Probe as RedisProbe
+from workers.identify import IdentifyGate
 
 #: Grants may look this much early on our clock: the task granted first can be scheduled late under load. The
 #: exact check is the one on Redis's own timestamps (MONITOR, in `test_two_gates_share_one_schedule_per_key`).
 SLACK_S = 0.02
-LOGGER = "workers.identify_redis"
+LOGGER = "supervisor.identify_redis"
 
 
 class Probe(RedisProbe):

@@ -10,8 +10,8 @@ import trio
 
 from ratelimit.backend import LocalBackend
 from ratelimit.engine import Ratelimiter
+from ratelimit.httpx_transport import RatelimitedTransport, RateLimitTimeout, RequestRefused
 from ratelimit.model import EngineConfig
-from ratelimit.transport import RatelimitedTransport, RateLimitTimeout, RequestRefused
 from tests.simulator.rest_helpers import AUTH, RestHarness, rest_harness
 
 

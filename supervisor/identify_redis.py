@@ -78,7 +78,7 @@ from workers.identify import (
     IdentifyGateStatistics,
     check_gate_arguments,
 )
-from workers.redis_util import is_hash_tag, open_redis_client, require_trio_asyncio_loop
+from workers.redis_connection import is_hash_tag, open_redis_client, require_trio_asyncio_loop
 
 __all__ = [
     "BUDGET_RECHECK_S",

@@ -19,7 +19,7 @@ from typing import Final
 import h11
 import trio
 
-LOGGER: Final = logging.getLogger("workers.httpserver")
+LOGGER: Final = logging.getLogger("supervisor.httpserver")
 #: Largest request body accepted (Discord accepts 25 MiB uploads; the simulator needs far less).
 MAX_BODY_BYTES: Final = 8 * 1024 * 1024
 #: A connection that sends nothing for this long is closed.

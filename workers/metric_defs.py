@@ -8,7 +8,7 @@ module in that state raises instead of losing them quietly. Without the variable
 run) the metrics count in memory, which is harmless.
 
 Names follow Prometheus conventions: a `discord_` prefix, base units (`_seconds`), `_total` counters. Labels
-come from bounded sets (`supervisor.metrics.SHARD_STATES`, `RECONNECT_REASONS`, `WORKER_RESTART_CAUSES`);
+come from bounded sets (`metric_labels.SHARD_STATES`, `RECONNECT_REASONS`, `WORKER_RESTART_CAUSES`);
 there is deliberately no per-event or per-shard label, so the number of series does not grow with the bot.
 Gauges name their multiprocess mode: `livesum` adds up the processes that are alive, so a dead worker's shards
 vanish from `discord_shards` once it is reaped (`mark_worker_dead`). Histograms and counters of dead processes
@@ -22,7 +22,7 @@ from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
-from .metrics import (
+from .metric_labels import (
     MULTIPROC_DIR_ENV,
     SHARD_STATES,
     WORKER_RESTART_CAUSES,
