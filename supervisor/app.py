@@ -20,28 +20,31 @@ import shutil
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final
 
 import trio
 
 from workers import logs
+from workers.config import ShardAssignment, WorkerConfig
+from workers.exit_status import ExitStatus
 from workers.gateway_bot import GatewayBot, GatewayBotError, fetch_gateway_bot
-from workers.identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, InMemoryIdentifyGate
+from workers.identify import (
+    IDENTIFY_INTERVAL_S,
+    IDENTIFY_MARGIN_S,
+    BudgetedIdentifyGate,
+    InMemoryIdentifyGate,
+)
+from workers.metric_labels import MULTIPROC_DIR_ENV
+from workers.settings import KNOWN_VARIABLES, Settings
 
-from .config import Settings
+from .errors import SupervisorError
 from .metrics import HealthState, mark_worker_dead, prepare_multiprocess_dir, serve_metrics
 from .planning import MS_PER_S, ShardRange, check_session_budget, plan_workers
-from .processes import WORKER_EXIT_FATAL, SessionBook, WorkerSlot
+from .processes import SessionBook, WorkerSlot
 from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
 
-if TYPE_CHECKING:  # imported when used: Redis brings redis-py and trio-asyncio
-    from supervisor.identify_redis import RedisIdentifyGate
-
 LOGGER: Final = logging.getLogger("supervisor")
-EXIT_OK: Final = 0
-EXIT_ERROR: Final = 1
-EXIT_FATAL: Final = 3
 STATUS_PERIOD_S: Final = 2.0
 ROLLING_READY_TIMEOUT_S: Final = 120.0
 #: The daily budget is fetched again this long after Discord's reset, at least every BUDGET_REFRESH_S, and
@@ -51,24 +54,6 @@ BUDGET_REFRESH_S: Final = 900.0
 BUDGET_RETRY_S: Final = 60.0
 BUDGET_WATCH_S: Final = 1.0
 
-Gate: TypeAlias = "InMemoryIdentifyGate | RedisIdentifyGate"
-
-
-async def set_gate_budget(gate: Gate, remaining: int, reset_after_s: float) -> None:
-    """Hand Discord's `session_start_limit` to either gate (the Redis one shares it with every host)."""
-    if isinstance(gate, InMemoryIdentifyGate):
-        gate.set_budget(remaining, reset_after_s)
-    else:
-        await gate.set_budget(remaining, reset_after_s)
-
-
-class SupervisorError(Exception):
-    """A failure that stops the supervisor; `status` is the exit status to use."""
-
-    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.status = status
-
 
 class Supervisor:
     def __init__(self, settings: Settings, environ: dict[str, str]) -> None:
@@ -77,7 +62,7 @@ class Supervisor:
         self.slots: list[WorkerSlot] = []
         self.notifier = SystemdNotifier.from_environ(environ)
         self.policy = RestartPolicy(crash_limit=settings.restart_max, window_s=settings.restart_window_s)
-        self.status = EXIT_OK
+        self.status = ExitStatus.OK
         self.shard_total = 0
         self._stop = trio.Event()
         self._crash_loop = False
@@ -112,9 +97,9 @@ class Supervisor:
         if returncode == 0:
             metrics.WORKER_RESTARTS.labels(cause="rolling_restart" if self._rolling else "clean_exit").inc()
             return 0.0  # asked to stop (a rolling restart): replace it at once, not a crash
-        if returncode == WORKER_EXIT_FATAL:
+        if returncode == ExitStatus.FATAL:
             LOGGER.error("supervisor.fatal_close_code", extra={"worker": slot.index})
-            self.status = EXIT_FATAL
+            self.status = ExitStatus.FATAL
             self._stop.set()
             return None
         now = trio.current_time()
@@ -124,7 +109,7 @@ class Supervisor:
         if decision.give_up:
             LOGGER.error("supervisor.crash_loop", extra={"worker": slot.index, "code": returncode})
             self._crash_loop = True
-            self.status = EXIT_ERROR
+            self.status = ExitStatus.ERROR
             self._stop.set()
             return None
         metrics.WORKER_RESTARTS.labels(cause="unresponsive" if slot.unresponsive else "crash").inc()
@@ -138,7 +123,7 @@ class Supervisor:
 
     async def run(self) -> int:
         # First: prometheus_client must see this directory before anything imports it (metric_defs).
-        named_dir = self.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        named_dir = self.environ.get(MULTIPROC_DIR_ENV) or None
         metrics_dir = prepare_multiprocess_dir(named_dir)
         try:
             return await self._run(metrics_dir)
@@ -156,7 +141,7 @@ class Supervisor:
         try:
             info = await fetch_gateway_bot(settings.api_url, settings.token)
         except GatewayBotError as exc:
-            raise SupervisorError(str(exc), EXIT_FATAL if exc.refused else EXIT_ERROR) from exc
+            raise SupervisorError(str(exc), ExitStatus.FATAL if exc.refused else ExitStatus.ERROR) from exc
         shard_count = settings.shards or info.shards
         shard_ids = settings.shard_ids or tuple(range(shard_count))
         if max(shard_ids) >= shard_count:
@@ -182,7 +167,9 @@ class Supervisor:
                 await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
         return self.status
 
-    async def _spend_budget_check(self, gate: Gate, info: GatewayBot, shard_ids: tuple[int, ...]) -> None:
+    async def _spend_budget_check(
+        self, gate: BudgetedIdentifyGate, info: GatewayBot, shard_ids: tuple[int, ...]
+    ) -> None:
         """Refuse a start whose IDENTIFYs would eat into `SESSION_START_RESERVE` (F13); shards with a session
         in the Redis store will RESUME and spend nothing. Then hand the budget to the gate, which never
         grants an IDENTIFY the budget does not cover (exceeding it resets the token)."""
@@ -202,9 +189,9 @@ class Supervisor:
             "supervisor.session_budget",
             extra={"identifying": identifying, "resuming": len(resuming), "remaining": info.remaining},
         )
-        await set_gate_budget(gate, info.remaining, info.reset_after_ms / MS_PER_S)
+        await gate.set_budget(info.remaining, info.reset_after_ms / MS_PER_S)
 
-    async def _refresh_budget(self, gate: Gate, reset_after_s: float) -> None:
+    async def _refresh_budget(self, gate: BudgetedIdentifyGate, reset_after_s: float) -> None:
         """Ask Discord for the budget again when it resets (and at least every BUDGET_REFRESH_S), so the gate
         keeps limiting with today's figure instead of none."""
         while True:
@@ -216,9 +203,9 @@ class Supervisor:
                 reset_after_s = BUDGET_RETRY_S
                 continue
             reset_after_s = info.reset_after_ms / MS_PER_S
-            await set_gate_budget(gate, info.remaining, reset_after_s)
+            await gate.set_budget(info.remaining, reset_after_s)
 
-    async def _watch_budget(self, gate: Gate) -> None:
+    async def _watch_budget(self, gate: BudgetedIdentifyGate) -> None:
         """Alert (an error log line, once per exhaustion) while shards wait for an IDENTIFY the daily budget
         does not cover, instead of spending it (F13)."""
         alerted = False
@@ -241,7 +228,7 @@ class Supervisor:
     async def _serve(
         self,
         nursery: trio.Nursery,
-        gate: Gate,
+        gate: BudgetedIdentifyGate,
         info: GatewayBot,
         plan: list[ShardRange],
         shard_count: int,
@@ -259,23 +246,29 @@ class Supervisor:
                 settings.prometheus_endpoint,
                 self.health,
             )
+        # The workers' settings, token included, travel over their control channels: their environment is
+        # the supervisor's without any setting, so no secret is readable in a worker's /proc/PID/environ.
+        worker_env = {
+            name: value
+            for name, value in child_environment(self.environ).items()
+            if name not in KNOWN_VARIABLES
+        }
+        worker_env[MULTIPROC_DIR_ENV] = str(metrics_dir)
         for worker_range in plan:
             ids = worker_range.shard_ids
-
-            def environment(ids: tuple[int, ...] = ids) -> dict[str, str]:
-                env = child_environment(self.environ)
-                env.update(
-                    settings.worker_environment(
-                        ids, shard_count, info.url, info.max_concurrency, workers=len(plan)
-                    )
-                )
-                env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-                return env
-
+            assignment = ShardAssignment(
+                ids,
+                shard_count,
+                gateway_url=info.url,
+                max_concurrency=info.max_concurrency,
+                # While Redis is away each worker paces its own share of the global limit (R10).
+                ratelimit_fallback_share=len(plan),
+            )
             slot = WorkerSlot(
                 worker_range.worker_index,
                 ids,
-                environment=environment,
+                config=WorkerConfig(settings, assignment),
+                environment=worker_env.copy,
                 gate=gate,
                 book=book,
                 on_exit=self._on_worker_exit,
@@ -314,7 +307,7 @@ class Supervisor:
                 await backend.aclose()
 
     @contextlib.asynccontextmanager
-    async def _open_gate(self, max_concurrency: int) -> AsyncIterator[Gate]:
+    async def _open_gate(self, max_concurrency: int) -> AsyncIterator[BudgetedIdentifyGate]:
         interval = IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S
         if self.settings.shard_store_type == "redis":
             import trio_asyncio

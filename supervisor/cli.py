@@ -10,17 +10,17 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, Literal
+from typing import Literal
 
 from workers.errors import ConfigError
+from workers.exit_status import ExitStatus
+from workers.settings import SETTINGS, LoadedSettings, Settings
 
-from .config import KEYS, LoadedSettings, Settings, build_parser, settings_from_arguments
+from .config import build_parser, settings_from_arguments
 
-__all__ = ["EXIT_CONFIG", "EXIT_OK", "Action", "build_parser", "format_config", "main", "parse_command_line"]
+__all__ = ["Action", "format_config", "main", "parse_command_line"]
 
 Action = Literal["run", "print", "check"]
-EXIT_OK: Final = 0
-EXIT_CONFIG: Final = 2
 
 
 def parse_command_line(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[LoadedSettings, Action]:
@@ -40,16 +40,16 @@ def parse_command_line(argv: Sequence[str], environ: Mapping[str, str]) -> tuple
 def format_config(loaded: LoadedSettings) -> str:
     """One `KEY = value  (source)` line per setting, secrets redacted; the `--print-config` output."""
     lines = []
-    for key in KEYS:
-        value = getattr(loaded.settings, key.field)
-        source = loaded.sources[key.env]
-        shown = key.display(value)
+    for row in SETTINGS:
+        value = getattr(loaded.settings, row.field)
+        source = loaded.sources[row.env]
+        shown = row.display(value)
         where = str(source)
-        if source.kind in ("env", "file") and source.key.upper() != key.env:
+        if source.kind in ("env", "file") and source.key.upper() != row.env:
             where += f", {source.key}"  # the other spelling: DISCORD_TOKEN_FILE, DISCORD_RAW_INTENTS
-        if key.field == "token" and loaded.settings.token_file:
+        if row.field == "token" and loaded.settings.token_file:
             shown += f" (read from {loaded.settings.token_file})"
-        lines.append(f"{key.env} = {shown}  ({where})")
+        lines.append(f"{row.env} = {shown}  ({where})")
     return "\n".join(lines) + "\n"
 
 
@@ -78,13 +78,13 @@ def main(
         loaded, action = parse_command_line(argv, environ)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitStatus.CONFIG
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if action == "print":
         sys.stdout.write(format_config(loaded))
-        return EXIT_OK
+        return ExitStatus.OK
     if action == "check":
         print("configuration OK")
-        return EXIT_OK
+        return ExitStatus.OK
     return run(loaded.settings, environ)

@@ -2,7 +2,9 @@
 
 Design note. Workers are fresh interpreters started with `trio.lowlevel.open_process([sys.executable, "-m",
 "workers"])` (never fork inside trio; anchors/style-and-ecosystem.md), each given one end of a Unix socketpair
-(`SUPERVISOR_CONTROL_FD`, protocol in workers/control.py). The slot answers identify requests from the
+(`SUPERVISOR_CONTROL_FD`, messages in workers/control_messages.py). The slot's first message to a worker is
+its `Configure` (settings, token included, and shards): nothing of it is put in the worker's environment,
+where any process of the same user could read it in /proc. The slot answers identify requests from the
 supervisor's one gate, so IDENTIFYs of all processes follow one schedule, and (with `SHARD_STORE_TYPE=memory`)
 holds the sessions its worker hands back, so the replacement of a dead worker RESUMEs every shard. A worker
 whose heartbeats stop for `HEARTBEAT_TIMEOUT_S` (a stalled trio loop, a deadlock) is killed and replaced like
@@ -23,36 +25,45 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import orjson
 import trio
 
-from workers.control import CONTROL_FD_ENV
+from workers.config import WorkerConfig
+from workers.control_messages import (
+    CONTROL_FD_ENV,
+    Configure,
+    ControlMessage,
+    ControlMessageError,
+    Heartbeat,
+    Hello,
+    IdentifyCancel,
+    IdentifyRequest,
+    Permit,
+    SessionLoad,
+    SessionReply,
+    SessionsUpdate,
+    ShardStatistics,
+    encode,
+    read_messages,
+)
 from workers.identify import IdentifyGate
+from workers.sessions import StoredSession
+
+__all__ = ["HEARTBEAT_TIMEOUT_S", "SessionBook", "WorkerSlot"]
 
 LOGGER: Final = logging.getLogger("supervisor.processes")
 HEARTBEAT_TIMEOUT_S: Final = 10.0
-WORKER_EXIT_FATAL: Final = 3
-MAX_LINE_BYTES: Final = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
 class SessionBook:
     """Sessions handed back by workers (`SHARD_STORE_TYPE=memory`), keyed by shard id."""
 
-    sessions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sessions: dict[int, StoredSession] = field(default_factory=dict)
 
-    def update(self, save: Mapping[str, Any], delete: list[Any]) -> None:
-        for shard, session in save.items():
-            if isinstance(session, dict):
-                self.sessions[int(shard)] = session
-        for shard in delete:
-            self.sessions.pop(int(shard), None)
-
-
-class WorkerExited(Exception):
-    def __init__(self, returncode: int | None) -> None:
-        super().__init__(f"worker exited with {returncode}")
-        self.returncode = returncode
+    def update(self, message: SessionsUpdate) -> None:
+        self.sessions.update(message.save)
+        for shard in message.delete:
+            self.sessions.pop(shard, None)
 
 
 class WorkerSlot:
@@ -63,6 +74,7 @@ class WorkerSlot:
         index: int,
         shard_ids: tuple[int, ...],
         *,
+        config: WorkerConfig,
         environment: Callable[[], dict[str, str]],
         gate: IdentifyGate,
         book: SessionBook | None,
@@ -70,6 +82,7 @@ class WorkerSlot:
     ) -> None:
         self.index = index
         self.shard_ids = shard_ids
+        self._config = config
         self._environment = environment
         self._gate = gate
         self._book = book
@@ -78,7 +91,7 @@ class WorkerSlot:
         self.pid: int | None = None
         self.started_at = 0.0
         self.last_heartbeat = -math.inf
-        self.stats: dict[str, dict[str, Any]] = {}
+        self.stats: Mapping[int, ShardStatistics] = {}
         self.connected = trio.Event()
         self.restarts = 0
         self.stopping = False
@@ -94,7 +107,7 @@ class WorkerSlot:
         await self._heartbeat.wait()
 
     def ready_shards(self) -> int:
-        return sum(1 for stats in self.stats.values() if stats.get("state") == "ready")
+        return sum(1 for stats in self.stats.values() if stats.state == "ready")
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -182,59 +195,44 @@ class WorkerSlot:
     # -- control channel -----------------------------------------------------------------------------------
 
     async def _serve_control(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
-        buffer = b""
         send_lock = trio.Lock()
 
-        async def reply(message: dict[str, Any]) -> None:
+        async def reply(message: ControlMessage) -> None:
             async with send_lock:
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(orjson.dumps(message) + b"\n")
+                    await stream.send_all(encode(message))
 
-        while True:
-            try:
-                chunk = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not chunk:
-                return
-            buffer += chunk
-            if len(buffer) > MAX_LINE_BYTES:
-                LOGGER.error("worker.control_line_too_long", extra={"worker": self.index})
-                return
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                try:
-                    message = orjson.loads(line)
-                    kind = message["type"]
-                except (orjson.JSONDecodeError, KeyError, TypeError):
-                    LOGGER.warning("worker.bad_control_message", extra={"worker": self.index})
-                    continue
-                self._handle(kind, message, reply, nursery)
+        await reply(Configure(self._config))
+        async for message in read_messages(stream):
+            if isinstance(message, ControlMessageError):
+                LOGGER.warning(
+                    "worker.bad_control_message", extra={"worker": self.index, "reason": message.reason}
+                )
+                continue
+            self._handle(message, reply, nursery)
 
-    def _handle(self, kind: str, message: dict[str, Any], reply: Any, nursery: trio.Nursery) -> None:
-        if kind == "heartbeat":
+    def _handle(self, message: ControlMessage, reply: Any, nursery: trio.Nursery) -> None:
+        if isinstance(message, Heartbeat):
             self.last_heartbeat = trio.current_time()
-            shards = message.get("shards")
-            if isinstance(shards, dict):
-                self.stats = shards
+            self.stats = message.shards
             self._heartbeat.set()
             self._heartbeat = trio.Event()
-        elif kind == "hello":
+        elif isinstance(message, Hello):
             self.last_heartbeat = trio.current_time()
             self.connected.set()
-        elif kind == "identify":
-            nursery.start_soon(self._grant, int(message["id"]), int(message["shard"]), reply)
-        elif kind == "identify_cancel":
-            scope = self._identify_scopes.pop(int(message["id"]), None)
+        elif isinstance(message, IdentifyRequest):
+            nursery.start_soon(self._grant, message.id, message.shard, reply)
+        elif isinstance(message, IdentifyCancel):
+            scope = self._identify_scopes.pop(message.id, None)
             if scope is not None:
                 scope.cancel()
-        elif kind == "session_load":
-            session = self._book.sessions.get(int(message["shard"])) if self._book is not None else None
-            nursery.start_soon(reply, {"type": "session", "id": message["id"], "session": session})
-        elif kind == "sessions" and self._book is not None:
-            self._book.update(message.get("save") or {}, message.get("delete") or [])
+        elif isinstance(message, SessionLoad):
+            session = self._book.sessions.get(message.shard) if self._book is not None else None
+            nursery.start_soon(reply, SessionReply(message.id, session))
+        elif isinstance(message, SessionsUpdate) and self._book is not None:
+            self._book.update(message)
         else:
-            LOGGER.debug("worker.control_ignored", extra={"worker": self.index, "kind": kind})
+            LOGGER.debug("worker.control_ignored", extra={"worker": self.index, "kind": message.TYPE})
 
     async def _grant(self, request_id: int, shard_id: int, reply: Any) -> None:
         with trio.CancelScope() as scope:
@@ -243,4 +241,4 @@ class WorkerSlot:
                 await self._gate.wait_for_permit(shard_id)
             finally:
                 self._identify_scopes.pop(request_id, None)
-            await reply({"type": "permit", "id": request_id})
+            await reply(Permit(request_id))

@@ -36,7 +36,7 @@ REQUEUE_PAUSE_S: Final = 0.5
 
 def command_queues(config: WorkerConfig) -> dict[str, str]:
     """Queue name -> routing key, for the queues this worker consumes."""
-    group = config.broker_group
+    group = config.settings.broker_group
     queues = {f"{group}:{SEND_ROUTING_KEY}": SEND_ROUTING_KEY}
     queues.update({f"{group}:{shard}": str(shard) for shard in config.shard_ids})
     return queues
@@ -65,7 +65,7 @@ async def _consume_queue(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with amqp.consume(queue, [routing_key], config.broker_group) as deliveries:
+    async with amqp.consume(queue, [routing_key], config.settings.broker_group) as deliveries:
         task_status.started()
         async for delivery in deliveries:
             await _handle(amqp, config, runners, delivery)
@@ -76,7 +76,7 @@ async def _handle(
 ) -> None:
     try:
         command = decode_command(
-            delivery.routing_key, delivery.body, config.broker_encoding, config.shard_count
+            delivery.routing_key, delivery.body, config.settings.broker_encoding, config.shard_count
         )
     except CommandRejected as exc:
         LOGGER.warning("command.rejected", extra={"reason": exc.reason, "routing_key": delivery.routing_key})
@@ -105,10 +105,14 @@ async def _handle(
 async def _hand_on(amqp: Amqp, config: WorkerConfig, command: GatewayCommand) -> None:
     """Publish a SEND for a shard another worker runs to that shard's routing key."""
     packet = orjson.dumps({"op": command.op, "d": command.d})
-    body, content_type = encode_json_text(packet, config.broker_encoding)
+    body, content_type = encode_json_text(packet, config.settings.broker_encoding)
     # Declared first (idempotent), so a packet for a worker that has not started yet waits in its queue
     # rather than being dropped as unroutable.
     routing_key = str(command.shard_id)
-    await amqp.declare_queue(f"{config.broker_group}:{routing_key}", [routing_key], config.broker_group)
-    await amqp.publish_raw(config.broker_group, str(command.shard_id), body, content_type=content_type)
+    await amqp.declare_queue(
+        f"{config.settings.broker_group}:{routing_key}", [routing_key], config.settings.broker_group
+    )
+    await amqp.publish_raw(
+        config.settings.broker_group, str(command.shard_id), body, content_type=content_type
+    )
     LOGGER.debug("command.handed_on", extra={"shard": command.shard_id})

@@ -1,21 +1,13 @@
-"""The worker's end of the supervisor's control channel.
-
-Design note. The supervisor starts each worker with one end of a Unix socketpair (its fd number in
-`SUPERVISOR_CONTROL_FD`). Both ends speak JSON lines; every message has a `type`:
-
-    worker -> supervisor                                supervisor -> worker
-    {"type": "hello", "pid", "shards"}                  {"type": "permit", "id"}
-    {"type": "heartbeat", "shards": {id: stats}}        {"type": "session", "id", "session": {...} | null}
-    {"type": "identify", "id", "shard"}
-    {"type": "identify_cancel", "id"}
-    {"type": "session_load", "id", "shard"}
-    {"type": "sessions", "save": {shard: {...}}, "delete": [shard, ...]}
+"""The worker's end of the supervisor's control channel (messages and framing: `workers.control_messages`).
 
 Heartbeats come from the worker's own trio loop (a stalled loop stops them, and the supervisor replaces the
 worker); identify permits come from the supervisor's gate, so every process of the bot shares one schedule;
 with `SHARD_STORE_TYPE=memory` sessions are held by the supervisor, so a replaced worker RESUMEs. Session
 writes are coalesced per shard and sent at most every `SESSION_FLUSH_S`. EOF on the channel means the
 supervisor is gone: the worker stops (it would otherwise keep sessions nobody supervises).
+
+The worker's first message is Hello; the supervisor's first is Configure, the worker's settings and shards
+(`SupervisorLink.config`), which the worker waits for before it does anything else.
 """
 
 from __future__ import annotations
@@ -25,22 +17,40 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import asdict
-from typing import Any, Final
+from typing import Final
 
-import orjson
 import trio
 
+from .config import WorkerConfig
+from .control_messages import (
+    CONTROL_FD_ENV,
+    Configure,
+    ControlMessage,
+    ControlMessageError,
+    Heartbeat,
+    Hello,
+    IdentifyCancel,
+    IdentifyRequest,
+    Permit,
+    SessionLoad,
+    SessionReply,
+    SessionsUpdate,
+    ShardStatistics,
+    encode,
+    read_messages,
+)
 from .sessions import StoredSession
 
+__all__ = ["SupervisorGone", "SupervisorLink", "control_fd_from_env", "open_supervisor_link"]
+
 LOGGER: Final = logging.getLogger("workers.control")
-CONTROL_FD_ENV: Final = "SUPERVISOR_CONTROL_FD"
 HEARTBEAT_INTERVAL_S: Final = 1.0
 SESSION_FLUSH_S: Final = 0.1
-MAX_LINE_BYTES: Final = 4 * 1024 * 1024
 SESSION_LOAD_TIMEOUT_S: Final = 5.0
+#: How long a new worker waits for its Configure before it gives up (the supervisor sends it at once).
+CONFIGURE_TIMEOUT_S: Final = 30.0
 
 
 class SupervisorGone(Exception):
@@ -54,18 +64,37 @@ class SupervisorLink:
         self._stream = stream
         self._send_lock = trio.Lock()
         self._ids = itertools.count(1)
-        self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._waiting: dict[int, trio.MemorySendChannel[ControlMessage]] = {}
         self._pending_saves: dict[int, StoredSession | None] = {}
-        self._flushed = trio.Event()
         self._dirty = trio.Event()
+        self._configured = trio.Event()
+        self._config: WorkerConfig | None = None
         self.gone = trio.Event()
+        #: What each heartbeat reports; the worker sets it once its shards exist.
+        self.stats: Callable[[], Mapping[int, ShardStatistics]] = dict
+
+    async def config(self) -> WorkerConfig:
+        """The settings and shards the supervisor sent (waits for its Configure); SupervisorGone if it left
+        first."""
+        with trio.move_on_after(CONFIGURE_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+
+                async def gone() -> None:
+                    await self.gone.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(gone)
+                await self._configured.wait()
+                nursery.cancel_scope.cancel()
+        if self._config is None:
+            raise SupervisorGone
+        return self._config
 
     # -- IdentifyGate ----------------------------------------------------------------------------------
 
     async def wait_for_permit(self, shard_id: int) -> None:
         request_id = next(self._ids)
-        reply = await self._request({"type": "identify", "id": request_id, "shard": shard_id}, request_id)
-        del reply
+        await self._request(IdentifyRequest(request_id, shard_id))
 
     # -- SessionStore ----------------------------------------------------------------------------------
 
@@ -74,11 +103,8 @@ class SupervisorLink:
             return self._pending_saves[shard_id]  # newer than what the supervisor holds
         request_id = next(self._ids)
         with trio.move_on_after(SESSION_LOAD_TIMEOUT_S):
-            reply = await self._request(
-                {"type": "session_load", "id": request_id, "shard": shard_id}, request_id
-            )
-            session = reply.get("session")
-            return StoredSession(**session) if isinstance(session, dict) else None
+            reply = await self._request(SessionLoad(request_id, shard_id))
+            return reply.session if isinstance(reply, SessionReply) else None
         LOGGER.warning("control.session_load_timeout", extra={"shard": shard_id})
         return None
 
@@ -96,8 +122,9 @@ class SupervisorLink:
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    async def _request(self, message: dict[str, Any], request_id: int) -> dict[str, Any]:
-        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+    async def _request(self, message: IdentifyRequest | SessionLoad) -> ControlMessage:
+        request_id = message.id
+        send, receive = trio.open_memory_channel[ControlMessage](1)
         self._waiting[request_id] = send
         try:
             await self.send(message)
@@ -106,15 +133,15 @@ class SupervisorLink:
         except trio.EndOfChannel:
             raise SupervisorGone from None
         except BaseException:
-            if message["type"] == "identify" and not self.gone.is_set():
+            if isinstance(message, IdentifyRequest) and not self.gone.is_set():
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    await self.send({"type": "identify_cancel", "id": request_id})
+                    await self.send(IdentifyCancel(request_id))
             raise
         finally:
             self._waiting.pop(request_id, None)
 
-    async def send(self, message: dict[str, Any]) -> None:
-        data = orjson.dumps(message) + b"\n"
+    async def send(self, message: ControlMessage) -> None:
+        data = encode(message)
         async with self._send_lock:
             try:
                 await self._stream.send_all(data)
@@ -124,39 +151,24 @@ class SupervisorLink:
 
     async def _send_sessions(self) -> None:
         pending, self._pending_saves = self._pending_saves, {}
-        save = {str(shard): asdict(session) for shard, session in pending.items() if session is not None}
-        delete = [shard for shard, session in pending.items() if session is None]
-        await self.send({"type": "sessions", "save": save, "delete": delete})
+        save = {shard: session for shard, session in pending.items() if session is not None}
+        delete = tuple(shard for shard, session in pending.items() if session is None)
+        await self.send(SessionsUpdate(save, delete))
 
     async def _read(self) -> None:
-        buffer = b""
-        try:
-            while True:
-                chunk = await self._stream.receive_some(65536)
-                if not chunk:
-                    break
-                buffer += chunk
-                if len(buffer) > MAX_LINE_BYTES:
-                    LOGGER.error("control.line_too_long")
-                    break
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    self._dispatch(line)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        async for message in read_messages(self._stream):
+            if isinstance(message, ControlMessageError):
+                LOGGER.warning("control.bad_message", extra={"reason": message.reason})
+            elif isinstance(message, Configure):
+                self._config = message.config
+                self._configured.set()
+            elif isinstance(message, Permit | SessionReply):
+                waiter = self._waiting.get(message.id)
+                if waiter is not None:
+                    waiter.send_nowait(message)
         self.gone.set()
         for waiter in self._waiting.values():
             waiter.close()
-
-    def _dispatch(self, line: bytes) -> None:
-        try:
-            message = orjson.loads(line)
-            waiter = self._waiting.get(int(message["id"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-            LOGGER.warning("control.bad_message", extra={"line": line[:200].decode("utf-8", "replace")})
-            return
-        if waiter is not None:
-            waiter.send_nowait(message)
 
     async def _flush_sessions(self) -> None:
         while True:
@@ -165,9 +177,9 @@ class SupervisorLink:
             await trio.sleep(SESSION_FLUSH_S)
             await self._send_sessions()
 
-    async def _heartbeat(self, stats: Callable[[], dict[str, Any]]) -> None:
+    async def _heartbeat(self) -> None:
         while True:
-            await self.send({"type": "heartbeat", "shards": stats()})
+            await self.send(Heartbeat(self.stats()))
             await trio.sleep(HEARTBEAT_INTERVAL_S)
 
 
@@ -177,9 +189,7 @@ def control_fd_from_env(environ: dict[str, str] | None = None) -> int | None:
 
 
 @asynccontextmanager
-async def open_supervisor_link(
-    fd: int, shards: tuple[int, ...], stats: Callable[[], dict[str, Any]]
-) -> AsyncIterator[SupervisorLink]:
+async def open_supervisor_link(fd: int) -> AsyncIterator[SupervisorLink]:
     """Run the link (reader, heartbeats, session flushes) for the duration of the block.
 
     When the supervisor goes away the block's scope is cancelled: the worker stops with it.
@@ -189,8 +199,8 @@ async def open_supervisor_link(
     link = SupervisorLink(stream)
     async with stream, trio.open_nursery() as nursery:
         nursery.start_soon(link._read)
-        await link.send({"type": "hello", "pid": os.getpid(), "shards": list(shards)})
-        nursery.start_soon(link._heartbeat, stats)
+        await link.send(Hello(os.getpid()))
+        nursery.start_soon(link._heartbeat)
         nursery.start_soon(link._flush_sessions)
 
         async def stop_when_gone() -> None:

@@ -24,8 +24,8 @@ from typing import Final
 
 import zstandard
 
-from .config import Compression
 from .errors import TransportError
+from .settings import Compression
 
 ZLIB_SUFFIX: Final = b"\x00\x00\xff\xff"
 #: A zlib message still incomplete after this many bytes is treated as corrupt (bounds memory).

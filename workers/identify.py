@@ -40,6 +40,7 @@ import trio
 __all__ = [
     "IDENTIFY_INTERVAL_S",
     "IDENTIFY_MARGIN_S",
+    "BudgetedIdentifyGate",
     "IdentifyGate",
     "IdentifyGateStatistics",
     "InMemoryIdentifyGate",
@@ -69,6 +70,17 @@ class IdentifyGate(Protocol):
         Always a checkpoint. Cancellation removes the waiter without consuming a permit.
         """
         ...
+
+
+class BudgetedIdentifyGate(IdentifyGate, Protocol):
+    """A gate that owns the schedule (the supervisor's: in memory, or shared through Redis), not a proxy to
+    one; it also guards Discord's daily budget."""
+
+    async def set_budget(self, remaining: int, reset_after_s: float) -> None:
+        """Spend at most ``remaining`` more identifies (less the reserve) until ``reset_after_s`` from now."""
+        ...
+
+    def statistics(self) -> IdentifyGateStatistics: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +137,11 @@ class InMemoryIdentifyGate:
     def max_concurrency(self) -> int:
         return self._max_concurrency
 
-    def set_budget(self, remaining: int, reset_after_s: float) -> None:
+    async def set_budget(self, remaining: int, reset_after_s: float) -> None:
         """Record the daily budget (``session_start_limit.remaining`` and ``reset_after`` in seconds).
 
-        Grants stop while ``remaining <= budget_reserve`` until ``reset_after_s`` from now; then the budget is
+        A checkpoint (async like the Redis gate's, so callers hold either gate the same way). Grants stop
+        while ``remaining <= budget_reserve`` until ``reset_after_s`` from now; then the budget is
         unknown (unlimited) until set again. Call it from trio (it reads trio's clock).
         """
         if remaining < 0 or reset_after_s < 0:
@@ -141,6 +154,7 @@ class InMemoryIdentifyGate:
         for queue in self._queues:
             if queue:
                 queue[0].wake.set()
+        await trio.lowlevel.checkpoint()
 
     def statistics(self) -> IdentifyGateStatistics:
         return IdentifyGateStatistics(

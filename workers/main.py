@@ -26,9 +26,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict
-from typing import Any, Final
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Final
 
 import trio
 
@@ -36,9 +35,11 @@ from . import logs
 from .amqp_bridge import Amqp, open_amqp
 from .command_consumer import consume_amqp_commands
 from .commands import GatewayCommand, read_stdin_commands
-from .config import WorkerConfig, parse_int, parse_shard_count, parse_shard_ids, worker_config_from_env
-from .control import SupervisorLink, control_fd_from_env, open_supervisor_link
+from .config import WorkerConfig, standalone_config
+from .control import SupervisorGone, SupervisorLink, control_fd_from_env, open_supervisor_link
+from .control_messages import ShardStatistics
 from .errors import CommandRejected, ConfigError, FatalCloseCode
+from .exit_status import ExitStatus
 from .gateway_bot import GatewayBotError, fetch_gateway_bot
 from .identify import IDENTIFY_INTERVAL_S, IDENTIFY_MARGIN_S, IdentifyGate, InMemoryIdentifyGate
 from .publish.amqp import AmqpPublisher
@@ -48,6 +49,7 @@ from .publish.pump import PublishPump, open_publish_pump
 from .publish.stdio import StdioPublisher
 from .rest_proxy import WorkerRestProxy, open_worker_rest_proxy
 from .sessions import CLOSE_FLUSH_TIMEOUT_S, InMemorySessionStore, SessionStore, open_redis_session_store
+from .setting_formats import parse_int, parse_shard_count, parse_shard_ids
 from .shard import CommandAck, ShardRunner
 from .telemetry import (
     count_stall,
@@ -59,10 +61,6 @@ from .telemetry import (
 )
 
 LOGGER: Final = logging.getLogger("workers")
-EXIT_OK: Final = 0
-EXIT_ERROR: Final = 1
-EXIT_CONFIG: Final = 2
-EXIT_FATAL: Final = 3
 #: Events the publish pump may hold per shard before shards stop reading (bounded memory).
 PUMP_EVENTS_PER_SHARD: Final = 2048
 PUMP_MIN_CAPACITY: Final = 8192
@@ -79,7 +77,7 @@ PROXY_GRACE_S: Final = 4.0
 @contextlib.asynccontextmanager
 async def _open_loop_if_needed(config: WorkerConfig) -> AsyncIterator[None]:
     """The one trio-asyncio loop of the process, for redis-py (AMQP runs on its own thread)."""
-    if config.shard_store_type == "redis":
+    if config.settings.shard_store_type == "redis":
         import trio_asyncio
 
         async with trio_asyncio.open_loop():
@@ -91,10 +89,12 @@ async def _open_loop_if_needed(config: WorkerConfig) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def _open_store(config: WorkerConfig, link: SupervisorLink | None) -> AsyncIterator[SessionStore]:
     """The configured session store, which saves what is pending on a normal exit, within SESSION_SAVE_S."""
-    if config.shard_store_type == "redis":
+    if config.settings.shard_store_type == "redis":
         # It flushes on close, within CLOSE_FLUSH_TIMEOUT_S, and logs which sessions it could not save.
         async with open_redis_session_store(
-            config.redis_url, prefix=config.shard_store_prefix, pool_size=config.redis_pool_size
+            config.settings.redis_url,
+            prefix=config.settings.shard_store_prefix,
+            pool_size=config.settings.redis_pool_size,
         ) as store:
             yield store
     elif link is not None:
@@ -110,18 +110,18 @@ async def _open_store(config: WorkerConfig, link: SupervisorLink | None) -> Asyn
 @contextlib.asynccontextmanager
 async def _open_broker(config: WorkerConfig) -> AsyncIterator[tuple[Publisher, Amqp | None]]:
     """The configured event sink, and the AMQP connection when there is one (commands use it too)."""
-    if config.broker_type == "amqp":
-        async with open_amqp(config.amqp_url) as amqp:
+    if config.settings.broker_type == "amqp":
+        async with open_amqp(config.settings.amqp_url) as amqp:
             yield (
                 AmqpPublisher(
                     amqp,
-                    group=config.broker_group,
-                    encoding=config.broker_encoding,
-                    message_ttl_s=config.broker_message_timeout_s,
+                    group=config.settings.broker_group,
+                    encoding=config.settings.broker_encoding,
+                    message_ttl_s=config.settings.broker_message_timeout_s,
                 ),
                 amqp,
             )
-    elif config.broker_type == "null":
+    elif config.settings.broker_type == "null":
         yield NullPublisher(), None
     else:
         yield StdioPublisher(), None
@@ -134,19 +134,22 @@ def _ignore_stall(_seconds: float) -> None:
 async def run_worker(
     config: WorkerConfig,
     *,
+    link: SupervisorLink | None = None,
     publisher: Publisher | None = None,
     pump_capacity: int | None = None,
     task_status: trio.TaskStatus[dict[int, ShardRunner]] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Run every shard of `config` until a signal or a fatal close code; returns the exit status.
 
-    `publisher` replaces the configured sink and `pump_capacity` the pump's size (tests and benchmarks);
-    `task_status` reports the shard runners once they are starting.
+    `link` is the control channel when the supervisor started this worker (its identify gate, its
+    session book with `memory`, and where heartbeats go). `publisher` replaces the configured sink and
+    `pump_capacity` the pump's size (tests and benchmarks); `task_status` reports the shard runners once they
+    are starting.
     """
     _register_secrets(config)
-    gateway_url, max_concurrency = config.gateway_url, config.max_concurrency
+    gateway_url, max_concurrency = config.assignment.gateway_url, config.assignment.max_concurrency
     if not gateway_url or not max_concurrency:
-        info = await fetch_gateway_bot(config.api_url, config.token)
+        info = await fetch_gateway_bot(config.settings.api_url, config.settings.token)
         gateway_url = gateway_url or info.url
         max_concurrency = max_concurrency or info.max_concurrency
     runners: dict[int, ShardRunner] = {}
@@ -161,13 +164,14 @@ async def run_worker(
         if metrics:
             observe_confirmed(batch)
 
-    def shard_stats() -> dict[str, Any]:
-        return {str(shard): asdict(runner.statistics()) for shard, runner in runners.items()}
+    def shard_stats() -> dict[int, ShardStatistics]:
+        return {shard: runner.statistics() for shard, runner in runners.items()}
 
-    status = EXIT_ERROR  # unless the shards run and stop (the supervisor may vanish first)
+    if link is not None:
+        link.stats = shard_stats
+    status: int = ExitStatus.ERROR  # unless the shards run and stop (the supervisor may vanish first)
     capacity = pump_capacity or max(PUMP_MIN_CAPACITY, PUMP_EVENTS_PER_SHARD * len(config.shard_ids))
     async with (
-        _open_supervisor_link(config, shard_stats) as link,
         _open_loop_if_needed(config),
         _open_store(config, link) as store,
         _open_broker(config) as (sink, amqp),
@@ -189,24 +193,11 @@ async def run_worker(
 
 def _register_secrets(config: WorkerConfig) -> None:
     """What the redaction filter removes from every log line; idempotent."""
-    logs.SECRETS.add(config.token)
-    if config.proxy_http_secret:
-        logs.SECRETS.add(config.proxy_http_secret)
-    logs.SECRETS.add_url(config.amqp_url)
-    logs.SECRETS.add_url(config.redis_url)
-
-
-@contextlib.asynccontextmanager
-async def _open_supervisor_link(
-    config: WorkerConfig, stats: Callable[[], dict[str, Any]]
-) -> AsyncIterator[SupervisorLink | None]:
-    """The control channel when started by the supervisor (its gate and, with `memory`, its sessions)."""
-    fd = control_fd_from_env()
-    if fd is None:
-        yield None
-        return
-    async with open_supervisor_link(fd, config.shard_ids, stats) as link:
-        yield link
+    logs.SECRETS.add(config.settings.token)
+    if config.settings.proxy_http_secret:
+        logs.SECRETS.add(config.settings.proxy_http_secret)
+    logs.SECRETS.add_url(config.settings.amqp_url)
+    logs.SECRETS.add_url(config.settings.redis_url)
 
 
 async def _run_shards(
@@ -222,7 +213,7 @@ async def _run_shards(
     On a signal: stop the shards and drain the REST proxy, and give the pump until the same deadline
     (`GRACEFUL_STOP_S - SESSION_SAVE_S` after the signal) to drain once this returns.
     """
-    status = EXIT_OK
+    status: int = ExitStatus.OK
     stopping = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -238,7 +229,7 @@ async def _run_shards(
                 except* FatalCloseCode as group:
                     codes = [exc.code for exc in group.exceptions if isinstance(exc, FatalCloseCode)]
                     LOGGER.error("worker.fatal_close_code", extra={"codes": codes})
-                    status = EXIT_FATAL
+                    status = ExitStatus.FATAL
                 shards_done.set()
                 if not stopping:  # a fatal close code: no drain
                     nursery.cancel_scope.cancel()
@@ -259,7 +250,7 @@ async def _run_shards(
                     nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
             if amqp is not None:
                 await nursery.start(consume_amqp_commands, amqp, config, runners)
-            elif config.broker_type == "stdio":
+            elif config.settings.broker_type == "stdio":
                 nursery.start_soon(_consume_stdin, config, runners)
             port = await nursery.start(run_rest_proxy)
             if port is not None:
@@ -333,28 +324,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m workers`: configured by the supervisor over the control channel when it started this
+    process, else by the environment and the command line (standalone: tests, benchmarks)."""
     args = build_parser().parse_args(argv)
+    fd = control_fd_from_env()
+    if fd is not None:
+        return _guarded(_run_supervised, fd)
     try:
-        shard_count = parse_shard_count("--shard-count", args.shard_count) if args.shard_count else None
-        shard_ids = parse_shard_ids("--shard-ids", args.shard_ids) if args.shard_ids else None
-        config = worker_config_from_env(
-            shard_ids=shard_ids,
-            shard_count=shard_count,
+        config = standalone_config(
+            os.environ,
+            shard_ids=parse_shard_ids("--shard-ids", args.shard_ids) if args.shard_ids else None,
+            shard_count=parse_shard_count("--shard-count", args.shard_count) if args.shard_count else None,
             gateway_url=args.gateway_url,
             max_concurrency=parse_int("--max-concurrency", args.max_concurrency),
         )
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    logs.configure_logging(config.log_level, config.log_format)
+        return ExitStatus.CONFIG
+    _configure_process(config)
+    return _guarded(run_worker, config)
+
+
+async def _run_supervised(fd: int) -> int:
+    """Take the settings from the supervisor (its first message), then run with its gate and sessions."""
+    async with open_supervisor_link(fd) as link:
+        try:
+            config = await link.config()
+        except SupervisorGone:
+            LOGGER.error("worker.not_configured")
+            return ExitStatus.ERROR
+        _configure_process(config)
+        return await run_worker(config, link=link)
+
+
+def _configure_process(config: WorkerConfig) -> None:
+    logs.configure_logging(config.settings.log_level, config.settings.log_format)
     _register_secrets(config)
+
+
+def _guarded(run: Callable[..., Awaitable[int]], *args: object) -> int:
+    """`trio.run(run, *args)`, with a failure logged (redacted) and turned into an exit status."""
     try:
-        return trio.run(run_worker, config)
+        return trio.run(run, *args)
     except GatewayBotError as exc:
         LOGGER.error("worker.gateway_info_failed", extra={"error": str(exc)})
-        return EXIT_FATAL if exc.refused else EXIT_ERROR
+        return ExitStatus.FATAL if exc.refused else ExitStatus.ERROR
     except Exception:
         # Through the logger, not Python's traceback printer: one JSON line, with secrets redacted (an
         # exception's message may hold a URL with its password).
         LOGGER.exception("worker.crashed")
-        return EXIT_ERROR
+        return ExitStatus.ERROR

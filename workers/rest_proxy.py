@@ -32,6 +32,7 @@ from ratelimit.proxy.http import HttpProxyServer
 
 from .amqp_bridge import Amqp
 from .config import WorkerConfig
+from .setting_formats import parse_address
 
 
 @dataclass
@@ -63,17 +64,17 @@ class WorkerRestProxy:
 
 
 def proxy_enabled(config: WorkerConfig) -> bool:
-    return config.broker_type == "amqp" or config.proxy_http_address is not None
+    return config.settings.broker_type == "amqp" or config.settings.proxy_http_address is not None
 
 
 def backend_spec(config: WorkerConfig, *, supervised: bool) -> BackendSpec:
     return BackendSpec(
-        kind=config.ratelimit_backend,
-        config=engine_config(config.global_limit),
-        shm_name=shm_segment_name(config.token),
-        shm_dir=config.ratelimit_shm_dir,
+        kind=config.settings.ratelimit_backend,
+        config=engine_config(config.settings.global_limit),
+        shm_name=shm_segment_name(config.settings.token),
+        shm_dir=config.settings.ratelimit_shm_dir,
         owner=not supervised,
-        redis_url=config.redis_url,
+        redis_url=config.settings.redis_url,
     )
 
 
@@ -88,20 +89,27 @@ async def open_worker_rest_proxy(
         return
     async with (
         open_ratelimiter(
-            backend_spec(config, supervised=supervised), fallback_share=config.ratelimit_fallback_share
+            backend_spec(config, supervised=supervised),
+            fallback_share=config.assignment.ratelimit_fallback_share,
         ) as limiter,
         open_rest_proxy(
-            limiter, api_url=config.api_url, timeout_s=config.proxy_timeout_s, bot_token=config.token
+            limiter,
+            api_url=config.settings.api_url,
+            timeout_s=config.settings.timeout_s,
+            bot_token=config.settings.token,
         ) as proxy,
     ):
         rpc = (
-            RestRpcServer(amqp, proxy, group=config.amqp_group, event=config.amqp_event)
+            RestRpcServer(amqp, proxy, group=config.settings.amqp_group, event=config.settings.amqp_event)
             if amqp is not None
             else None
         )
         http = (
-            HttpProxyServer(proxy, secret=config.proxy_http_secret)
-            if config.proxy_http_address is not None
+            HttpProxyServer(proxy, secret=config.settings.proxy_http_secret)
+            if config.settings.proxy_http_address is not None
             else None
         )
-        yield WorkerRestProxy(rpc, http, config.proxy_http_address, limiter, proxy)
+        address = config.settings.proxy_http_address
+        yield WorkerRestProxy(
+            rpc, http, parse_address("PROXY_HTTP_ADDRESS", address) if address else None, limiter, proxy
+        )

@@ -34,6 +34,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from . import logs
 from .commands import GatewayCommand
 from .config import WorkerConfig
+from .control_messages import ShardStatistics
 from .decompress import Decompressor, gateway_query
 from .errors import CommandRejected, FatalCloseCode, ProtocolError, TransportError
 from .identify import IdentifyGate
@@ -71,23 +72,6 @@ COMMAND_QUEUE: Final = 1024
 
 #: Called once a command was sent (None) or refused locally; AMQP acks or rejects the delivery in it.
 CommandAck = Callable[[CommandRejected | None], Awaitable[None]]
-
-
-@dataclass(slots=True)
-class ShardStatistics:
-    shard_id: int
-    state: str
-    seq: int | None
-    committed_seq: int
-    session_id: str | None
-    heartbeat_latency_s: float | None
-    identifies: int
-    resumes: int
-    reconnects: dict[str, int]
-    dispatches: int
-    published: int
-    backpressure_drops: int
-    transport_errors: int
 
 
 @dataclass(slots=True)
@@ -199,10 +183,10 @@ class ShardRunner:
         self.protocol = ShardProtocol(
             shard_id=self.shard_id,
             shard_count=self.config.shard_count,
-            token=self.config.token,
-            intents=self.config.intents,
+            token=self.config.settings.token,
+            intents=self.config.settings.intents,
             gateway_url=self._gateway_url,
-            presence=self.config.presence,
+            presence=self.config.settings.presence,
             session=session,
         )
         delay = 0.0
@@ -239,7 +223,7 @@ class ShardRunner:
         Whichever task meets the step first (reader, timers, identify) records it in `_step` and cancels the
         connection's nursery; the close the shell performs for it is then never reported back to the core.
         """
-        url = protocol.connect_url().rstrip("/") + "/?" + gateway_query(self.config.compression)
+        url = protocol.connect_url().rstrip("/") + "/?" + gateway_query(self.config.settings.compression)
         self._step = None
         ws: WebSocketConnection | None = None
         LOGGER.debug("shard.connecting", extra={"url": url})
@@ -289,7 +273,7 @@ class ShardRunner:
     async def _read(
         self, protocol: ShardProtocol, ws: WebSocketConnection, nursery: trio.Nursery
     ) -> Reconnect | Fatal:
-        decompressor = Decompressor(self.config.compression)
+        decompressor = Decompressor(self.config.settings.compression)
         pending: collections.deque[bytes | str] = collections.deque()
         while True:
             if not pending:
@@ -436,7 +420,7 @@ class ShardRunner:
             self._save_committed()
 
     def _wants(self, name: Any) -> bool:
-        events = self.config.events
+        events = self.config.settings.events
         return events is None or (isinstance(name, str) and name in events)
 
     def _save_committed(self) -> None:

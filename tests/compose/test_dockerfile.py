@@ -15,8 +15,8 @@ from typing import Final
 
 import pytest
 
-from supervisor.cli import EXIT_CONFIG
 from supervisor.config import load_settings
+from workers.exit_status import ExitStatus
 
 from .deployfiles import (
     EXAMPLE_ENV,
@@ -169,7 +169,7 @@ def test_check_config_refuses_a_bad_value_with_status_2(
 ) -> None:
     env = container_environment(image_venv, token_file, **overrides)
     completed = run_entry_point(image_venv, env, tmp_path, "--check-config")
-    assert completed.returncode == EXIT_CONFIG
+    assert completed.returncode == ExitStatus.CONFIG
     assert completed.stderr.startswith(f"configuration error: {key}")
 
 

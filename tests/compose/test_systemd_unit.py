@@ -17,9 +17,8 @@ from typing import Final
 
 import pytest
 
-from supervisor.app import EXIT_FATAL
-from supervisor.cli import EXIT_CONFIG
 from supervisor.config import KNOWN_VARIABLES, Settings
+from workers.exit_status import ExitStatus
 
 from .deployfiles import UNIT_FILE, parse_unit, unit_environment
 
@@ -139,7 +138,11 @@ def test_stop_sends_sigterm_to_the_supervisor_and_outlasts_its_drain() -> None:
 
 def test_restarts_only_what_a_restart_can_fix() -> None:
     assert one("Restart") == "on-failure"
-    assert set(one("RestartPreventExitStatus").split()) == {str(EXIT_CONFIG), str(EXIT_FATAL)} == {"2", "3"}
+    assert (
+        set(one("RestartPreventExitStatus").split())
+        == {str(int(ExitStatus.CONFIG)), str(int(ExitStatus.FATAL))}
+        == {"2", "3"}
+    )
     unit = parse_unit(UNIT_FILE)["Unit"]
     assert "StartLimitIntervalSec" in unit and "StartLimitBurst" in unit
 

@@ -1,5 +1,5 @@
 """Fuzz the config loaders: `supervisor.config.load_settings` (environment and TOML file) and
-`workers.config.worker_config_from_env`.
+`workers.config.standalone_config`.
 
 Contract (DESIGN 3.1, exit status 2): any value of any key gives settings or a `ConfigError` whose `key` is
 the name the user wrote (the variable, the TOML key or `--config`); never another exception, never a hang;
@@ -22,9 +22,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from supervisor.cli import format_config
-from supervisor.config import KEYS, KNOWN_VARIABLES, LoadedSettings, load_settings
-from workers.config import WorkerConfig, worker_config_from_env
+from supervisor.config import load_settings
+from workers.config import WorkerConfig, standalone_config
 from workers.errors import ConfigError
+from workers.settings import KNOWN_VARIABLES, LoadedSettings
 
 from .strategies import FUZZ
 
@@ -174,11 +175,7 @@ def test_supervisor_toml_arbitrary_bytes(content: bytes) -> None:
 
 # -- worker ----------------------------------------------------------------------------------------------
 
-WORKER_VARIABLES: Final = sorted(
-    {key.env for key in KEYS}
-    | {key.alternate for key in KEYS if key.alternate}
-    | {"DISCORD_GATEWAY_URL", "DISCORD_MAX_CONCURRENCY", "RATELIMIT_SHM_NAME"}
-)
+WORKER_VARIABLES: Final = sorted(KNOWN_VARIABLES | {"DISCORD_GATEWAY_URL", "DISCORD_MAX_CONCURRENCY"})
 
 
 @FUZZ
@@ -192,7 +189,7 @@ def test_worker_environment(env: dict[str, str], count: str, token: bool) -> Non
     if token:
         env.setdefault("DISCORD_TOKEN", "x" * 20 + MARK)
     try:
-        config = worker_config_from_env(env)
+        config = standalone_config(env)
     except ConfigError as exc:
         check_error(exc, set(env) | {"DISCORD_TOKEN", "DISCORD_SHARD_COUNT"}, [])
         return
@@ -226,7 +223,7 @@ def test_known_worker_config_bug(bug: str, env: dict[str, str], tmp_path: Path) 
     if "DISCORD_TOKEN_FILE" in env:
         del env["DISCORD_TOKEN"]
     with pytest.raises(ConfigError):
-        worker_config_from_env(env)
+        standalone_config(env)
 
 
 #: The supervisor guards shard ids itself (MAX_SHARD_ID), so only these reach it.
@@ -246,4 +243,4 @@ def test_known_worker_config_bug_a_huge_shard_count_is_expanded_into_memory() ->
     """Without shard ids the worker builds `tuple(range(DISCORD_SHARD_COUNT))`: 10**12 fails at once with
     MemoryError, 10**8 takes seconds and gigabytes. The supervisor caps shard ids at 2**20; so should this."""
     with pytest.raises(ConfigError):
-        worker_config_from_env({"DISCORD_TOKEN": "x" * 30, "DISCORD_SHARD_COUNT": str(10**12)})
+        standalone_config({"DISCORD_TOKEN": "x" * 30, "DISCORD_SHARD_COUNT": str(10**12)})

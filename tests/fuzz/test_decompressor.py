@@ -23,9 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from workers import decompress
-from workers.config import Compression
 from workers.decompress import MAX_PAYLOAD_BYTES, ZLIB_SUFFIX, Decompressor
 from workers.errors import TransportError
+from workers.settings import Compression
 
 from .strategies import FUZZ, json_values
 

@@ -13,9 +13,10 @@ from typing import Final
 import pytest
 
 from supervisor.cli import format_config
-from supervisor.config import load_settings
-from workers.config import worker_config_from_env
+from supervisor.config import load_settings, split_address
+from workers.config import standalone_config
 from workers.errors import ConfigError
+from workers.settings import worker_wire
 
 ADDRESS_KEYS: Final = ("PROMETHEUS_ADDRESS", "PROXY_HTTP_ADDRESS")
 WORKER: Final = {"DISCORD_TOKEN": "x" * 30, "DISCORD_SHARD_COUNT": "1"}
@@ -28,14 +29,14 @@ def test_both_default_to_off() -> None:
     shown = format_config(loaded)
     assert "PROMETHEUS_ADDRESS = off  (default)" in shown
     assert "PROXY_HTTP_ADDRESS = off  (default)" in shown
-    assert worker_config_from_env(WORKER).proxy_http_address is None
+    assert standalone_config(WORKER).settings.proxy_http_address is None
 
 
 @pytest.mark.parametrize("key", ADDRESS_KEYS)
 def test_off_is_accepted_as_written(key: str) -> None:
     assert getattr(load_settings([], {key: "off"}).settings, key.lower()) is None
     if key == "PROXY_HTTP_ADDRESS":
-        assert worker_config_from_env({**WORKER, key: "off"}).proxy_http_address is None
+        assert standalone_config({**WORKER, key: "off"}).settings.proxy_http_address is None
 
 
 @pytest.mark.parametrize("key", ADDRESS_KEYS)
@@ -46,7 +47,7 @@ def test_a_bare_port_or_a_missing_host_is_refused(key: str, value: str) -> None:
     assert caught.value.key == key
     if key == "PROXY_HTTP_ADDRESS":
         with pytest.raises(ConfigError) as caught:
-            worker_config_from_env({**WORKER, key: value})
+            standalone_config({**WORKER, key: value})
         assert caught.value.key == key
 
 
@@ -57,14 +58,14 @@ def test_a_bare_port_or_a_missing_host_is_refused(key: str, value: str) -> None:
 def test_every_interface_only_when_written(key: str, value: str, host: str) -> None:
     assert getattr(load_settings([], {key: value}).settings, key.lower()) == value
     if key == "PROXY_HTTP_ADDRESS":
-        assert worker_config_from_env({**WORKER, key: value}).proxy_http_address == (host, 9100)
+        assert standalone_config({**WORKER, key: value}).settings.proxy_http_address == value
+        assert split_address(value) == (host, 9100)
 
 
 def test_workers_never_serve_metrics_and_serve_the_proxy_only_when_configured() -> None:
     configured = load_settings([], dict.fromkeys(ADDRESS_KEYS, "127.0.0.1:9100")).settings
-    environment = configured.worker_environment((0,), 1, "wss://gateway", 1)
-    assert environment["PROMETHEUS_ADDRESS"] == ""
-    assert environment["PROXY_HTTP_ADDRESS"] == "127.0.0.1:9100"
-    default = load_settings([], {}).settings.worker_environment((0,), 1, "wss://gateway", 1)
-    assert default["PROMETHEUS_ADDRESS"] == default["PROXY_HTTP_ADDRESS"] == ""
-    assert worker_config_from_env({**default, **WORKER}).proxy_http_address is None
+    handed_over = worker_wire(configured)
+    assert "PROMETHEUS_ADDRESS" not in handed_over
+    assert handed_over["PROXY_HTTP_ADDRESS"] == "127.0.0.1:9100"
+    default = worker_wire(load_settings([], {}).settings)
+    assert "PROMETHEUS_ADDRESS" not in default and "PROXY_HTTP_ADDRESS" not in default

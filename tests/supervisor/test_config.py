@@ -17,26 +17,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from supervisor.cli import format_config, main, parse_command_line
-from supervisor.config import (
-    KEYS,
+from supervisor.config import OWN_PREFIXES, load_settings, split_address
+from workers.config import ShardAssignment, WorkerConfig
+from workers.control_messages import Configure, decode, encode
+from workers.errors import ConfigError
+from workers.logs import LogFormat
+from workers.setting_formats import DEFAULT_INTENTS
+from workers.settings import (
     KNOWN_VARIABLES,
-    OWN_PREFIXES,
-    RatelimitBackend,
-    Settings,
-    load_settings,
-    split_address,
-)
-from workers.config import (
-    DEFAULT_INTENTS,
+    SETTINGS,
     BrokerType,
     Compression,
     Encoding,
     LogLevel,
+    RatelimitBackend,
+    Settings,
     StoreType,
-    worker_config_from_env,
+    settings_from_wire,
+    worker_wire,
 )
-from workers.errors import ConfigError
-from workers.logs import LogFormat
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "MTIzNDU2Nzg5MDEyMzQ1Njc4.Gabcde.secret-token-value"
@@ -152,7 +151,7 @@ def test_the_tables_cover_every_variable() -> None:
 
 
 def test_every_settings_field_has_exactly_one_key() -> None:
-    assert sorted(key.field for key in KEYS) == sorted(
+    assert sorted(row.field for row in SETTINGS) == sorted(
         f.name for f in fields(Settings) if f.name != "token_file"
     )
 
@@ -402,7 +401,7 @@ def test_unknown_variables_with_our_prefixes_are_warned_about() -> None:
     warnings = load_settings([], env).warnings
     assert len(warnings) == 3
     assert any("DISCORD_SHARDCOUNT" in w for w in warnings)
-    assert any("DISCORD_GATEWAY_URL" in w and "worker" in w for w in warnings)
+    assert any("DISCORD_GATEWAY_URL" in w and "ignored" in w for w in warnings)
 
 
 # -- command line, print and check -----------------------------------------------------------------------
@@ -434,7 +433,7 @@ def test_print_config_redacts_secrets_and_shows_sources(
     assert main(["--print-config", "--config", path, "--shards", "8"], env) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert len(lines) == len(KEYS)
+    assert len(lines) == len(SETTINGS)
     assert all(
         re.fullmatch(r"[A-Z_]+ = .+  \((default|env|flag --[a-z-]+|file .+?)(, [A-Za-z_]+)?\)", line)
         for line in lines
@@ -575,45 +574,50 @@ def settings_strategy(draw: st.DrawFn) -> Settings:
     )  # fmt: skip
 
 
-#: What a worker might inherit from the supervisor's own environment; the worker's variables must win.
-HOSTILE_PARENT = {
-    "DISCORD_TOKEN_FILE": "/nonexistent",
-    "DISCORD_INTENTS": "GUILD",
-    "DISCORD_EVENTS": "TYPING_START",
-    "DISCORD_PRESENCE": "{",
-    "PROMETHEUS_ADDRESS": "0.0.0.0:9100",
-}
+#: The settings a worker reads (the table's `processes`), all of which the hand-over must carry.
+WORKER_FIELDS = tuple(row.field for row in SETTINGS if "worker" in row.processes)
 
 
 @given(settings_strategy(), st.data())
-def test_worker_environment_round_trips_through_the_worker_parser(
+def test_a_worker_configuration_round_trips_through_the_control_channel(
     settings: Settings, data: st.DataObject
 ) -> None:
     shard_count = settings.shards or 3000
     ids = tuple(sorted(data.draw(st.sets(st.integers(0, shard_count - 1), min_size=1, max_size=20))))
     workers = data.draw(st.integers(1, 64))
-    env = {
-        **HOSTILE_PARENT,
-        **settings.worker_environment(ids, shard_count, "wss://gateway.example", 16, workers=workers),
-    }
-    assert env["PROMETHEUS_ADDRESS"] == ""
-    config = worker_config_from_env(env)
-    assert (config.shard_ids, config.shard_count) == (ids, shard_count)
-    assert (config.gateway_url, config.max_concurrency) == ("wss://gateway.example", 16)
-    assert config.ratelimit_fallback_share == workers
-    for name in (
-        "token", "api_url", "intents", "events", "presence", "compression", "broker_type", "broker_group",
-        "broker_encoding", "broker_message_timeout_s", "amqp_url", "shard_store_type", "shard_store_prefix",
-        "redis_url", "redis_pool_size", "log_level", "log_format", "ratelimit_backend", "ratelimit_shm_dir",
-        "global_limit", "amqp_group", "amqp_event",
-    ):  # fmt: skip
-        assert getattr(config, name) == getattr(settings, name), name
+    assignment = ShardAssignment(
+        ids, shard_count, "wss://gateway.example", 16, ratelimit_fallback_share=workers
+    )
+    message = decode(encode(Configure(WorkerConfig(settings, assignment))))
+    assert isinstance(message, Configure)
+    config = message.config
+    assert config.assignment == assignment
+    for name in WORKER_FIELDS:
+        assert getattr(config.settings, name) == getattr(settings, name), name
+    # What only the supervisor reads stays behind (the worker sees its defaults).
+    assert (
+        config.settings.prometheus_address is None and config.settings.restart_max == Settings().restart_max
+    )
+
+
+def test_the_hand_over_carries_the_token_and_never_a_token_file(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text(TOKEN)
+    settings = load_settings([], {"DISCORD_TOKEN_FILE": str(path)}).settings
+    wire = worker_wire(settings)
+    assert wire["DISCORD_TOKEN"] == TOKEN and "DISCORD_TOKEN_FILE" not in wire
+    assert settings_from_wire(wire).token == TOKEN
+
+
+def test_a_hand_over_with_an_unknown_or_bad_setting_is_refused() -> None:
+    with pytest.raises(ConfigError, match="NOT_A_SETTING"):
+        settings_from_wire({"NOT_A_SETTING": "1"})
+    with pytest.raises(ConfigError, match="REDIS_POOL_SIZE"):
+        settings_from_wire({"REDIS_POOL_SIZE": "zero"})
 
 
 def _as_environment(settings: Settings) -> dict[str, str]:
-    env = {key.env: key.to_text(getattr(settings, key.field)) for key in KEYS}
-    env["DISCORD_RAW_INTENTS"] = env.pop("DISCORD_INTENTS")
-    return env
+    return dict(row.to_text(getattr(settings, row.field)) for row in SETTINGS)
 
 
 @given(settings_strategy())

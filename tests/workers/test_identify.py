@@ -129,7 +129,7 @@ async def test_grant_to_a_waiter_cancelled_in_the_same_instant_is_rolled_back(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     gate, grants = InMemoryIdentifyGate(1), Grants()
-    gate.set_budget(0, reset_after_s=1000.0)  # nothing may start until someone raises the budget
+    await gate.set_budget(0, reset_after_s=1000.0)  # nothing may start until someone raises the budget
     async with trio.open_nursery() as nursery:
         victim = trio.CancelScope()
 
@@ -145,7 +145,7 @@ async def test_grant_to_a_waiter_cancelled_in_the_same_instant_is_rolled_back(
         # Cancel the victim, then (before it runs) raise the budget: the gate grants the victim, which is
         # still queued, and the victim only then sees its Cancelled.
         victim.cancel()
-        gate.set_budget(5, reset_after_s=1000.0)
+        await gate.set_budget(5, reset_after_s=1000.0)
         assert (gate.statistics().granted, gate.statistics().waiting) == (1, 1)  # the victim holds it
     assert victim.cancelled_caught
     assert grants == [(10.0, 1)]
@@ -162,7 +162,7 @@ async def test_budget_stops_grants_until_the_reset_and_keeps_key_order(
         # Queued in reverse key order; all four keys free up together at 5 s with budget for two: keys 0 and 1
         # win (shards 4 and 5), whichever waiter happens to wake first.
         await arrive(nursery, gate, [7, 6, 5, 4], grants)
-        gate.set_budget(2, reset_after_s=60.0)
+        await gate.set_budget(2, reset_after_s=60.0)
         await trio.sleep(6.0)
         assert sorted(grants)[4:] == [(5.0, 4), (5.0, 5)]
         assert gate.statistics().budget_remaining == 0
@@ -173,7 +173,7 @@ async def test_budget_stops_grants_until_the_reset_and_keeps_key_order(
 
 async def test_budget_reserve_is_kept(autojump_clock: trio.testing.MockClock) -> None:
     gate, grants = InMemoryIdentifyGate(1, budget_reserve=2), Grants()
-    gate.set_budget(4, reset_after_s=30.0)
+    await gate.set_budget(4, reset_after_s=30.0)
     async with trio.open_nursery() as nursery:
         await arrive(nursery, gate, [0, 1, 2, 3], grants)
     assert grants == [(0.0, 0), (5.0, 1), (30.0, 2), (35.0, 3)]
@@ -181,11 +181,11 @@ async def test_budget_reserve_is_kept(autojump_clock: trio.testing.MockClock) ->
 
 async def test_raising_the_budget_wakes_waiters(autojump_clock: trio.testing.MockClock) -> None:
     gate, grants = InMemoryIdentifyGate(2), Grants()
-    gate.set_budget(0, reset_after_s=1000.0)
+    await gate.set_budget(0, reset_after_s=1000.0)
     async with trio.open_nursery() as nursery:
         await arrive(nursery, gate, [0, 1, 2], grants)
         await trio.sleep(7.5)
-        gate.set_budget(2, reset_after_s=1000.0)
+        await gate.set_budget(2, reset_after_s=1000.0)
     assert sorted(grants) == [(7.5, 0), (7.5, 1), (1007.5, 2)]  # budget spent; reset 1000 s after 7.5
 
 
@@ -199,7 +199,7 @@ async def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="shard_id"):
         await InMemoryIdentifyGate(1).wait_for_permit(-1)
     with pytest.raises(ValueError, match="remaining"):
-        InMemoryIdentifyGate(1).set_budget(-1, 10.0)
+        await InMemoryIdentifyGate(1).set_budget(-1, 10.0)
 
 
 # -- property: exact grant times against a model -------------------------------------------------------------

@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import trio
 
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
-from workers.config import WorkerConfig
-from workers.main import EXIT_FATAL, EXIT_OK, run_worker
+from workers.config import ShardAssignment, WorkerConfig
+from workers.exit_status import ExitStatus
+from workers.main import run_worker
 from workers.publish.base import OutboundEvent
+from workers.settings import Settings
 from workers.shard import ShardRunner
 
 TIMEOUT_S = 40
@@ -53,16 +56,10 @@ def assert_no_gaps(sink: RecordingPublisher, sim: Simulator) -> None:
 
 
 def worker_config(sim: Simulator, shards: int, **changes: Any) -> WorkerConfig:
-    settings: dict[str, Any] = {
-        "token": DEFAULT_TOKEN,
-        "shard_ids": tuple(range(shards)),
-        "shard_count": shards,
-        "api_url": sim.addresses.rest_url,
-        "broker_type": "null",
-        "compression": "zlib-stream",
-    }
-    settings.update(changes)
-    return WorkerConfig(**settings)
+    settings = Settings(
+        token=DEFAULT_TOKEN, api_url=sim.addresses.rest_url, broker_type="null", compression="zlib-stream"
+    )
+    return WorkerConfig(replace(settings, **changes), ShardAssignment(tuple(range(shards)), shards))
 
 
 @asynccontextmanager
@@ -189,7 +186,7 @@ async def test_fatal_close_code_stops_the_worker_with_status_3() -> None:
             await wait_until(lambda: ready_count(runners) == 2)
             await sim.gateway.control("close", {"shards": [0], "code": 4004})
             await wait_until(lambda: bool(status))
-            assert status == [EXIT_FATAL]
+            assert status == [ExitStatus.FATAL]
             assert sim.gateway.ledger.counters["connections"] == 2  # no reconnect loop
 
 
@@ -221,7 +218,7 @@ async def test_graceful_stop_closes_with_a_resumable_code() -> None:
                 for runner in runners.values():
                     nursery.start_soon(runner.stop)
             await wait_until(lambda: bool(status))
-            assert status == [EXIT_OK]
+            assert status == [ExitStatus.OK]
             assert dict(sim.gateway.ledger.closes_received) == {"4900": 2}
             assert all(session.state == "detached" for session in sim.gateway.ledger.sessions.values())
 

@@ -1,4 +1,4 @@
-"""Worker settings: every bad value is a `ConfigError` naming its key, never another exception."""
+"""The settings' text formats: every bad value is a `ConfigError` naming its key, never another exception."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from workers.config import (
+from workers.config import standalone_config
+from workers.errors import ConfigError
+from workers.setting_formats import (
     MAX_SHARD_ID,
     parse_address,
     parse_shard_count,
     parse_shard_ids,
-    read_token,
-    worker_config_from_env,
+    parse_token_file,
 )
-from workers.errors import ConfigError
 
 TOKEN = "x" * 30
 
@@ -87,7 +87,7 @@ def test_the_shard_count_is_capped() -> None:
 def test_a_huge_shard_count_without_shard_ids_is_refused_not_expanded() -> None:
     """Without shard ids a worker runs `range(DISCORD_SHARD_COUNT)`: 10**12 was a MemoryError."""
     with pytest.raises(ConfigError) as caught:
-        worker_config_from_env({"DISCORD_TOKEN": TOKEN, "DISCORD_SHARD_COUNT": str(10**12)})
+        standalone_config({"DISCORD_TOKEN": TOKEN, "DISCORD_SHARD_COUNT": str(10**12)})
     assert caught.value.key == "DISCORD_SHARD_COUNT"
 
 
@@ -95,7 +95,7 @@ def test_a_token_file_that_is_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_bytes(b"\xff\xfe" + b"Sekr3tToken" * 3)
     with pytest.raises(ConfigError) as caught:
-        read_token({"DISCORD_TOKEN_FILE": str(path)})
+        parse_token_file("DISCORD_TOKEN_FILE", str(path))
     assert caught.value.key == "DISCORD_TOKEN_FILE"
     assert "UTF-8" in str(caught.value) and "Sekr3t" not in str(caught.value)
 
@@ -103,11 +103,11 @@ def test_a_token_file_that_is_not_utf8(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", ["/tmp/a\x00b", "/nonexistent/token", "/"], ids=["nul", "missing", "a-dir"])
 def test_an_unusable_token_file_path(path: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        read_token({"DISCORD_TOKEN_FILE": path})
+        parse_token_file("DISCORD_TOKEN_FILE", path)
     assert caught.value.key == "DISCORD_TOKEN_FILE"
 
 
 def test_a_token_file(tmp_path: Path) -> None:
     path = tmp_path / "token"
     path.write_text(f"Bot {TOKEN}\n")
-    assert read_token({"DISCORD_TOKEN_FILE": str(path)}) == TOKEN
+    assert parse_token_file("DISCORD_TOKEN_FILE", str(path)) == TOKEN
