@@ -1,5 +1,13 @@
-"""Control plane: `python -m supervisor`. Plans shards, runs one worker process per core, coordinates
-IDENTIFY, restarts what dies, serves metrics and health.
+"""Control plane: `python -m supervisor` (also installed as `trio-shard-gateway`). Plans shards, runs one worker
+process per core, coordinates IDENTIFY, restarts what dies, serves metrics and health.
 
-Not built yet; see the project's issues.
+What embedders import from here: `main` (the command line, returning the exit status), `load_settings`
+(every layer resolved, with sources) and `SupervisorError`. Running the supervisor in-process is
+`supervisor.app.run_supervisor`.
 """
+
+from .cli import main
+from .config import load_settings
+from .errors import SupervisorError
+
+__all__ = ["SupervisorError", "load_settings", "main"]

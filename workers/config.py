@@ -66,9 +66,10 @@ def standalone_config(
 
     ConfigError when there is no token or no shard count: a standalone worker has no supervisor to ask.
     """
-    settings = load_from_environment(environ)
-    if not settings.token:
+    # A missing token first: nothing else matters to a worker that cannot log in.
+    if not any(environ.get(name, "").strip() for name in ("DISCORD_TOKEN", "DISCORD_TOKEN_FILE")):
         raise ConfigError("DISCORD_TOKEN", "a bot token (or DISCORD_TOKEN_FILE naming a file holding one)")
+    settings = load_from_environment(environ)
     count = shard_count or settings.shards
     if count is None:
         raise ConfigError("DISCORD_SHARD_COUNT", "a shard count (workers are given one by the supervisor)")

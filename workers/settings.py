@@ -263,7 +263,7 @@ class Settings:
         "BROKER_MESSAGE_TIMEOUT",
         duration_parser(positive=False),
         "per-message TTL on published events",
-        readme_default="2m",
+        readme_default="`2m`",
         toml="duration",
     )
     amqp_url: str = setting(
@@ -550,3 +550,7 @@ def markdown_table() -> str:
 
 
 _DEFAULTS: Final = {item.name: item.default for item in dataclasses.fields(Settings)}
+
+
+if __name__ == "__main__":  # `python -m workers.settings`: the README's table, to paste between its markers
+    print(markdown_table(), end="")

@@ -24,8 +24,9 @@ import pytest
 from benchmarks.simulator.app import SimulatorAddresses
 from benchmarks.simulator.cli import build_parser as simulator_parser
 from benchmarks.simulator.cli import config_from_args
-from supervisor.config import KNOWN_VARIABLES, load_settings
+from supervisor.config import load_settings
 from workers.metric_labels import MULTIPROC_DIR_ENV
+from workers.settings import KNOWN_VARIABLES
 
 from .deployfiles import (
     BENCH_ENV,

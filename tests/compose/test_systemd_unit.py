@@ -17,8 +17,8 @@ from typing import Final
 
 import pytest
 
-from supervisor.config import KNOWN_VARIABLES, Settings
 from workers.exit_status import ExitStatus
+from workers.settings import KNOWN_VARIABLES, Settings
 
 from .deployfiles import UNIT_FILE, parse_unit, unit_environment
 

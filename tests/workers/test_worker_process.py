@@ -203,7 +203,7 @@ def test_an_error_escaping_the_worker_is_logged_redacted_and_exits_1() -> None:
     crash = (
         "import workers.main as m\n"
         "async def crash(config):\n"
-        "    raise RuntimeError(f'cannot reach {config.amqp_url} with token {config.token}')\n"
+        "    raise RuntimeError(f'cannot reach {config.settings.amqp_url} with token {config.settings.token}')\n"
         "m.run_worker = crash\n"
         "raise SystemExit(m.main(['--shard-count', '1']))\n"
     )
