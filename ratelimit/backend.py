@@ -1,7 +1,7 @@
 """Where the shared ratelimit state lives: the interface every backend implements, and the in-process one.
 
 A backend makes `model.acquire` and `model.release` atomic for every process that shares it: `LocalBackend`
-(one process, a dict; also the conservative fallback while Redis is away), `ShmBackend` (`ratelimit/shm.py`,
+(one process, a dict; also the conservative fallback while Redis is away), `ShmBackend` (`ratelimit/shm/`,
 one host) and `RedisBackend` (`ratelimit/redis_backend.py`, many hosts). Each has its own clock domain (trio's
 clock, CLOCK_MONOTONIC, the Redis server's TIME); the caller only ever sees durations.
 """
