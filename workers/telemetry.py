@@ -21,7 +21,7 @@ from .publish.base import OutboundEvent
 
 if TYPE_CHECKING:
     from ratelimit.engine import Ratelimiter
-    from ratelimit.proxy.core import RestProxy
+    from ratelimit.proxy import RestProxy
 
     from .shard import ShardRunner
 
