@@ -14,12 +14,13 @@ from typing import Protocol
 import trio
 
 from ratelimit import model
+from ratelimit.errors import RatelimitError
 from ratelimit.model import Ask, EngineConfig, MemoryStore, Outcome, Permit, Refusal, Wait
 
 __all__ = ["Backend", "BackendUnavailable", "LocalBackend"]
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(RatelimitError):
     """The shared store cannot be reached (Redis down or too slow). The caller falls back to local limits."""
 
 

@@ -36,6 +36,7 @@ from typing import NoReturn
 import trio
 
 from ratelimit.backend import Backend, BackendUnavailable, LocalBackend
+from ratelimit.errors import RatelimitError
 from ratelimit.model import Ask, Outcome, Permit, Refusal, Wait
 
 __all__ = ["EngineStatistics", "RateLimitTimeout", "Ratelimiter", "RequestRefused"]
@@ -46,7 +47,7 @@ DEFAULT_POLL_S = 0.02
 DEFAULT_RECHECK_S = 1.0
 
 
-class RateLimitTimeout(Exception):
+class RateLimitTimeout(RatelimitError):
     """The limits would hold the request longer than the caller's maximum wait."""
 
     def __init__(self, wait_s: float, reason: str) -> None:
@@ -56,7 +57,7 @@ class RateLimitTimeout(Exception):
         self.reason = reason
 
 
-class RequestRefused(Exception):
+class RequestRefused(RatelimitError):
     """The request must not be sent: dead credentials, or the invalid-request budget is spent."""
 
     def __init__(self, reason: str) -> None:
