@@ -3,7 +3,7 @@
 What a user of ratelimit as a library imports is here:
 
 - `RatelimitedTransport`: an httpx transport that sends each request when Discord's limits allow it
-  (`httpx.AsyncClient(transport=RatelimitedTransport(inner, limiter=limiter))`).
+  (`httpx.AsyncClient(transport=RatelimitedTransport(limiter=limiter))`).
 - `Ratelimiter`: waits for permits in order, with a maximum wait and a fallback; one per process.
 - The backends that hold the shared state, behind `Backend`: `LocalBackend` (one process), `ShmBackend`
   (`ShmBackend.open`: one host), `RedisBackend` (`open_redis_backend`: many hosts); or by configuration,
