@@ -1,7 +1,7 @@
 """Where the shared ratelimit state lives: the interface every backend implements, and the in-process one.
 
 A backend makes `model.acquire` and `model.release` atomic for every process that shares it: `LocalBackend`
-(one process, a dict; also the conservative fallback while Redis is away), `ShmBackend` (`ratelimit/shm.py`,
+(one process, a dict; also the conservative fallback while Redis is away), `ShmBackend` (`ratelimit/shm/`,
 one host) and `RedisBackend` (`ratelimit/redis_backend.py`, many hosts). Each has its own clock domain (trio's
 clock, CLOCK_MONOTONIC, the Redis server's TIME); the caller only ever sees durations.
 """
@@ -14,12 +14,13 @@ from typing import Protocol
 import trio
 
 from ratelimit import model
+from ratelimit.errors import RatelimitError
 from ratelimit.model import Ask, EngineConfig, MemoryStore, Outcome, Permit, Refusal, Wait
 
 __all__ = ["Backend", "BackendUnavailable", "LocalBackend"]
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(RatelimitError):
     """The shared store cannot be reached (Redis down or too slow). The caller falls back to local limits."""
 
 

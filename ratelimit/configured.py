@@ -15,13 +15,17 @@ from ratelimit.routes import token_id
 __all__ = [
     "BackendKind",
     "BackendSpec",
+    "SharedBackendKind",
     "engine_config",
     "open_backend",
     "open_ratelimiter",
     "shm_segment_name",
 ]
 
-BackendKind = Literal["memory", "shm", "redis"]
+#: The backends that share state between processes: what the service may be configured with.
+SharedBackendKind = Literal["shm", "redis"]
+#: Every backend `open_backend` opens; "memory" is one process's own (tests, tools).
+BackendKind = Literal[SharedBackendKind, "memory"]
 SEGMENT_PREFIX = "trio-shard-gateway-ratelimit-"
 
 

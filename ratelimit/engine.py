@@ -30,12 +30,14 @@ import dataclasses
 import logging
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn
 
 import trio
 
 from ratelimit.backend import Backend, BackendUnavailable, LocalBackend
+from ratelimit.errors import RatelimitError
 from ratelimit.model import Ask, Outcome, Permit, Refusal, Wait
 
 __all__ = ["EngineStatistics", "RateLimitTimeout", "Ratelimiter", "RequestRefused"]
@@ -46,7 +48,7 @@ DEFAULT_POLL_S = 0.02
 DEFAULT_RECHECK_S = 1.0
 
 
-class RateLimitTimeout(Exception):
+class RateLimitTimeout(RatelimitError):
     """The limits would hold the request longer than the caller's maximum wait."""
 
     def __init__(self, wait_s: float, reason: str) -> None:
@@ -56,7 +58,7 @@ class RateLimitTimeout(Exception):
         self.reason = reason
 
 
-class RequestRefused(Exception):
+class RequestRefused(RatelimitError):
     """The request must not be sent: dead credentials, or the invalid-request budget is spent."""
 
     def __init__(self, reason: str) -> None:
@@ -64,15 +66,30 @@ class RequestRefused(Exception):
         self.reason = reason
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class EngineStatistics:
+    """A snapshot of a `Ratelimiter`'s counters since it was made (`Ratelimiter.statistics()`)."""
+
     grants: int = 0
-    waits: Counter[str] = field(default_factory=Counter)  # by reason
+    waits: Mapping[str, int] = field(default_factory=dict)  # by reason
+    refusals: Mapping[str, int] = field(default_factory=dict)  # by reason
+    timeouts: int = 0
+    fallback_grants: int = 0
+    backend_errors: int = 0
+    outcomes: Mapping[str, int] = field(default_factory=dict)  # response / limited:<scope> / cancel / lost
+
+
+@dataclass(slots=True)
+class _Counts:
+    """What `EngineStatistics` snapshots, counted in place."""
+
+    grants: int = 0
+    waits: Counter[str] = field(default_factory=Counter)
     refusals: Counter[str] = field(default_factory=Counter)
     timeouts: int = 0
     fallback_grants: int = 0
     backend_errors: int = 0
-    outcomes: Counter[str] = field(default_factory=Counter)  # response / limited:<scope> / cancel / lost
+    outcomes: Counter[str] = field(default_factory=Counter)
 
 
 class Ratelimiter:
@@ -93,7 +110,7 @@ class Ratelimiter:
         self.max_wait_s = max_wait_s
         self.poll_s = poll_s
         self.recheck_s = recheck_s
-        self.statistics = EngineStatistics()
+        self._counts = _Counts()
         config = backend.config
         self.fallback = LocalBackend(
             dataclasses.replace(
@@ -106,6 +123,19 @@ class Ratelimiter:
         self._global_queues: dict[str, trio.Lock] = {}
         self._changed = trio.Event()
         self._releases = 0  # counts gives-back: a waiter that saw none since it asked waits for the next
+
+    def statistics(self) -> EngineStatistics:
+        """The counters now; later counting does not change the snapshot."""
+        counts = self._counts
+        return EngineStatistics(
+            grants=counts.grants,
+            waits=dict(counts.waits),
+            refusals=dict(counts.refusals),
+            timeouts=counts.timeouts,
+            fallback_grants=counts.fallback_grants,
+            backend_errors=counts.backend_errors,
+            outcomes=dict(counts.outcomes),
+        )
 
     @property
     def in_fallback(self) -> bool:
@@ -123,7 +153,7 @@ class Ratelimiter:
             # Fast path: nobody of this process waits on this key, so asking at once keeps FIFO order.
             result = await self._ask_backend(ask)
             if isinstance(result, Permit):
-                self.statistics.grants += 1
+                self._counts.grants += 1
                 return result
             if isinstance(result, Refusal):
                 self._refused(result)
@@ -137,7 +167,7 @@ class Ratelimiter:
                 async with lock:
                     return await self._acquire_head(ask, deadline, first, seen)
         except trio.TooSlowError:
-            self.statistics.timeouts += 1
+            self._counts.timeouts += 1
             raise RateLimitTimeout(limit, "queue") from None
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
@@ -146,7 +176,7 @@ class Ratelimiter:
     async def release(self, permit: Permit, outcome: Outcome) -> None:
         """Give `permit` back with what became of it. Never raises for a backend outage (logged)."""
         key = outcome.kind if outcome.kind != "limited" else f"limited:{outcome.scope or 'cloudflare'}"
-        self.statistics.outcomes[key] += 1
+        self._counts.outcomes[key] += 1
         backend: Backend = self.backend
         if self._fallback_permits.pop(id(permit), None) is not None:
             backend = self.fallback
@@ -175,11 +205,11 @@ class Ratelimiter:
             if isinstance(result, Wait) and result.reason == "global":
                 result = await self._wait_global(ask, result, deadline)
             if isinstance(result, Permit):
-                self.statistics.grants += 1
+                self._counts.grants += 1
                 return result
             if isinstance(result, Refusal):
                 self._refused(result)
-            self.statistics.waits[result.reason] += 1
+            self._counts.waits[result.reason] += 1
             await self._wait(result, seen, deadline)
 
     async def _wait_global(self, ask: Ask, wait: Wait, deadline: float) -> Permit | Wait | Refusal:
@@ -199,9 +229,9 @@ class Ratelimiter:
                     return result
                 wait = result
             while True:
-                self.statistics.waits[wait.reason] += 1
+                self._counts.waits[wait.reason] += 1
                 if trio.current_time() + wait.seconds > deadline:
-                    self.statistics.timeouts += 1
+                    self._counts.timeouts += 1
                     raise RateLimitTimeout(wait.seconds, wait.reason)
                 await trio.sleep(wait.seconds)
                 result = await self._ask_backend(ask)
@@ -210,7 +240,7 @@ class Ratelimiter:
                 wait = result
 
     def _refused(self, refusal: Refusal) -> NoReturn:
-        self.statistics.refusals[refusal.reason] += 1
+        self._counts.refusals[refusal.reason] += 1
         raise RequestRefused(refusal.reason)
 
     async def _wait(self, wait: Wait, seen: int, deadline: float) -> None:
@@ -219,7 +249,7 @@ class Ratelimiter:
             # Waiting for an answer to a request in flight: its time is unknown (the seconds given are only
             # the latest its lease can last), so wait for a local answer or poll, until the deadline.
             if now >= deadline:
-                self.statistics.timeouts += 1
+                self._counts.timeouts += 1
                 raise RateLimitTimeout(math.inf, wait.reason)
             if self._releases != seen:
                 return  # an answer came while we asked: ask again at once
@@ -227,7 +257,7 @@ class Ratelimiter:
                 await self._changed.wait()
             return
         if now + wait.seconds > deadline:
-            self.statistics.timeouts += 1
+            self._counts.timeouts += 1
             raise RateLimitTimeout(wait.seconds, wait.reason)
         await trio.sleep(wait.seconds)
 
@@ -241,7 +271,7 @@ class Ratelimiter:
                 return permit
         result = await self._shielded_acquire(self.fallback, ask)
         if isinstance(result, Permit):
-            self.statistics.fallback_grants += 1
+            self._counts.fallback_grants += 1
             self._fallback_permits[id(result)] = result
         return result
 
@@ -261,7 +291,7 @@ class Ratelimiter:
         return result
 
     def _backend_failed(self, exc: BackendUnavailable) -> None:
-        self.statistics.backend_errors += 1
+        self._counts.backend_errors += 1
         if not self.in_fallback:
             logger.warning(
                 "ratelimit backend %s unavailable (%s): conservative local limits for %.1f s",

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_GLOBAL_RATE",
     "DEFAULT_JITTER_MARGIN_S",
     "GLOBAL_WINDOW_S",
+    "SLACK",
     "GlobalLimiter",
     "GlobalStatistics",
 ]

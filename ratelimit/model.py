@@ -60,6 +60,7 @@ from ratelimit.invalid import (
 )
 
 __all__ = [
+    "EPOCH_MODULUS",
     "INVALID_BUDGET",
     "MAX_PAYLOAD",
     "Ask",

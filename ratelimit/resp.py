@@ -41,6 +41,8 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
+from ratelimit.errors import RatelimitError
+
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_PORT",
@@ -68,7 +70,7 @@ Reply: TypeAlias = "str | int | bytes | RedisReplyError | list[Reply] | None"
 Arg: TypeAlias = bytes | str | int | float
 
 
-class RedisConnectionError(Exception):
+class RedisConnectionError(RatelimitError):
     """Redis could not be reached or did not answer in time; the connection was dropped."""
 
 
@@ -76,7 +78,7 @@ class RespProtocolError(RedisConnectionError):
     """The server's bytes are not RESP2 (or not what this client speaks); the connection was dropped."""
 
 
-class RedisReplyError(Exception):
+class RedisReplyError(RatelimitError):
     """Redis answered the command with an error reply (`-ERR ...`). The connection stays usable."""
 
     def __init__(self, message: str) -> None:

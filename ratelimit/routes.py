@@ -32,6 +32,22 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+__all__ = [
+    "CODE_NAMES",
+    "DISCORD_EPOCH_MS",
+    "ID_NAMES",
+    "INTERACTION_TOKEN_PREFIX",
+    "MAJOR_PLACEHOLDERS",
+    "OLD_MESSAGE_AGE_MS",
+    "OLD_MESSAGE_DELETE_FAMILY",
+    "REACTIONS_FAMILY",
+    "RouteKey",
+    "is_old_message",
+    "route_key",
+    "snowflake_time_ms",
+    "token_id",
+]
+
 #: Discord's epoch (2015-01-01T00:00:00Z) in Unix milliseconds; a snowflake's top 42 bits count from it.
 DISCORD_EPOCH_MS: Final = 1_420_070_400_000
 #: A DELETE of a message strictly older than this falls in the old-message family (discord-api-docs #1295).

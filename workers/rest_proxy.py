@@ -26,8 +26,8 @@ import trio
 
 from ratelimit.configured import BackendSpec, engine_config, open_ratelimiter, shm_segment_name
 from ratelimit.engine import Ratelimiter
+from ratelimit.proxy import RestProxy, open_rest_proxy
 from ratelimit.proxy.amqp import RestRpcServer
-from ratelimit.proxy.core import RestProxy, open_rest_proxy
 from ratelimit.proxy.http import HttpProxyServer
 
 from .amqp_bridge import Amqp

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from ratelimit.configured import BackendKind
+from ratelimit import BackendKind, SharedBackendKind
 
 from .errors import ConfigError
 from .logs import REDACTED, LogFormat, redact_url
@@ -85,7 +85,7 @@ StoreType = Literal["memory", "redis"]
 Encoding = Literal["spectacles", "msgpack", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 #: The ratelimit backends a deployment may name; `memory` (one process) is for tests and embedding only.
-RatelimitBackend = Literal["shm", "redis"]
+RatelimitBackend = SharedBackendKind
 Process = Literal["supervisor", "worker"]
 TomlKind = Literal["str", "int", "int_or_auto", "duration", "names", "shard_ids", "table"]
 SecretKind = Literal["", "token", "url"]

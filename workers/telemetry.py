@@ -21,7 +21,7 @@ from .publish.base import OutboundEvent
 
 if TYPE_CHECKING:
     from ratelimit.engine import Ratelimiter
-    from ratelimit.proxy.core import RestProxy
+    from ratelimit.proxy import RestProxy
 
     from .shard import ShardRunner
 
@@ -118,7 +118,7 @@ async def feed_rest_metrics(limiter: Ratelimiter, proxy: RestProxy) -> None:
         "errors": {},
     }
     while True:
-        engine = limiter.statistics
+        engine = limiter.statistics()
         snapshot = proxy.statistics()
         metrics.RATELIMIT_GRANTS.inc(engine.grants - last_grants)
         metrics.RATELIMIT_TIMEOUTS.inc(engine.timeouts - last_timeouts)

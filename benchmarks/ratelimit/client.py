@@ -118,7 +118,7 @@ def backend_statistics(backend: Backend) -> dict[str, int]:
 
 
 def engine_report(limiter: Ratelimiter) -> dict[str, Any]:
-    stats = limiter.statistics
+    stats = limiter.statistics()
     return {
         "grants": stats.grants,
         "waits": stats.waits,

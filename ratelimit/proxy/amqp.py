@@ -44,6 +44,7 @@ its channel, and the channel must stay open for the acks of the requests in flig
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -56,16 +57,9 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from ratelimit.proxy.core import (
-    LOGGER,
-    ProxyError,
-    ProxyRequest,
-    RestProxy,
-    RpcStatus,
-    SendMark,
-    describe,
-    log_failure,
-)
+from ratelimit.proxy.errors import ProxyError, RpcStatus, log_failure
+from ratelimit.proxy.request import ProxyRequest, describe
+from ratelimit.proxy.rest_proxy import RestProxy
 from ratelimit.proxy.rpc import (
     CONTENT_TYPE,
     decode_cancel,
@@ -74,8 +68,11 @@ from ratelimit.proxy.rpc import (
     encode_proxy_error,
     encode_response,
 )
+from ratelimit.proxy.send_mark import SendMark
 
 __all__ = ["MAX_IN_FLIGHT", "RestRpcServer", "RpcBroker", "RpcDelivery"]
+
+LOGGER: Final = logging.getLogger("ratelimit.proxy")
 
 MAX_IN_FLIGHT: Final = 256
 CANCEL_EVENT: Final = "CANCEL"

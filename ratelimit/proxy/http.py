@@ -4,7 +4,7 @@ Clients (discord.py with `Route.BASE`, hikari with `RESTApp(url=...)`, curl) use
 their API base and send their own Authorization; the proxy sends the request to `DISCORD_API_URL` plus the
 path after `/api[/vN]` (so the API version is `DISCORD_API_URL`'s) under the shared limits, and returns
 Discord's status, headers (hop-by-hop ones removed, `content-length` recomputed) and body bytes as they
-came (see `core` for why the proxy asks Discord for identity encoding).
+came (see `rest_proxy` for why the proxy asks Discord for identity encoding).
 
 When the proxy answers itself, the answer says so with `X-Proxy-Error: <kind>` and a JSON body
 `{"message", "code": 0, "proxy_error"}`: a ratelimit wait beyond the timeout is 503 with `Retry-After`
@@ -35,6 +35,7 @@ import errno
 import hmac
 import http
 import json
+import logging
 import math
 import re
 import socket
@@ -44,22 +45,13 @@ from typing import Final
 import h11
 import trio
 
-from ratelimit.proxy.core import (
-    LOGGER,
-    MAX_BODY_BYTES,
-    METHODS,
-    ProxyError,
-    ProxyRequest,
-    ProxyResponse,
-    RestProxy,
-    RpcStatus,
-    bad_request,
-    check_path,
-    describe,
-    log_failure,
-)
+from ratelimit.proxy.errors import ProxyError, RpcStatus, bad_request, log_failure
+from ratelimit.proxy.request import MAX_BODY_BYTES, METHODS, ProxyRequest, check_path, describe
+from ratelimit.proxy.rest_proxy import ProxyResponse, RestProxy
 
 __all__ = ["HttpLimits", "HttpProxyServer", "open_reuseport_listener"]
+
+LOGGER: Final = logging.getLogger("ratelimit.proxy")
 
 #: Head of a request (request line and headers): larger is a 431.
 MAX_HEAD_BYTES: Final = 64 * 1024

@@ -33,9 +33,20 @@ from typing import Any, Final
 
 import msgpack
 
-from ratelimit.proxy.core import ProxyError, ProxyRequest, ProxyResponse, RpcStatus, bad_request, make_request
+from ratelimit.proxy.errors import ProxyError, RpcStatus, bad_request
+from ratelimit.proxy.request import ProxyRequest, make_request
+from ratelimit.proxy.rest_proxy import ProxyResponse
 
-__all__ = ["CONTENT_TYPE", "decode_cancel", "decode_request", "encode_error", "encode_response"]
+__all__ = [
+    "ARRAY_FIELDS",
+    "CONTENT_TYPE",
+    "MAX_CORRELATION_ID_CHARS",
+    "decode_cancel",
+    "decode_request",
+    "encode_error",
+    "encode_proxy_error",
+    "encode_response",
+]
 
 CONTENT_TYPE: Final = "application/msgpack"
 #: The order of the Rust proxy's `SerializableHttpRequest` fields (rmp-serde's array form).

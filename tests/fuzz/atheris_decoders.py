@@ -27,7 +27,7 @@ from typing import Any, Final
 atheris: Any = importlib.import_module("atheris")
 
 with atheris.instrument_imports():
-    from ratelimit.proxy.core import ProxyError
+    from ratelimit.proxy import ProxyError
     from ratelimit.proxy.rpc import decode_cancel, decode_request
     from workers.commands import decode_command
     from workers.decompress import Decompressor

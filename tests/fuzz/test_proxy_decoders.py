@@ -20,8 +20,9 @@ import trio
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from ratelimit.proxy.core import METHODS, ProxyError, ProxyRequest, ProxyResponse, make_request
+from ratelimit.proxy import ProxyError, ProxyRequest, ProxyResponse, make_request
 from ratelimit.proxy.http import HttpLimits, HttpProxyServer
+from ratelimit.proxy.request import METHODS
 from ratelimit.proxy.rpc import ARRAY_FIELDS, MAX_CORRELATION_ID_CHARS, decode_cancel, decode_request
 
 from .strategies import FUZZ, json_values, odd_values

@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from benchmarks.simulator import DEFAULT_TOKEN
 from ratelimit.backend import LocalBackend
 from ratelimit.engine import Ratelimiter
-from ratelimit.proxy.core import RestProxy, open_rest_proxy
+from ratelimit.proxy import RestProxy, open_rest_proxy
 from tests.simulator.rest_helpers import RestHarness, rest_harness
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/")

@@ -64,7 +64,7 @@ async def test_a_wait_beyond_the_maximum_fails_at_once(autojump_clock: trio.test
         await engine.acquire(ASK, max_wait_s=5.0)
     assert trio.current_time() == pytest.approx(start, abs=1e-6)  # no sleeping first
     assert caught.value.reason == "bucket" and math.isclose(caught.value.wait_s, 30.0)
-    assert engine.statistics.timeouts == 1
+    assert engine.statistics().timeouts == 1
 
 
 async def test_a_probe_in_flight_elsewhere_is_polled_until_the_maximum_wait(
@@ -142,7 +142,7 @@ async def test_unreachable_backend_falls_back_to_one_in_flight_and_comes_back(
     engine = Ratelimiter(backend, fallback_share=4, recheck_s=1.0)
     backend.down = True
     first = await engine.acquire(ASK)
-    assert in_fallback(engine) and engine.statistics.fallback_grants == 1
+    assert in_fallback(engine) and engine.statistics().fallback_grants == 1
     # Conservative: one in flight per bucket, and a quarter of the global rate.
     assert engine.fallback.config.max_in_flight == 1 and engine.fallback.config.global_rate == 25
     with pytest.raises(RateLimitTimeout):
@@ -152,7 +152,7 @@ async def test_unreachable_backend_falls_back_to_one_in_flight_and_comes_back(
     await trio.sleep(1.0)
     await engine.acquire(ASK)  # from the shared backend again
     assert not in_fallback(engine)
-    assert engine.statistics.fallback_grants == 1 and engine.statistics.backend_errors == 1
+    assert engine.statistics().fallback_grants == 1 and engine.statistics().backend_errors == 1
 
 
 class CountingBackend(LocalBackend):

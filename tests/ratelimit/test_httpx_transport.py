@@ -54,7 +54,7 @@ async def test_shared_429_blocks_that_channel_only_and_the_retry_waits_it_out() 
         assert blocked.status_code == 200 and other.status_code == 200
         assert elapsed >= 0.5  # retried after the shared block (0.6 s from the control call), not before
         assert ledger["by_category"].get("shared") == 1
-        assert limiter.statistics.outcomes["limited:shared"] == 1
+        assert limiter.statistics().outcomes["limited:shared"] == 1
 
 
 async def test_a_wait_beyond_the_maximum_raises_without_sending() -> None:

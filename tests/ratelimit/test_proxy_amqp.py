@@ -17,8 +17,8 @@ import trio
 from benchmarks.simulator import DEFAULT_TOKEN
 from ratelimit.backend import LocalBackend
 from ratelimit.engine import Ratelimiter
+from ratelimit.proxy import RestProxy, open_rest_proxy
 from ratelimit.proxy.amqp import RestRpcServer
-from ratelimit.proxy.core import RestProxy, open_rest_proxy
 from tests.ratelimit.proxy_helpers import (
     AMQP_URL,
     RpcClient,
@@ -310,7 +310,8 @@ async def test_stop_requeues_unsent_requests_and_answers_sent_ones() -> None:
 
 
 def test_timeout_and_cancel_decoding() -> None:
-    from ratelimit.proxy.core import MAX_BODY_BYTES, ProxyError, make_request, timeout_seconds
+    from ratelimit.proxy.errors import ProxyError
+    from ratelimit.proxy.request import MAX_BODY_BYTES, make_request, timeout_seconds
     from ratelimit.proxy.rpc import decode_cancel
 
     assert timeout_seconds(1500) == 1.5

@@ -19,7 +19,7 @@ import trio
 from benchmarks.simulator import DEFAULT_TOKEN
 from ratelimit.backend import LocalBackend
 from ratelimit.engine import Ratelimiter
-from ratelimit.proxy.core import RestProxy, open_rest_proxy
+from ratelimit.proxy import RestProxy, open_rest_proxy
 from ratelimit.proxy.http import HttpLimits, HttpProxyServer
 from tests.ratelimit.proxy_helpers import proxy_stack
 from tests.simulator.rest_helpers import AUTH

@@ -82,12 +82,12 @@ async def test_outage_falls_back_to_one_in_flight_and_recovers() -> None:
     async with forwarded_limiter() as (forwarder, limiter):
         first = await limiter.acquire(ASK)
         await limiter.release(first, Outcome("response", 200, RateLimitHeaders(5, 4, 5.0, "h")))
-        assert limiter.statistics.fallback_grants == 0
+        assert limiter.statistics().fallback_grants == 0
 
         forwarder.cut()
         during = await limiter.acquire(ASK, max_wait_s=1.0)  # from the local, conservative state
-        assert falling_back(limiter) and limiter.statistics.fallback_grants == 1
-        assert limiter.statistics.backend_errors >= 1
+        assert falling_back(limiter) and limiter.statistics().fallback_grants == 1
+        assert limiter.statistics().backend_errors >= 1
         # Conservative: one request in flight per bucket until it is answered.
         with trio.move_on_after(0.1) as blocked:
             await limiter.acquire(ASK)
@@ -97,6 +97,6 @@ async def test_outage_falls_back_to_one_in_flight_and_recovers() -> None:
         forwarder.up = True
         await trio.sleep(0.25)  # past recheck_s
         again = await limiter.acquire(ASK)  # from Redis: its bucket still knows 4 left
-        assert not falling_back(limiter) and limiter.statistics.fallback_grants == 1
+        assert not falling_back(limiter) and limiter.statistics().fallback_grants == 1
         assert again.bucket is not None and "h" in again.bucket
         await limiter.release(again, Outcome("response", 200, RateLimitHeaders(5, 3, 5.0, "h")))

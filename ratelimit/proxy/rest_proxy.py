@@ -1,10 +1,9 @@
-"""One REST proxy request: checked, sent to Discord under the shared limits, answered or failed with a code.
+"""`RestProxy`: one checked REST request sent to Discord under the shared limits, answered or failed.
 
 Both fronts (AMQP RPC in `ratelimit.proxy.amqp`, HTTP in `ratelimit.proxy.http`) turn what they receive
-into a `ProxyRequest` through the checks here, call `RestProxy.send`, and turn the `ProxyResponse` or the
-`ProxyError` into their own wire format. Every error carries both its RPC status (DESIGN 3.6: 1 unknown,
-2 bad format, 3 bad path, 4 bad query, 5 bad method, 6 bad headers, 7 request failed, 8 timeout) and its
-HTTP status, so the two fronts cannot disagree about what went wrong.
+into a `ProxyRequest` (`ratelimit.proxy.request`), call `RestProxy.send`, and turn the `ProxyResponse` or
+the `ProxyError` (`ratelimit.proxy.errors`, with both its RPC and its HTTP status) into their own wire
+format.
 
 Design notes:
 
@@ -36,51 +35,35 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import re
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import Final
 
 import httpx
-import orjson
 import trio
 
 from ratelimit.engine import Ratelimiter, RateLimitTimeout, RequestRefused
 from ratelimit.httpx_transport import RatelimitedTransport
 from ratelimit.invalid import TOKEN_REVOKED, WEBHOOK_DEAD
 from ratelimit.model import INVALID_BUDGET
-from ratelimit.routes import route_key
+from ratelimit.proxy.errors import ProxyError, RpcStatus, bad_request
+from ratelimit.proxy.request import ProxyRequest, describe
+from ratelimit.proxy.send_mark import MARK_EXTENSION, MarkingTransport, SendMark
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
-    "MAX_BODY_BYTES",
-    "METHODS",
-    "ProxyError",
-    "ProxyRequest",
     "ProxyResponse",
+    "ProxyStatistics",
     "RestProxy",
-    "RpcStatus",
-    "SendMark",
-    "describe",
-    "make_request",
     "open_rest_proxy",
 ]
 
-LOGGER: Final = logging.getLogger("ratelimit.proxy")
-
-METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
-#: Largest request body. Discord takes 10 MiB of attachments from a bot (up to 100 MiB in boosted guilds);
-#: 25 MiB covers the common cases and bounds what 256 requests in flight can hold in memory.
-MAX_BODY_BYTES: Final = 25 * 1024 * 1024
 #: Largest answer read from Discord (a full member list page is about 1 MiB).
 MAX_RESPONSE_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_TIMEOUT_S: Final = 30.0
-MAX_PATH_CHARS: Final = 4096
 USER_AGENT: Final = "DiscordBot (https://github.com/trio-shard-gateway/trio-shard-gateway, 0.1.0)"
 #: Connections to Discord per process (the RPC front has at most 256 requests in flight per worker).
 UPSTREAM_CONNECTIONS: Final = 256
@@ -103,73 +86,6 @@ HOP_BY_HOP: Final = frozenset(
 )
 #: Request headers the proxy sets itself (httpx computes host and length; encoding: see the module note).
 _OWN_REQUEST_HEADERS: Final = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
-_TOKEN_CHARS: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e]*")
-_PATH_FORBIDDEN: Final = re.compile(r"[\x00-\x20\x7f#]")
-#: Where `SendMark` travels on the httpx request (popped before the request reaches httpx's own transport).
-_MARK_EXTENSION: Final = "trio_shard_gateway.send_mark"
-
-
-class RpcStatus(IntEnum):
-    """The `status` of an RPC reply (`@spectacles/proxy`, spectacles proxy v0.1 README)."""
-
-    OK = 0
-    UNKNOWN = 1
-    BAD_FORMAT = 2
-    BAD_PATH = 3
-    BAD_QUERY = 4
-    BAD_METHOD = 5
-    BAD_HEADERS = 6
-    REQUEST_FAILED = 7
-    TIMEOUT = 8
-
-
-class ProxyError(Exception):
-    """A request the proxy answers itself. `kind` names it in logs and in the HTTP `X-Proxy-Error` header;
-    `message` never holds a secret (no header values, paths or bodies)."""
-
-    def __init__(
-        self,
-        kind: str,
-        message: str,
-        *,
-        rpc_status: RpcStatus,
-        http_status: int,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.rpc_status = rpc_status
-        self.http_status = http_status
-        self.retry_after_s = retry_after_s
-
-
-def bad_request(rpc_status: RpcStatus, message: str, *, http_status: int = 400) -> ProxyError:
-    kind = {
-        RpcStatus.BAD_FORMAT: "bad-format",
-        RpcStatus.BAD_PATH: "bad-path",
-        RpcStatus.BAD_QUERY: "bad-query",
-        RpcStatus.BAD_METHOD: "bad-method",
-        RpcStatus.BAD_HEADERS: "bad-headers",
-    }.get(rpc_status, "bad-request")
-    if http_status == 413:
-        kind = "body-too-large"
-    return ProxyError(kind, message, rpc_status=rpc_status, http_status=http_status)
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyRequest:
-    """A checked request. `path` is relative to `DISCORD_API_URL` (`/channels/1/messages`) and may carry a
-    raw query string; `query` pairs are appended to it, percent-encoded. Build it with `make_request`."""
-
-    method: str
-    path: str
-    query: tuple[tuple[str, str], ...] = ()
-    headers: tuple[tuple[str, str], ...] = ()
-    body: bytes = b""
-    #: The caller's own limit, in seconds; the proxy's `TIMEOUT` applies when it is longer or absent.
-    timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,200 +104,6 @@ class ProxyResponse:
         for name, value in self.headers:
             joined[name] = f"{joined[name]}, {value}" if name in joined else value
         return joined
-
-
-@dataclass(slots=True)
-class SendMark:
-    """Set once the request was handed to the network (it may then have reached Discord). A front that
-    must stop early requeues a request that was never sent and reports one that was."""
-
-    sent: bool = False
-
-
-# -- checks: each raises ProxyError with the RPC status of the field it checks ---------------------------
-
-
-def check_method(value: object) -> str:
-    if not isinstance(value, str):
-        raise bad_request(RpcStatus.BAD_METHOD, "method must be a string")
-    method = value.upper()
-    if method not in METHODS:
-        raise bad_request(RpcStatus.BAD_METHOD, f"method must be one of {', '.join(sorted(METHODS))}")
-    return method
-
-
-def check_path(method: str, value: object) -> str:
-    """A path relative to the API base: starts with `/`, no whitespace, control characters, fragment or dot
-    segments, at most MAX_PATH_CHARS, and one the route table can key (`routes.route_key`)."""
-    if not isinstance(value, str):
-        raise bad_request(RpcStatus.BAD_PATH, "path must be a string")
-    if not value.startswith("/"):
-        raise bad_request(RpcStatus.BAD_PATH, "path must start with '/'")
-    if len(value) > MAX_PATH_CHARS:
-        raise bad_request(RpcStatus.BAD_PATH, f"path longer than {MAX_PATH_CHARS} characters")
-    if _PATH_FORBIDDEN.search(value):
-        raise bad_request(RpcStatus.BAD_PATH, "path must not contain whitespace, control characters or '#'")
-    segments = value.partition("?")[0].split("/")
-    if any(segment in (".", "..") for segment in segments):
-        raise bad_request(RpcStatus.BAD_PATH, "path must not contain '.' or '..' segments")
-    try:
-        route_key(method, value)
-    except ValueError:
-        raise bad_request(RpcStatus.BAD_PATH, "path names no Discord REST resource") from None
-    return value
-
-
-def query_pairs(value: object) -> tuple[tuple[str, str], ...]:
-    """`{name: value}` with str, number or bool values, or lists of them (a repeated parameter)."""
-    if value is None:
-        return ()
-    if not isinstance(value, Mapping):
-        raise bad_request(RpcStatus.BAD_QUERY, "query must be a map of names to values")
-    pairs: list[tuple[str, str]] = []
-    for name, item in value.items():
-        if not isinstance(name, str):
-            raise bad_request(RpcStatus.BAD_QUERY, "query names must be strings")
-        items = item if isinstance(item, list | tuple) else [item]
-        pairs.extend((name, _query_value(name, each)) for each in items)
-    return tuple(pairs)
-
-
-def _query_value(name: str, value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and math.isfinite(value):
-        return repr(value)
-    raise bad_request(RpcStatus.BAD_QUERY, f"query value of {_shown(name)} must be a string, number or bool")
-
-
-def header_pairs(value: object) -> tuple[tuple[str, str], ...]:
-    """`{name: value}`: token names, values of visible ASCII (no CR, LF or NUL: no header injection)."""
-    if value is None:
-        return ()
-    if not isinstance(value, Mapping):
-        raise bad_request(RpcStatus.BAD_HEADERS, "headers must be a map of names to strings")
-    pairs = []
-    for name, item in value.items():
-        if not isinstance(name, str) or not _TOKEN_CHARS.fullmatch(name):
-            raise bad_request(RpcStatus.BAD_HEADERS, "header names must be HTTP tokens")
-        if isinstance(item, int | float) and not isinstance(item, bool):
-            item = str(item)
-        if not isinstance(item, str) or not _HEADER_VALUE.fullmatch(item):
-            # The value is not echoed: it may be a token.
-            raise bad_request(
-                RpcStatus.BAD_HEADERS, f"header {_shown(name)} must be visible ASCII without CR, LF or NUL"
-            )
-        pairs.append((name, item))
-    return tuple(pairs)
-
-
-def body_bytes(
-    value: object, headers: tuple[tuple[str, str], ...]
-) -> tuple[bytes, tuple[tuple[str, str], ...]]:
-    """The body as bytes: bytes as they are, a string as UTF-8, a map or list (or number, bool) as JSON with
-    `content-type: application/json` unless the caller set one. At most MAX_BODY_BYTES."""
-    if value is None:
-        body = b""
-    elif isinstance(value, bytes | bytearray | memoryview):
-        body = bytes(value)
-    elif isinstance(value, str):
-        try:
-            body = value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise bad_request(RpcStatus.BAD_FORMAT, "body is not valid UTF-8 text") from None
-    elif isinstance(value, dict | list | int | float):
-        try:
-            body = orjson.dumps(value)
-        except TypeError:
-            raise bad_request(RpcStatus.BAD_FORMAT, "body cannot be encoded as JSON") from None
-        if not any(name.lower() == "content-type" for name, _ in headers):
-            headers = (*headers, ("content-type", "application/json"))
-    else:
-        raise bad_request(RpcStatus.BAD_FORMAT, "body must be bytes, a string or JSON data")
-    if len(body) > MAX_BODY_BYTES:
-        raise bad_request(RpcStatus.BAD_FORMAT, f"body larger than {MAX_BODY_BYTES} bytes", http_status=413)
-    return body, headers
-
-
-def timeout_seconds(value: object) -> float | None:
-    """The caller's timeout: a number of milliseconds (the unit of the AMQP `expiration` the JS broker
-    uses), or Rust's serde `Duration` (`{secs, nanos}` or `[secs, nanos]`, what the Rust proxy read)."""
-    if value is None:
-        return None
-    seconds: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = value / 1000
-    elif isinstance(value, Mapping) and set(value) <= {"secs", "nanos"} and "secs" in value:
-        seconds = _duration(value.get("secs"), value.get("nanos", 0))
-    elif isinstance(value, list | tuple) and len(value) == 2:
-        seconds = _duration(value[0], value[1])
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        raise bad_request(RpcStatus.BAD_FORMAT, "timeout must be milliseconds or {secs, nanos}")
-    return seconds
-
-
-def _duration(secs: object, nanos: object) -> float | None:
-    if isinstance(secs, bool) or isinstance(nanos, bool):
-        return None
-    if isinstance(secs, int) and isinstance(nanos, int):
-        return secs + nanos / 1e9
-    return None
-
-
-def make_request(
-    method: object,
-    path: object,
-    *,
-    query: object = None,
-    headers: object = None,
-    body: object = None,
-    timeout: object = None,
-) -> ProxyRequest:
-    """A `ProxyRequest` from loosely typed fields (decoded MessagePack, a parsed HTTP request). Raises
-    `ProxyError` with the status of the first field that is wrong, in the order of the arguments."""
-    checked_method = check_method(method)
-    checked_path = check_path(checked_method, path)
-    pairs = query_pairs(query)
-    header_list = header_pairs(headers)
-    content, header_list = body_bytes(body, header_list)
-    return ProxyRequest(
-        checked_method, checked_path, pairs, header_list, content, timeout_s=timeout_seconds(timeout)
-    )
-
-
-def describe(method: str, path: str) -> str:
-    """`METHOD /route/{template}` for logs: ids and tokens replaced by placeholders, never the path itself."""
-    try:
-        return f"{method} {route_key(method, path).template}"
-    except ValueError:
-        return f"{method} (not a REST route)"
-
-
-def _shown(name: str) -> str:
-    return repr(name[:40])
-
-
-# -- sending --------------------------------------------------------------------------------------------
-
-
-class _MarkingTransport(httpx.AsyncBaseTransport):
-    """Sets the request's `SendMark` as it goes to the network (and removes it, so httpx never sees it)."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        mark = request.extensions.pop(_MARK_EXTENSION, None)
-        if isinstance(mark, SendMark):
-            mark.sent = True
-        return await self.inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +138,7 @@ class RestProxy:
         self.api_url = api_url.rstrip("/")
         self.timeout_s = timeout_s
         self._bot_token = bot_token
-        self._inner = _MarkingTransport(
+        self._inner = MarkingTransport(
             inner
             if inner is not None
             else httpx.AsyncHTTPTransport(
@@ -539,7 +261,7 @@ class RestProxy:
         headers.append(("Accept-Encoding", "identity"))
         try:
             return httpx.Request(
-                request.method, url, headers=headers, content=request.body, extensions={_MARK_EXTENSION: mark}
+                request.method, url, headers=headers, content=request.body, extensions={MARK_EXTENSION: mark}
             )
         except httpx.InvalidURL:
             raise bad_request(RpcStatus.BAD_PATH, "path is not a valid URL path") from None
@@ -622,27 +344,3 @@ async def open_rest_proxy(
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await proxy.aclose()
-
-
-def log_failure(front: str, error: ProxyError, route: str, level: int | None = None) -> None:
-    """The one log line of a request the proxy answered itself (no path, no header value, no token): at
-    info for a client's mistake, at warning for what the operator should see (limits, dead credentials,
-    Discord unreachable)."""
-    if level is None:
-        serious = error.http_status >= 500 or error.kind in (
-            "token-revoked",
-            "webhook-dead",
-            "ratelimit-timeout",
-        )
-        level = logging.WARNING if serious else logging.INFO
-    LOGGER.log(
-        level,
-        "proxy.error",
-        extra={"front": front, "kind": error.kind, "route": route, "reason": error.message},
-    )
-
-
-def headers_lookup(headers: Sequence[tuple[str, str]], name: str) -> str | None:
-    """The first value of header `name` (case-insensitive)."""
-    name = name.lower()
-    return next((value for key, value in headers if key.lower() == name), None)
