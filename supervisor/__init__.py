@@ -1,5 +1,5 @@
-"""Control plane: `python -m supervisor` (also installed as `trio-shard-gateway`). Plans shards, runs one worker
-process per core, coordinates IDENTIFY, restarts what dies, serves metrics and health.
+"""Control plane: `python -m supervisor` (also installed as the `trio-shard-gateway` command). Plans shards,
+runs one worker process per core, coordinates IDENTIFY, restarts what dies, serves metrics and health.
 
 What embedders import from here: `main` (the command line, returning the exit status), `load_settings`
 (every layer resolved, with sources) and `SupervisorError`. Running the supervisor in-process is

@@ -203,7 +203,8 @@ def test_an_error_escaping_the_worker_is_logged_redacted_and_exits_1() -> None:
     crash = (
         "import workers.main as m\n"
         "async def crash(config):\n"
-        "    raise RuntimeError(f'cannot reach {config.settings.amqp_url} with token {config.settings.token}')\n"
+        "    s = config.settings\n"
+        "    raise RuntimeError(f'cannot reach {s.amqp_url} with token {s.token}')\n"
         "m.run_worker = crash\n"
         "raise SystemExit(m.main(['--shard-count', '1']))\n"
     )
