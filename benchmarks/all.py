@@ -22,7 +22,6 @@ everything else, marks it failed in both files, and exits 1.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -37,6 +36,7 @@ from typing import Any, BinaryIO, Final
 
 import trio
 
+from benchmarks.children import stop_process
 from benchmarks.harness import LOG_TAIL_CHARS, ROOT, Progress, machine_info, write_results
 from benchmarks.targets import flatten
 
@@ -139,15 +139,7 @@ async def _echo(process: trio.Process, name: str, log: BinaryIO) -> None:
 async def _stop(process: trio.Process) -> None:
     """SIGINT the suite (trio turns it into a cancellation, so the suite stops its own children), then
     SIGKILL after STOP_GRACE_S."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.send_signal(signal.SIGINT)
-    with trio.move_on_after(STOP_GRACE_S):
-        await process.wait()
-    if process.poll() is None:
-        process.kill()
-        await process.wait()
+    await stop_process(process, signal.SIGINT, grace_s=STOP_GRACE_S)
 
 
 def _first_error(json_path: Path) -> str | None:

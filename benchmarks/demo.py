@@ -15,12 +15,16 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import trio
 
+from .children import stop_process
 from .simulator import DEFAULT_TOKEN
+
+#: How long the simulator may take to exit after SIGINT before it gets SIGKILL.
+SIMULATOR_STOP_GRACE_S: Final = 5.0
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
@@ -79,11 +83,7 @@ async def run_demo(shards: int, seconds: float, event_rate: float) -> int:
         print("demo summary: " + json.dumps(summary), file=sys.stderr)
         return int(supervisor.returncode or 0)
     finally:
-        simulator.send_signal(signal.SIGINT)
-        with trio.move_on_after(5):
-            await simulator.wait()
-        if simulator.returncode is None:
-            simulator.kill()
+        await stop_process(simulator, signal.SIGINT, grace_s=SIMULATOR_STOP_GRACE_S)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from typing import Any, Final, Literal
 
 import trio
 
+from benchmarks import children
 from benchmarks.harness import (
     ROOT,
     BenchmarkError,
@@ -199,23 +200,16 @@ ClientOpener = Callable[
 
 
 def worker_env(sim: SimulatorProcess, compression: Compression, sink: Sink, amqp_url: str) -> dict[str, str]:
-    prefixes = ("DISCORD_", "BROKER_", "GATEWAY_", "AMQP_", "SHARD_STORE_", "LOG_")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.rest_url,
-            "GATEWAY_COMPRESSION": WIRE_COMPRESSION[compression],
-            "BROKER_TYPE": sink,
-            "BROKER_ENCODING": "spectacles",
-            "BROKER_GROUP": AMQP_EXCHANGE,
-            "AMQP_URL": amqp_url,
-            "SHARD_STORE_TYPE": "memory",
-            "LOG_LEVEL": "warning",
-            "LOG_FORMAT": "json",
-        }
+    return children.worker_env(
+        sim.rest_url,
+        GATEWAY_COMPRESSION=WIRE_COMPRESSION[compression],
+        BROKER_TYPE=sink,
+        BROKER_ENCODING="spectacles",
+        BROKER_GROUP=AMQP_EXCHANGE,
+        AMQP_URL=amqp_url,
+        SHARD_STORE_TYPE="memory",
+        LOG_LEVEL="warning",
     )
-    return env
 
 
 @contextlib.asynccontextmanager

@@ -29,11 +29,11 @@ from typing import Any, BinaryIO, Final, TypeVar
 import httpx
 import trio
 
+from benchmarks.children import stop_process
+
 #: The repository root: children run here so `-m benchmarks.simulator` and `-m workers` import.
 ROOT: Final = Path(__file__).resolve().parent.parent
 CLOCK_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
-#: How long a stopped child may take to exit after SIGTERM before it gets SIGKILL.
-STOP_GRACE_S: Final = 10.0
 SIMULATOR_START_TIMEOUT_S: Final = 30.0
 CONTROL_TIMEOUT_S: Final = 30.0
 LOG_TAIL_CHARS: Final = 3000
@@ -141,8 +141,8 @@ async def open_child(
 ) -> AsyncIterator[ChildProcess]:
     """Start `argv` in the repository root with stderr to `log_dir/<name>.log`, pinned to `cpus` if given.
 
-    On exit the child gets `stop_signal`, then SIGKILL if it has not exited within STOP_GRACE_S; the
-    stop is shielded, so a cancelled run still stops its children."""
+    On exit the child gets `stop_signal`, then SIGKILL if it has not exited within
+    `children.STOP_GRACE_S`; the stop is shielded, so a cancelled run still stops its children."""
     log_path = log_dir / f"{name}.log"
     with _create_log(log_path) as log:
         process = await trio.lowlevel.open_process(
@@ -171,18 +171,11 @@ def _create_log(path: Path) -> BinaryIO:
 
 
 async def stop_child(child: ChildProcess, stop_signal: signal.Signals = signal.SIGTERM) -> int | None:
-    """Signal the child and wait for it (SIGKILL after STOP_GRACE_S); returns its exit status."""
-    if child.process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            child.process.send_signal(stop_signal)
-        with trio.move_on_after(STOP_GRACE_S):
-            await child.process.wait()
-        if child.process.poll() is None:
-            child.process.kill()
-            await child.process.wait()
+    """Signal the child and wait for it (`children.stop_process`); returns its exit status."""
+    status = await stop_process(child.process, stop_signal)
     if child.process.stdout is not None:
         await child.process.stdout.aclose()
-    return child.process.returncode
+    return status
 
 
 async def read_line(stream: trio.abc.ReceiveStream, buffer: bytearray) -> bytes:
@@ -358,14 +351,6 @@ def machine_info() -> dict[str, Any]:
         # Other work on the machine shows here; per-CPU-second figures still move with it (caches, SMT).
         "load_average_at_start": [round(load, 2) for load in os.getloadavg()],
     }
-
-
-def inherited_environment() -> dict[str, str]:
-    """This process's environment without any of the service's own variables, for a child that must see
-    only what its suite sets (a `DISCORD_TOKEN` or `BROKER_TYPE` in the caller's shell must not leak in)."""
-    from supervisor.config import OWN_PREFIXES
-
-    return {key: value for key, value in os.environ.items() if not key.startswith((*OWN_PREFIXES, "LOG_"))}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, suite: str, quick_help: str) -> None:

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import math
 import os
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -51,6 +50,7 @@ from typing import Any, Final
 import orjson
 import trio
 
+from benchmarks import children
 from benchmarks.harness import (
     BenchmarkError,
     ChildProcess,
@@ -58,7 +58,6 @@ from benchmarks.harness import (
     SimulatorProcess,
     add_amqp_url_argument,
     add_common_arguments,
-    inherited_environment,
     machine_info,
     open_child,
     open_simulator_process,
@@ -115,13 +114,6 @@ class Bench:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def percentile(ordered: Sequence[float], fraction: float) -> float:
     """The `fraction` quantile of sorted samples, interpolated linearly between the closest ranks."""
     if not ordered:
@@ -145,26 +137,20 @@ def placement() -> dict[str, frozenset[int] | None]:
 
 
 def worker_env(bench: Bench, sim: SimulatorProcess, http_port: int, shm_dir: str) -> dict[str, str]:
-    env = inherited_environment()
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.rest_url,
-            "DISCORD_GLOBAL_LIMIT": str(GLOBAL_LIMIT),
-            "BROKER_TYPE": "amqp" if bench.amqp else "null",
-            "BROKER_GROUP": GATEWAY_GROUP,
-            "AMQP_URL": bench.amqp_url,
-            "AMQP_GROUP": REST_GROUP,
-            "AMQP_EVENT": REST_EVENT,
-            "PROXY_HTTP_ADDRESS": f"127.0.0.1:{http_port}",
-            "RATELIMIT_BACKEND": bench.backend,
-            "RATELIMIT_SHM_DIR": shm_dir,
-            "SHARD_STORE_TYPE": "memory",
-            "LOG_LEVEL": "warning",
-            "LOG_FORMAT": "json",
-        }
+    return children.worker_env(
+        sim.rest_url,
+        DISCORD_GLOBAL_LIMIT=str(GLOBAL_LIMIT),
+        BROKER_TYPE="amqp" if bench.amqp else "null",
+        BROKER_GROUP=GATEWAY_GROUP,
+        AMQP_URL=bench.amqp_url,
+        AMQP_GROUP=REST_GROUP,
+        AMQP_EVENT=REST_EVENT,
+        PROXY_HTTP_ADDRESS=f"127.0.0.1:{http_port}",
+        RATELIMIT_BACKEND=bench.backend,
+        RATELIMIT_SHM_DIR=shm_dir,
+        SHARD_STORE_TYPE="memory",
+        LOG_LEVEL="warning",
     )
-    return env
 
 
 def simulator_args() -> list[str]:
@@ -294,7 +280,7 @@ async def measure(bench: Bench) -> dict[str, Any]:
             progress.say(f"  {problem}: measuring the HTTP proxy only")
             bench.amqp = False
     cpus = placement()
-    http_port = free_port()
+    http_port = children.free_port()
     async with (
         private_directory("bench-proxy-shm-") as shm_dir,
         cleaned_queues(bench),

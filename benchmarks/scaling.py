@@ -52,6 +52,7 @@ from typing import Any, Final
 import httpx
 import trio
 
+from benchmarks import children
 from benchmarks.harness import (
     CONTROL_TIMEOUT_S,
     SIMULATOR_START_TIMEOUT_S,
@@ -68,7 +69,6 @@ from benchmarks.harness import (
     wait_sessions_ready,
     write_results,
 )
-from benchmarks.simulator.config import DEFAULT_TOKEN
 from benchmarks.targets import Target, format_figures, nest, verdicts
 
 DESCRIPTION: Final = "total events per second against the number of worker processes (multi-core scaling)"
@@ -190,20 +190,13 @@ def simulator_args(shards: int) -> list[str]:
 
 
 def worker_env(sim: SimulatorProcess) -> dict[str, str]:
-    prefixes = ("DISCORD_", "BROKER_", "GATEWAY_", "AMQP_", "SHARD_STORE_", "LOG_", "PROMETHEUS_", "PROXY_")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.rest_url,
-            "GATEWAY_COMPRESSION": COMPRESSION,
-            "BROKER_TYPE": "null",
-            "SHARD_STORE_TYPE": "memory",
-            "LOG_LEVEL": "warning",
-            "LOG_FORMAT": "json",
-        }
+    return children.worker_env(
+        sim.rest_url,
+        GATEWAY_COMPRESSION=COMPRESSION,
+        BROKER_TYPE="null",
+        SHARD_STORE_TYPE="memory",
+        LOG_LEVEL="warning",
     )
-    return env
 
 
 @contextlib.asynccontextmanager

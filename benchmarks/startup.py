@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import socket
 import sys
 import tempfile
 import time
@@ -41,20 +40,20 @@ from typing import Any, Final
 import httpx
 import trio
 
+from benchmarks.children import free_port, worker_env
 from benchmarks.harness import (
     BenchmarkError,
     ChildProcess,
     Progress,
     SimulatorProcess,
     add_common_arguments,
-    inherited_environment,
     machine_info,
     open_child,
     open_simulator_process,
     run_or_error,
     write_results,
 )
-from benchmarks.simulator.config import DEFAULT_TOKEN, IDENTIFY_INTERVAL_S
+from benchmarks.simulator.config import IDENTIFY_INTERVAL_S
 from benchmarks.targets import Target, format_figures, nest, verdicts
 
 DESCRIPTION: Final = "time to all shards READY and the identify spread against Discord's bound"
@@ -146,13 +145,6 @@ class Bench:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def simulator_args(config: StartupConfig) -> list[str]:
     return [
         *("--shard-count", str(config.shards), "--max-concurrency", str(config.max_concurrency)),
@@ -162,21 +154,15 @@ def simulator_args(config: StartupConfig) -> list[str]:
 
 
 def supervisor_env(sim: SimulatorProcess, metrics_port: int, shm_dir: str) -> dict[str, str]:
-    env = inherited_environment()
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.rest_url,
-            "BROKER_TYPE": "null",
-            "SHARD_STORE_TYPE": "memory",
-            "PROMETHEUS_ADDRESS": f"127.0.0.1:{metrics_port}",
-            "RATELIMIT_SHM_DIR": shm_dir,
-            "SHUTDOWN_TIMEOUT": "10s",
-            "LOG_FORMAT": "json",
-            "LOG_LEVEL": "info",
-        }
+    return worker_env(
+        sim.rest_url,
+        BROKER_TYPE="null",
+        SHARD_STORE_TYPE="memory",
+        PROMETHEUS_ADDRESS=f"127.0.0.1:{metrics_port}",
+        RATELIMIT_SHM_DIR=shm_dir,
+        SHUTDOWN_TIMEOUT="10s",
+        LOG_LEVEL="info",
     )
-    return env
 
 
 async def wait_ready(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -24,19 +23,18 @@ from typing import Any, Final
 import httpx
 import trio
 
+from benchmarks.children import free_port, worker_env
 from benchmarks.harness import (
     BenchmarkError,
     ChildProcess,
     Progress,
     SimulatorProcess,
-    inherited_environment,
     open_child,
     open_simulator_process,
     read_json_line,
     wait_sessions_ready,
 )
 from benchmarks.ratelimit.state import wait_redis_ready
-from benchmarks.simulator.config import DEFAULT_TOKEN
 
 CONSUMER_START_TIMEOUT_S: Final = 30.0
 POLL_S: Final = 0.1
@@ -180,13 +178,6 @@ class System:
             child.check_alive()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def simulator_args(settings: Settings) -> list[str]:
     return [
         *("--shard-count", str(settings.shards), "--max-concurrency", str(settings.shards)),
@@ -202,23 +193,17 @@ def simulator_args(settings: Settings) -> list[str]:
 def supervisor_env(
     sim: SimulatorProcess, *, port: int, shm_dir: str, group: str, amqp_url: str
 ) -> dict[str, str]:
-    env = inherited_environment()
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.rest_url,
-            "BROKER_TYPE": "amqp",
-            "BROKER_GROUP": group,
-            "AMQP_URL": amqp_url,
-            "SHARD_STORE_TYPE": "memory",
-            "PROMETHEUS_ADDRESS": f"127.0.0.1:{port}",
-            "RATELIMIT_SHM_DIR": shm_dir,
-            "SHUTDOWN_TIMEOUT": "10s",
-            "LOG_FORMAT": "json",
-            "LOG_LEVEL": "info",
-        }
+    return worker_env(
+        sim.rest_url,
+        BROKER_TYPE="amqp",
+        BROKER_GROUP=group,
+        AMQP_URL=amqp_url,
+        SHARD_STORE_TYPE="memory",
+        PROMETHEUS_ADDRESS=f"127.0.0.1:{port}",
+        RATELIMIT_SHM_DIR=shm_dir,
+        SHUTDOWN_TIMEOUT="10s",
+        LOG_LEVEL="info",
     )
-    return env
 
 
 @contextlib.asynccontextmanager

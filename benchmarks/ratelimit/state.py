@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
 import trio
 
+from benchmarks.children import free_port
 from benchmarks.harness import BenchmarkError, ChildProcess, open_child
 from benchmarks.ratelimit.client import backend_spec
 from benchmarks.ratelimit.settings import Backend
@@ -82,14 +82,6 @@ async def delete_prefix(client: RespClient, pattern: str) -> int:
             deleted += answer if isinstance(answer, int) else 0
         if cursor == b"0":
             return deleted
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now (a short race with other programs, accepted)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @contextlib.asynccontextmanager

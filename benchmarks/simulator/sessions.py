@@ -8,6 +8,9 @@ with 1000/1001).
 
 Identify rules (anchors/gateway.md C2, C3): one IDENTIFY per `shard_id % max_concurrency` key per 5 s,
 across every connection of the token, and a daily budget that resets the token when spent.
+
+A session sees its connection only through `SessionClient` (what it needs of one), so this module does not
+import the connection's (gateway_connection.py imports this one).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 import orjson
 import trio
@@ -23,8 +26,16 @@ import trio
 from .config import IDENTIFY_INTERVAL_S
 from .events import FirehosePool, dispatch_bytes, firehose_pool, guild_create_payload
 
-if TYPE_CHECKING:
-    from .gateway import GatewayConnection
+__all__ = [
+    "BUDGET_PERIOD_MS",
+    "MAX_CLIENT_LAG_EVENTS",
+    "FirehoseRates",
+    "IdentifyDecision",
+    "IdentifyLimiter",
+    "Session",
+    "SessionClient",
+    "guild_create_bodies",
+]
 
 #: How far (in events) the firehose may run ahead of an attached client before it waits for it, so a slow
 #: client slows the firehose instead of overflowing the replay buffer.
@@ -34,6 +45,21 @@ MAX_TICK_S: Final = 1.0
 MIN_TICK_S: Final = 0.01
 #: A daily identify budget refills this long after it last did.
 BUDGET_PERIOD_MS: Final = 86_400_000
+
+
+class SessionClient(Protocol):
+    """The connection a session is attached to, as the session (and whoever takes it over) sees it."""
+
+    #: The last seq written to the client.
+    sent_seq: int
+    #: Cancelling it ends the connection (a RESUME on another connection drops this one).
+    cancel_scope: trio.CancelScope
+
+    def wake(self) -> None:
+        """New dispatches are buffered: the writer should look."""
+
+    async def wait_progress(self) -> None:
+        """Wait until the writer has written another batch."""
 
 
 @dataclass(slots=True)
@@ -49,7 +75,7 @@ class Session:
     #: Dispatch JSON for seqs `first_seq .. last_seq`, oldest first.
     events: list[bytes] = field(default_factory=list)
     first_seq: int = 1
-    connection: GatewayConnection | None = None
+    connection: SessionClient | None = None
     detached_at: float | None = None
     invalid: bool = False
     sent: int = 0
@@ -92,11 +118,11 @@ class Session:
         stop = upto_seq + 1 - self.first_seq
         return self.events[max(0, start) : max(0, stop)]
 
-    def attach(self, connection: GatewayConnection) -> None:
+    def attach(self, connection: SessionClient) -> None:
         self.connection = connection
         self.detached_at = None
 
-    def detach(self, connection: GatewayConnection) -> None:
+    def detach(self, connection: SessionClient) -> None:
         if self.connection is connection:
             self.connection = None
             self.detached_at = trio.current_time()

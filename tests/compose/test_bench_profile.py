@@ -20,7 +20,6 @@ import ctypes
 import json
 import secrets
 import signal
-import socket
 import subprocess
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +30,7 @@ from typing import Any, Final
 import httpx
 import trio
 
+from benchmarks.children import free_port, stop_process
 from workers.amqp_bridge import open_amqp
 from workers.metric_labels import MULTIPROC_DIR_ENV
 
@@ -61,13 +61,6 @@ MDWE_LAUNCHER: Final = (
 def kernel_has_mdwe() -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(PR_GET_MDWE, 0, 0, 0, 0)) >= 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def on_this_host(url: str, service: str, port: int | None = None) -> str:
@@ -240,6 +233,4 @@ async def test_the_bench_profile_runs_the_whole_system(image_venv: ImageVenv, tm
                     await amqp.delete_queue(queue)
             assert await healthcheck(image_venv, env, tmp_path) != 0, "nothing answers: the check must fail"
             assert list(shm_dir.iterdir()) == [], "the supervisor removes its segment when it stops"
-            simulator.send_signal(signal.SIGINT)
-            with trio.move_on_after(5):
-                await simulator.wait()
+            await stop_process(simulator, signal.SIGINT, grace_s=5)

@@ -4,8 +4,6 @@ SIGTERM stops the worker cleanly."""
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import httpx
 import orjson
 import trio
 
+from benchmarks.children import free_port, stop_process, worker_env
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, RestConfig, SimulatorConfig, open_simulator
 from ratelimit.configured import engine_config, shm_segment_name
 from ratelimit.shm import ShmBackend
@@ -21,21 +20,13 @@ from tests.simulator.rest_helpers import AUTH
 from workers.amqp_bridge import open_amqp
 
 
-async def free_port() -> int:
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_worker_serves_the_proxy_over_amqp_and_http(tmp_path: Path) -> None:
     rest_group, gateway_group = unique_group(), unique_group()
-    port = await free_port()
+    port = free_port()
     config = SimulatorConfig(
         gateway=GatewayConfig(shard_count=1, max_concurrency=1, event_rate=0, guilds_per_shard=1),
         rest=RestConfig(bucket_time_scale=0.2),
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
     with trio.fail_after(40):
         async with (
             open_simulator(config) as sim,
@@ -48,9 +39,8 @@ async def test_worker_serves_the_proxy_over_amqp_and_http(tmp_path: Path) -> Non
                 unlink_on_close=True,
             ) as segment,
         ):
-            env.update(
-                DISCORD_TOKEN=DEFAULT_TOKEN,
-                DISCORD_API_URL=sim.addresses.rest_url,
+            env = worker_env(
+                sim.addresses.rest_url,
                 BROKER_TYPE="amqp",
                 BROKER_GROUP=gateway_group,
                 AMQP_URL=AMQP_URL,
@@ -60,7 +50,6 @@ async def test_worker_serves_the_proxy_over_amqp_and_http(tmp_path: Path) -> Non
                 RATELIMIT_SHM_DIR=str(tmp_path),
                 DISCORD_GLOBAL_LIMIT="50",
                 TIMEOUT="10s",
-                LOG_FORMAT="json",
             )
             log_path = tmp_path / "worker.log"
             with open(log_path, "wb") as log:
@@ -92,12 +81,7 @@ async def test_worker_serves_the_proxy_over_amqp_and_http(tmp_path: Path) -> Non
                     assert reply["body"]["status"] == 200
                     assert orjson.loads(reply["body"]["body"])["content"] == "via amqp"
                 finally:
-                    process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(15):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
+                    await stop_process(process, grace_s=15)
                     async with open_amqp(AMQP_URL) as amqp:
                         for queue in (f"{rest_group}:REQUEST", f"{gateway_group}:SEND", f"{gateway_group}:0"):
                             await amqp.delete_queue(queue)

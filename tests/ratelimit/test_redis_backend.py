@@ -31,6 +31,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from benchmarks.children import free_port
 from ratelimit.backend import BackendUnavailable, LocalBackend
 from ratelimit.buckets import RateLimited, RateLimitHeaders, RateLimitScope
 from ratelimit.global_limit import SLACK
@@ -342,20 +343,13 @@ async def test_backend_survives_a_script_flush(redis: RespClient, prefix: str) -
     assert (stats.calls, stats.reloads, stats.errors) == (4, 1, 0)
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_connection_refused_is_unavailable(prefix: str) -> None:
-    backend = RedisBackend(f"redis://127.0.0.1:{closed_port()}/0", prefix=prefix)
+    backend = RedisBackend(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix)
     with trio.fail_after(5):
         with pytest.raises(BackendUnavailable, match="unreachable"):
             await backend.acquire(Ask("t", "GET /a", "1"))
         with pytest.raises(BackendUnavailable):
-            async with open_redis_backend(f"redis://127.0.0.1:{closed_port()}/0", prefix=prefix):
+            async with open_redis_backend(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix):
                 pass
     assert backend.statistics().errors == 1
     await backend.aclose()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +23,7 @@ import httpx
 import pytest
 import trio
 
+from benchmarks.children import free_port, inherited_environment, stop_process, worker_env
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
 from workers import logs
 
@@ -41,11 +40,7 @@ ROOT: Final = Path(__file__).resolve().parents[2]
 
 def clean_environ(**values: str) -> dict[str, str]:
     """This process's environment without any of our settings, plus `values`."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
-    for name in ("AMQP_URL", "REDIS_URL", "SHARD_STORE_TYPE", "PROMETHEUS_ADDRESS", "PROXY_HTTP_ADDRESS"):
-        env.pop(name, None)
-    env.update(values)
-    return env
+    return {**inherited_environment(), **values}
 
 
 def assert_no_secret(text: str, where: str, *extra: str) -> None:
@@ -53,13 +48,6 @@ def assert_no_secret(text: str, where: str, *extra: str) -> None:
     assert not hits, "\n".join(map(str, hits))
     for secret in extra:
         assert secret not in text, f"{where}: a secret in the output"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- the scanner itself --------------------------------------------------------------------------------
@@ -208,13 +196,7 @@ def test_redact_url_hides_the_password_and_keeps_the_rest() -> None:
 
 
 def worker_environ(sim: Simulator, **values: str) -> dict[str, str]:
-    return clean_environ(
-        DISCORD_TOKEN=DEFAULT_TOKEN,
-        DISCORD_API_URL=sim.addresses.rest_url,
-        LOG_FORMAT="json",
-        LOG_LEVEL="debug",
-        **values,
-    )
+    return worker_env(sim.addresses.rest_url, LOG_LEVEL="debug", **values)
 
 
 def one_shard() -> SimulatorConfig:
@@ -250,12 +232,7 @@ async def test_a_workers_debug_log_during_identify_holds_no_token(tmp_path: Path
                     events = await read_until(process.stdout, b'"READY"')
                     assert sim.gateway.ledger.counters["identifies"] == 1
                 finally:
-                    process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(15):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
+                    await stop_process(process, grace_s=15)
     text = log.read_text()
     assert '"level": "debug"' in text and "shard.connecting" in text and "shard.ready" in text, text[-2000:]
     assert_no_secret(text, str(log), AMQP_PASSWORD, REDIS_PASSWORD)

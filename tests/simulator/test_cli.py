@@ -12,6 +12,7 @@ import httpx
 import pytest
 import trio
 
+from benchmarks.children import stop_process
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, RestConfig, SimulatorConfig
 from benchmarks.simulator.cli import build_parser, config_from_args, field_docs
 
@@ -103,10 +104,5 @@ async def test_the_program_serves_and_prints_its_addresses() -> None:
                 assert ready["d"]["resume_gateway_url"] == addresses["resume_gateway_url"]
                 await client.close()
         finally:
-            process.send_signal(signal.SIGINT)
-            with trio.move_on_after(10):
-                await process.wait()
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await stop_process(process, signal.SIGINT, grace_s=10)
         assert process.returncode == 0

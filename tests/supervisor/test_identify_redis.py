@@ -25,6 +25,7 @@ import trio
 import trio_asyncio
 from redis.asyncio import Redis
 
+from benchmarks.children import free_port
 from supervisor.identify_redis import (
     _GRANT_LUA,
     RedisIdentifyGate,
@@ -32,7 +33,7 @@ from supervisor.identify_redis import (
     identify_key,
     open_redis_identify_gate,
 )
-from tests.workers.test_sessions import REDIS_URL, SwitchableProxy, closed_port, redis_monitor
+from tests.workers.test_sessions import REDIS_URL, SwitchableProxy, redis_monitor
 from tests.workers.test_sessions import Probe as RedisProbe
 from workers.identify import IdentifyGate
 
@@ -318,7 +319,7 @@ async def test_redis_refusing_connections_falls_back_to_local_grants(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     interval, grants = 0.3, list[Grant]()
-    url = f"redis://127.0.0.1:{closed_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     with trio.fail_after(10):
         async with open_redis_identify_gate(
             url, prefix="unused", max_concurrency=2, interval_s=interval

@@ -17,17 +17,11 @@ from typing import Any
 import httpx
 import trio
 
+from benchmarks.children import free_port, inherited_environment, worker_env
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
 from ratelimit.configured import shm_segment_name
 
 TIMEOUT_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @asynccontextmanager
@@ -35,18 +29,8 @@ async def supervisor(
     sim: Simulator, log: Path, *args: str, **env_extra: str
 ) -> AsyncIterator[tuple[trio.Process, str]]:
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.addresses.rest_url,
-            "BROKER_TYPE": "null",
-            "LOG_FORMAT": "json",
-            "PROMETHEUS_ADDRESS": f"127.0.0.1:{port}",
-            "SHUTDOWN_TIMEOUT": "10s",
-        }
-    )
-    env.update(env_extra)
+    defaults = {"BROKER_TYPE": "null", "PROMETHEUS_ADDRESS": f"127.0.0.1:{port}", "SHUTDOWN_TIMEOUT": "10s"}
+    env = worker_env(sim.addresses.rest_url, **{**defaults, **env_extra})
     with open(log, "wb") as log_file:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "supervisor", *args],
@@ -251,8 +235,11 @@ def _alive(pid: int) -> bool:
 
 
 def test_print_config_shows_sources_and_hides_secrets(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
-    env.update({"DISCORD_TOKEN": DEFAULT_TOKEN, "AMQP_URL": "amqp://user:hunter2secret@rabbit/"})
+    env = {
+        **inherited_environment(),
+        "DISCORD_TOKEN": DEFAULT_TOKEN,
+        "AMQP_URL": "amqp://user:hunter2secret@rabbit/",
+    }
     result = subprocess.run(
         [sys.executable, "-m", "supervisor", "--print-config", "--shards", "8"],
         env=env,

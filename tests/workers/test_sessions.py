@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
@@ -21,6 +20,7 @@ import trio
 import trio_asyncio
 from redis.asyncio import Redis
 
+from benchmarks.children import free_port
 from workers.errors import SessionStoreError
 from workers.sessions import (
     LOAD_TIMEOUT_S,
@@ -331,14 +331,6 @@ async def test_prefix_must_make_a_hash_tag(aio_loop: None, bad_prefix: str) -> N
 # -- Redis outages -------------------------------------------------------------------------------------------
 
 
-def closed_port() -> int:
-    """A loopback port where nothing listens (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def timed(load: Awaitable[StoredSession | None]) -> tuple[StoredSession | None, float]:
     start = trio.current_time()
     result = await load
@@ -352,7 +344,7 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> int:
 async def test_redis_refusing_connections(aio_loop: None, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="workers.sessions")
     with trio.fail_after(15):
-        async with open_redis_session_store(f"redis://127.0.0.1:{closed_port()}/0", prefix="unused") as store:
+        async with open_redis_session_store(f"redis://127.0.0.1:{free_port()}/0", prefix="unused") as store:
             result, elapsed = await timed(store.load(0))
             assert result is None and elapsed <= LOAD_TIMEOUT_S + 0.5
             store.save(1, A1)  # never raises

@@ -3,18 +3,18 @@ rejected and nothing else stops."""
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
 import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import msgpack
 import orjson
 import trio
 
-from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
+from benchmarks.children import stop_process, worker_env
+from benchmarks.simulator import GatewayConfig, Simulator, SimulatorConfig, open_simulator
 from benchmarks.simulator.events import guild_ids_for_shard
 from workers.amqp_bridge import open_amqp
 from workers.publish.base import encode_json_text
@@ -24,17 +24,7 @@ TIMEOUT_S = 60
 
 
 async def start_worker(sim: Simulator, group: str, shard_ids: str, log: Any) -> trio.Process:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.addresses.rest_url,
-            "BROKER_TYPE": "amqp",
-            "BROKER_GROUP": group,
-            "AMQP_URL": AMQP_URL,
-            "LOG_FORMAT": "json",
-        }
-    )
+    env = worker_env(sim.addresses.rest_url, BROKER_TYPE="amqp", BROKER_GROUP=group, AMQP_URL=AMQP_URL)
     return await trio.lowlevel.open_process(
         [sys.executable, "-m", "workers", "--shard-ids", shard_ids, "--shard-count", "2"],
         env=env,
@@ -98,11 +88,9 @@ async def test_send_and_per_shard_commands_reach_their_shard(tmp_path: Any) -> N
                 assert {nonce: chunks[nonce] for nonce in expected} == expected
                 assert not sim.gateway.ledger.rules_broken().get("payload_too_large")
             finally:
-                for worker in workers:
-                    worker.send_signal(signal.SIGTERM)
-                for worker in workers:
-                    with trio.move_on_after(15):
-                        await worker.wait()
+                async with trio.open_nursery() as stopping:
+                    for worker in workers:
+                        stopping.start_soon(partial(stop_process, worker, grace_s=15))
                 nursery.cancel_scope.cancel()
     log_text = log_path.read_text()
     assert all(worker.returncode == 0 for worker in workers), log_text[-3000:]

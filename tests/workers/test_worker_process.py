@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,25 +10,16 @@ from typing import Any
 
 import trio
 
+from benchmarks.children import free_port, inherited_environment, stop_process, worker_env
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
-from tests.workers.test_sessions import closed_port
 from workers.main import GRACEFUL_STOP_S
 
 TIMEOUT_S = 40
 
 
-def worker_env(sim: Simulator, **extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.addresses.rest_url,
-            "BROKER_TYPE": "stdio",
-            "LOG_FORMAT": "json",
-        }
-    )
-    env.update(extra)
-    return env
+def stdio_worker_env(sim: Simulator, **extra: str) -> dict[str, str]:
+    """A worker publishing to stdout, against `sim`; `extra` wins."""
+    return worker_env(sim.addresses.rest_url, **{"BROKER_TYPE": "stdio", **extra})
 
 
 async def read_lines(stream: trio.abc.ReceiveStream, lines: list[dict[str, Any]], until: int) -> None:
@@ -56,7 +46,7 @@ async def test_stdio_events_stdin_commands_and_sigterm(tmp_path: Any) -> None:
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     stderr=stderr,
-                    env=worker_env(sim),
+                    env=stdio_worker_env(sim),
                 )
                 try:
                     assert process.stdout is not None and process.stdin is not None
@@ -96,12 +86,7 @@ async def test_stdio_events_stdin_commands_and_sigterm(tmp_path: Any) -> None:
                     await read_lines(process.stdout, lines, len(lines) + 200)
                     assert any(line["t"] == "GUILD_MEMBERS_CHUNK" for line in lines)
                 finally:
-                    process.send_signal(signal.SIGTERM)
-                    with trio.move_on_after(15):
-                        await process.wait()
-                    if process.returncode is None:
-                        process.kill()
-                        await process.wait()
+                    await stop_process(process, grace_s=15)
             log = stderr_path.read_text()
             assert process.returncode == 0, log
             assert DEFAULT_TOKEN not in log
@@ -116,8 +101,7 @@ async def _wait_for(predicate: Any) -> None:
 
 
 def test_bad_configuration_exits_2_naming_the_key() -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
-    env.update({"DISCORD_TOKEN": "x" * 30, "BROKER_TYPE": "kafka"})
+    env = {**inherited_environment(), "DISCORD_TOKEN": "x" * 30, "BROKER_TYPE": "kafka"}
     result = subprocess.run(
         [sys.executable, "-m", "workers", "--shard-count", "1"],
         env=env,
@@ -143,7 +127,7 @@ def test_bad_configuration_exits_2_naming_the_key() -> None:
 async def test_refused_token_exits_3() -> None:
     with trio.fail_after(TIMEOUT_S):
         async with open_simulator(SimulatorConfig()) as sim:
-            env = worker_env(sim, DISCORD_TOKEN="not-the-token-at-all-000000")
+            env = stdio_worker_env(sim, DISCORD_TOKEN="not-the-token-at-all-000000")
             result = await trio.run_process(
                 [sys.executable, "-m", "workers", "--shard-count", "1"],
                 env=env,
@@ -160,7 +144,9 @@ async def test_sigterm_stops_within_the_grace_period_while_redis_is_down(tmp_pat
     config = SimulatorConfig(gateway=GatewayConfig(shard_count=1, event_rate=50, guilds_per_shard=1))
     with trio.fail_after(TIMEOUT_S):
         async with open_simulator(config) as sim:
-            env = worker_env(sim, SHARD_STORE_TYPE="redis", REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0")
+            env = stdio_worker_env(
+                sim, SHARD_STORE_TYPE="redis", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0"
+            )
             stderr_path = tmp_path / "worker.log"
             with open(stderr_path, "wb") as stderr:
                 process = await trio.lowlevel.open_process(
@@ -208,14 +194,12 @@ def test_an_error_escaping_the_worker_is_logged_redacted_and_exits_1() -> None:
         "m.run_worker = crash\n"
         "raise SystemExit(m.main(['--shard-count', '1']))\n"
     )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "AMQP_URL": f"amqp://guest:{password}@127.0.0.1/",
-            "LOG_FORMAT": "json",
-        }
-    )
+    env = {
+        **inherited_environment(),
+        "DISCORD_TOKEN": DEFAULT_TOKEN,
+        "AMQP_URL": f"amqp://guest:{password}@127.0.0.1/",
+        "LOG_FORMAT": "json",
+    }
     result = subprocess.run(
         [sys.executable, "-c", crash], env=env, capture_output=True, text=True, timeout=60, check=False
     )

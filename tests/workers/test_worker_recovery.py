@@ -6,10 +6,8 @@ and must end up holding every seq from 1 to the last one the simulator produced,
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -20,7 +18,8 @@ from typing import Any
 import pytest
 import trio
 
-from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
+from benchmarks.children import stop_process, worker_env
+from benchmarks.simulator import GatewayConfig, Simulator, SimulatorConfig, open_simulator
 from workers.amqp_bridge import open_amqp
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1/"
@@ -66,18 +65,13 @@ async def consuming(group: str) -> AsyncIterator[Received]:
 
 
 async def start_worker(sim: Simulator, group: str, prefix: str, log: Any) -> trio.Process:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DISCORD_", "BROKER_"))}
-    env.update(
-        {
-            "DISCORD_TOKEN": DEFAULT_TOKEN,
-            "DISCORD_API_URL": sim.addresses.rest_url,
-            "BROKER_TYPE": "amqp",
-            "BROKER_GROUP": group,
-            "AMQP_URL": AMQP_URL,
-            "SHARD_STORE_TYPE": "redis",
-            "SHARD_STORE_PREFIX": prefix,
-            "LOG_FORMAT": "json",
-        }
+    env = worker_env(
+        sim.addresses.rest_url,
+        BROKER_TYPE="amqp",
+        BROKER_GROUP=group,
+        AMQP_URL=AMQP_URL,
+        SHARD_STORE_TYPE="redis",
+        SHARD_STORE_PREFIX=prefix,
     )
     return await trio.lowlevel.open_process(
         [sys.executable, "-m", "workers", "--shard-count", "2"],
@@ -126,9 +120,7 @@ async def test_kill_9_worker_resumes_every_shard_and_loses_nothing(tmp_path: Any
                 assert ledger.counters["identifies"] == 2  # the new worker identified nothing
                 assert len(ledger.sessions) == 2
             finally:
-                second.send_signal(signal.SIGTERM)
-                with trio.move_on_after(15):
-                    await second.wait()
+                await stop_process(second, grace_s=15)
             assert second.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
 
 
@@ -152,7 +144,5 @@ async def test_rabbitmq_restart_mid_stream_loses_nothing(tmp_path: Any) -> None:
                 await drain_and_check(sim, received)
                 assert sim.gateway.ledger.counters["identifies"] == 2
             finally:
-                worker.send_signal(signal.SIGTERM)
-                with trio.move_on_after(15):
-                    await worker.wait()
+                await stop_process(worker, grace_s=15)
             assert worker.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]

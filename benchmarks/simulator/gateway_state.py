@@ -1,0 +1,115 @@
+"""What every part of the simulated gateway shares, and the server's own moves on a connection.
+
+`GatewayState` holds the configuration, the token registry, the ledger, the identify limiter, the firehose
+rates, the live sessions and connections and the faults waiting for the next connections. The reader
+(gateway_reader.py), IDENTIFY/RESUME (gateway_identify.py) and the control actions (gateway_control.py) are
+functions of it; `GatewaySimulator` (gateway.py) is the state plus the listeners that serve it.
+
+The server's moves: close a connection with a code (the codes in `SESSION_ENDING_CODES` end its session),
+send op 9 after Discord's delay, drop a connection the client has not closed `SERVER_CLOSE_AFTER_S` after
+op 7/op 9, and reset the token when the identify budget is spent. Timers run in the gateway's nursery, not
+the connection's: a connection's reader may be what they close.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import trio
+
+from .config import SimulatorConfig
+from .gateway_connection import GatewayConnection
+from .gateway_ledger import GatewayLedger
+from .sessions import FirehoseRates, IdentifyLimiter, Session
+from .tokens import TokenRegistry
+
+__all__ = [
+    "FATAL_SERVER_CODES",
+    "SERVER_CLOSE_AFTER_S",
+    "SESSION_ENDING_CODES",
+    "GatewayState",
+]
+
+FATAL_SERVER_CODES: Final = frozenset({4004, 4010, 4011, 4012, 4013, 4014})
+#: Server closes after which the session cannot be resumed.
+SESSION_ENDING_CODES: Final = FATAL_SERVER_CODES | {4003, 4005, 4007, 4009}
+#: After op 7 or op 9, Discord closes the socket itself if the client has not within a few seconds.
+SERVER_CLOSE_AFTER_S: Final = 5.0
+
+
+class GatewayState:
+    """The gateway's shared state; see the module docstring."""
+
+    def __init__(self, config: SimulatorConfig, tokens: TokenRegistry) -> None:
+        self.config = config
+        self.gw = config.gateway
+        self.tokens = tokens
+        self.ledger = GatewayLedger()
+        self.identify = IdentifyLimiter(
+            self.gw.max_concurrency,
+            self.gw.session_start_total,
+            self.gw.session_start_remaining,
+            self.gw.session_start_reset_after_ms,
+        )
+        self.rates = FirehoseRates(
+            self.gw.event_rate, self.gw.large_guild_probability, self.gw.large_guild_bytes
+        )
+        self.sessions: dict[str, Session] = {}
+        self.connections: set[GatewayConnection] = set()
+        self.gateway_url = ""
+        self.resume_gateway_url = ""
+        #: Faults waiting for the next connections (control actions `reconnect` with `before_hello`,
+        #: `withhold_hello`, `withhold_ready`).
+        self.reconnect_before_hello = 0
+        self.withhold_hello = 0
+        self.withhold_ready = 0
+        #: Guild id -> when its last request for all members was answered (op 8).
+        self.member_requests: dict[int, float] = {}
+        self.nursery: trio.Nursery | None = None
+
+    def gateway_bot_info(self) -> dict[str, Any]:
+        """The body of `GET /gateway/bot`."""
+        return {
+            "url": self.gateway_url,
+            "shards": self.gw.shard_count,
+            "session_start_limit": {
+                "total": self.identify.total,
+                "remaining": self.identify.remaining,
+                "reset_after": self.identify.reset_after_now_ms(),
+                "max_concurrency": self.identify.max_concurrency,
+            },
+        }
+
+    def start_soon(self, function: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run `function(*args)` in the gateway's nursery (it outlives every connection)."""
+        assert self.nursery is not None
+        self.nursery.start_soon(function, *args)
+
+    async def server_close(self, conn: GatewayConnection, code: int, reason: str) -> None:
+        self.ledger.close(conn.shard_id, code, "server")
+        if conn.session is not None and code in SESSION_ENDING_CODES:
+            conn.session.invalidate()
+        conn.blackholed = True  # stop the writer before the close frame goes out
+        await conn.ws.close(code, reason)
+        conn.cancel_scope.cancel()
+
+    async def invalid_session_later(self, conn: GatewayConnection) -> None:
+        await trio.sleep(self.gw.invalid_session_delay_s)
+        self.ledger.count("op9_sent")
+        conn.send_payload({"op": 9, "d": False})
+
+    async def close_later(self, conn: GatewayConnection) -> None:
+        await trio.sleep(SERVER_CLOSE_AFTER_S)
+        conn.cancel_scope.cancel()
+
+    async def reset_token(self) -> None:
+        """The daily budget ran out: Discord resets the token and every session ends."""
+        self.tokens.revoke_all()
+        for session in self.sessions.values():
+            session.invalidate()
+        # Closed from the gateway's nursery: the caller is one of these connections' readers, and closing its
+        # own connection cancels it.
+        assert self.nursery is not None
+        for conn in list(self.connections):
+            self.start_soon(self.server_close, conn, 4004, "Authentication failed.")
