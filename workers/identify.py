@@ -140,9 +140,10 @@ class InMemoryIdentifyGate:
     async def set_budget(self, remaining: int, reset_after_s: float) -> None:
         """Record the daily budget (``session_start_limit.remaining`` and ``reset_after`` in seconds).
 
-        A checkpoint (async like the Redis gate's, so callers hold either gate the same way). Grants stop
-        while ``remaining <= budget_reserve`` until ``reset_after_s`` from now; then the budget is
-        unknown (unlimited) until set again. Call it from trio (it reads trio's clock).
+        Async like the Redis gate's, so callers hold either gate the same way, but not a checkpoint: the
+        new budget applies before any other task runs. Grants stop while ``remaining <= budget_reserve``
+        until ``reset_after_s`` from now; then the budget is unknown (unlimited) until set again. Call it
+        from trio (it reads trio's clock).
         """
         if remaining < 0 or reset_after_s < 0:
             raise ValueError(f"remaining and reset_after_s must be >= 0, not {remaining}, {reset_after_s}")
@@ -154,7 +155,6 @@ class InMemoryIdentifyGate:
         for queue in self._queues:
             if queue:
                 queue[0].wake.set()
-        await trio.lowlevel.checkpoint()
 
     def statistics(self) -> IdentifyGateStatistics:
         return IdentifyGateStatistics(

@@ -8,8 +8,9 @@ from typing import Final, Literal
 
 from benchmarks.simulator.routes import RouteCatalogue
 from benchmarks.targets import Target
+from ratelimit import SharedBackendKind
 
-Backend = Literal["shm", "redis"]
+Backend = SharedBackendKind
 Peer = Literal["discordpy", "hikari"]
 BACKENDS: Final[tuple[Backend, ...]] = ("shm", "redis")
 PEERS: Final[tuple[Peer, ...]] = ("discordpy", "hikari")
