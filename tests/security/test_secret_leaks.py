@@ -322,6 +322,14 @@ async def test_a_running_supervisors_endpoints_and_logs_hold_no_secret(tmp_path:
                             pass
                         await trio.sleep(0.1)
                 pages = {path: (await http.get(path)).text for path in ("/metrics", "/healthz", "/readyz")}
+                [worker] = (await http.get("/healthz")).json()["detail"]["workers"]
+            # The token and the URLs reach the worker over its control channel, not its environment, which
+            # any process of the same user can read in /proc.
+            environ = await trio.Path(f"/proc/{worker['pid']}/environ").read_bytes()
+            assert b"DISCORD_TOKEN=" not in environ and b"AMQP_URL=" not in environ
+            assert_no_secret(
+                environ.decode(errors="replace"), "the worker's environment", AMQP_PASSWORD, REDIS_PASSWORD
+            )
             assert sim.gateway.ledger.counters["identifies"] == 1
             assert "discord_" in pages["/metrics"]
             for path, page in pages.items():
