@@ -11,20 +11,23 @@ Here:
 3. A venv made with `--without-pip` gets that wheel, installed `--no-deps`.
 4. The dependencies are not downloaded again (the suite stays fast and works from the pip cache alone):
    the distributions that the wheel's `Requires-Dist` pulls in, followed transitively with markers and
-   extras, are linked file by file from the test environment into the new venv's site-packages. Nothing
-   else is: the dev tools (pytest, hypothesis, mypy...) are absent, as in the image, so an import of a
+   extras, are linked file by file from the test environment into the new venv's site-packages, after a
+   check that each is at the version the image's constraints file (the builder's `pip install
+   --constraint`, requirements/service.txt) pins for this Python, the version `docker build` installs.
+   Nothing else is: the dev tools (pytest, hypothesis, mypy...) are absent, as in the image, so an import of a
    package the project does not declare fails here as it would there. `pip check` then confirms the set is
    complete and consistent.
 
-What this cannot show: the exact versions the image would resolve (it has no lock file, so `docker build`
-takes the newest releases that satisfy the lower bounds, while the links carry the test environment's), and
-anything about the base image itself (its Python patch level, Debian's libraries).
+What this cannot show: anything about the base image itself (its Python patch level, Debian's libraries).
+Where the tests run on another tested Python than the base image's, this is the same install on that
+Python, with that Python's pins: what a base image of that Python would hold.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,9 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-
+from ..locks import RELOCK, installed_closure, read_pins, versions
 from .deployfiles import DOCKERFILE, ROOT, Stage, dockerignore_patterns, dockerignored, parse_dockerfile
 
 PROJECT: Final = "trio-shard-gateway"
@@ -94,34 +95,34 @@ def stage_build_context(stage: Stage, destination: Path) -> None:
                 shutil.copy2(file, placed)
 
 
-def runtime_closure(wheel_requirements: list[str]) -> list[metadata.Distribution]:
-    """The installed distributions `wheel_requirements` need, transitively, markers and extras applied."""
-    installed = {canonicalize_name(dist.metadata["Name"]): dist for dist in metadata.distributions()}
-    needed: dict[str, metadata.Distribution] = {}
-    pending: list[tuple[Requirement, frozenset[str]]] = [
-        (Requirement(text), frozenset()) for text in wheel_requirements
-    ]
-    seen: set[tuple[str, frozenset[str]]] = set()
-    while pending:
-        requirement, parent_extras = pending.pop()
-        if requirement.marker is not None and not any(
-            requirement.marker.evaluate({"extra": extra}) for extra in (parent_extras or {""})
-        ):
-            continue
-        name = canonicalize_name(requirement.name)
-        key = (name, frozenset(requirement.extras))
-        if key in seen:
-            continue
-        seen.add(key)
-        dist = installed.get(name)
-        assert dist is not None, f"{requirement} is required but not installed in the test environment"
-        assert requirement.specifier.contains(dist.version, prereleases=True), (
-            f"{requirement}: the test environment has {dist.version}"
+def install_constraints(stage: Stage, context: Path) -> Path:
+    """The constraints file (`pip install --constraint`) of the stage's install, in the staged `context`."""
+    workdir = stage.last("WORKDIR")
+    assert workdir is not None, "the builder stage sets WORKDIR (the build context lands there)"
+    installs = [shlex.split(item.flags()[1]) for item in stage.all("RUN") if " install " in item.text]
+    assert len(installs) == 1, f"the builder stage runs one pip install, not {len(installs)}"
+    (argv,) = installs
+    assert argv[0].endswith("/pip") and argv[1] == "install", f"expected `.../pip install`, got {argv}"
+    options = [argv[i + 1] for i, arg in enumerate(argv) if arg in ("--constraint", "-c")]
+    assert len(options) == 1, f"the image installs with one constraints file (requirements/), not {options}"
+    (constraints,) = options
+    inside = Path(constraints)
+    assert inside.is_relative_to(workdir.text), f"{constraints}: not under WORKDIR {workdir.text}"
+    staged = context / inside.relative_to(workdir.text)
+    assert staged.is_file(), f"{constraints}: no COPY line brings it into the image"
+    return staged
+
+
+def image_dependencies(stage: Stage, context: Path, requirements: list[str]) -> list[metadata.Distribution]:
+    """The installed distributions the wheel's `requirements` need, each at the version the image's
+    constraints file pins for this Python, so the links stand for what `docker build` installs."""
+    dists = installed_closure(requirements)
+    pins = read_pins(install_constraints(stage, context))
+    for name, version in versions(dists).items():
+        assert pins.get(name) == version, (
+            f"{name} {version} is here, the image pins {pins.get(name)}: {RELOCK}"
         )
-        needed[name] = dist
-        extras = frozenset(requirement.extras)
-        pending.extend((Requirement(text), extras) for text in dist.requires or [])
-    return list(needed.values())
+    return dists
 
 
 def link_distribution(dist: metadata.Distribution, site_packages: Path) -> None:
@@ -143,7 +144,8 @@ def build_image_venv(workdir: Path) -> ImageVenv:
     stages = parse_dockerfile(DOCKERFILE)
     context = workdir / "src"
     context.mkdir()
-    stage_build_context(builder_stage(stages), context)
+    builder = builder_stage(stages)
+    stage_build_context(builder, context)
     wheels = workdir / "wheels"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     _run([*pip, "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(context)])
@@ -163,7 +165,7 @@ def build_image_venv(workdir: Path) -> ImageVenv:
     requirements = (
         metadata.Distribution.at(next(site_packages.glob("trio_shard_gateway-*.dist-info"))).requires or []
     )
-    for dist in runtime_closure(requirements):
+    for dist in image_dependencies(builder, context, requirements):
         link_distribution(dist, site_packages)
     _run([*pip, "--python", str(python), "check"])
     return ImageVenv(venv, python, site_packages, wheel)

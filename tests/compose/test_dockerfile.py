@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Final
 
@@ -18,6 +17,7 @@ import pytest
 from supervisor.config import load_settings
 from workers.exit_status import ExitStatus
 
+from ..locks import SERVICE_LOCK, supported_pythons
 from .deployfiles import (
     EXAMPLE_ENV,
     Stage,
@@ -26,7 +26,7 @@ from .deployfiles import (
     parse_env_file,
     service_environment,
 )
-from .imagevenv import ImageVenv, builder_stage
+from .imagevenv import ImageVenv, builder_stage, install_constraints, stage_build_context
 
 VENV: Final = "/opt/trio-shard-gateway/venv"
 SECRET_TARGET: Final = "/run/secrets/discord_token"
@@ -74,15 +74,23 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_both_stages_use_the_python_the_tests_run_on() -> None:
+def test_both_stages_use_a_python_we_test() -> None:
     stages = parse_dockerfile()
     builder, final = builder_stage(stages), stages[-1]
     assert builder.base == final.base, "the venv's interpreter link needs the same base image in both stages"
-    match = re.fullmatch(r"python:(\d+)\.(\d+)(?:\.\d+)?-slim(?:-\w+)?", final.base)
+    match = re.fullmatch(r"python:(\d+\.\d+)(?:\.\d+)?-slim(?:-\w+)?", final.base)
     assert match is not None, f"expected a python:X.Y-slim base, got {final.base}"
-    assert (int(match[1]), int(match[2])) == sys.version_info[:2], (
-        "image_venv stands for the image only if so"
-    )
+    # requirements/service.txt pins for the Pythons .ci/run tests, and image_venv stands for the image on
+    # each of them (with that Python's pins).
+    assert match[1] in supported_pythons()
+
+
+def test_the_image_installs_the_service_lock(tmp_path: Path) -> None:
+    builder = builder_stage(parse_dockerfile())
+    stage_build_context(builder, tmp_path)
+    constraints = install_constraints(builder, tmp_path)
+    assert constraints.read_bytes() == SERVICE_LOCK.read_bytes()
+    assert (tmp_path / "LICENSE").read_bytes() == (SERVICE_LOCK.parents[1] / "LICENSE").read_bytes()
 
 
 def test_the_final_stage_is_the_builders_venv_run_by_a_non_root_user() -> None:
@@ -145,6 +153,20 @@ def test_the_image_install_runs_from_its_own_site_packages(image_venv: ImageVenv
     # The dev tools are not there, as in the image: a runtime import of one would fail here too.
     missing = subprocess.run([str(image_venv.python), "-c", "import pytest"], env=env, capture_output=True)
     assert missing.returncode != 0
+
+
+def test_the_console_script_is_the_supervisor(
+    image_venv: ImageVenv, token_file: Path, tmp_path: Path
+) -> None:
+    """`trio-shard-gateway` (pyproject's [project.scripts]) as a fresh install puts it on PATH."""
+    script = image_venv.python.parent / "trio-shard-gateway"
+    env = container_environment(image_venv, token_file)
+    completed = subprocess.run(
+        [str(script), "--check-config"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert (completed.returncode, completed.stdout, completed.stderr) == (0, "configuration OK\n", "")
+    usage = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: "), usage.stderr
 
 
 def test_check_config_accepts_the_compose_configuration(
