@@ -19,6 +19,8 @@ from workers.exit_status import ExitStatus
 
 from ..locks import SERVICE_LOCK, supported_pythons
 from .deployfiles import (
+    COMPOSE_DIR,
+    DOCKERFILE,
     EXAMPLE_ENV,
     Stage,
     load_compose,
@@ -93,10 +95,36 @@ def test_the_image_installs_the_service_lock(tmp_path: Path) -> None:
     assert (tmp_path / "LICENSE").read_bytes() == (SERVICE_LOCK.parents[1] / "LICENSE").read_bytes()
 
 
+def test_the_base_image_is_a_build_argument_and_no_frontend_is_pulled() -> None:
+    """compose/image-check builds without a registry: it passes its own base as PYTHON_IMAGE, and BuildKit
+    must not fetch a Dockerfile frontend image (a `# syntax=` directive) either."""
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    assert not re.search(r"(?m)^#\s*syntax\s*=", text), "a syntax directive makes BuildKit pull its frontend"
+    from_lines = re.findall(r"(?m)^FROM\s+(\S+)", text)
+    assert from_lines and set(from_lines) == {"${PYTHON_IMAGE}"}, "every stage starts from the argument"
+    script = (COMPOSE_DIR / "image-check").read_text(encoding="utf-8")
+    assert '--build-arg "PYTHON_IMAGE=$BASE_IMAGE"' in script, "image-check passes the same argument"
+    assert "-f compose/Dockerfile" in script
+
+
+def test_the_pip_cert_secret_is_optional_and_stays_out_of_the_layers() -> None:
+    """The index's CA bundle (a TLS-intercepting proxy's) is a build secret: mounted for the pip install
+    only, used only if given, never copied or set in ENV."""
+    builder = builder_stage(parse_dockerfile())
+    (install,) = [item for item in builder.all("RUN") if "pip install" in item.text]
+    assert "--mount=type=secret,id=pip_cert" in install.text
+    assert "required=true" not in install.text
+    assert "if [ -f /run/secrets/pip_cert ]" in install.text
+    for stage in parse_dockerfile():
+        assert "PIP_CERT" not in stage.environment()
+        assert not any("pip_cert" in item.text for item in stage.all("COPY"))
+
+
 def test_the_final_stage_is_the_builders_venv_run_by_a_non_root_user() -> None:
     stages = parse_dockerfile()
     builder, final = builder_stage(stages), stages[-1]
-    assert any(f"python -m venv {VENV}" in item.text for item in builder.all("RUN"))
+    # python3: Debian's python3 package (the base compose/image-check builds) has no `python` command.
+    assert any(f"python3 -m venv {VENV}" in item.text for item in builder.all("RUN"))
     copies = [item.flags() for item in final.all("COPY")]
     assert copies == [({"from": builder.name or ""}, f"{VENV} {VENV}")]
     user = final.last("USER")
