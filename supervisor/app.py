@@ -43,6 +43,7 @@ from .planning import MS_PER_S, ShardRange, check_session_budget, plan_workers
 from .processes import SessionBook, WorkerSlot
 from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
+from .stdin_commands import route_stdin_commands
 
 LOGGER: Final = logging.getLogger("supervisor")
 STATUS_PERIOD_S: Final = 2.0
@@ -275,6 +276,8 @@ class Supervisor:
             )
             self.slots.append(slot)
             await nursery.start(slot.run)
+        if settings.broker_type == "stdio":
+            nursery.start_soon(route_stdin_commands, self.slots, shard_count)
         nursery.start_soon(self._report_status)
         nursery.start_soon(self._watchdog)
         await self._control_loop(nursery)

@@ -187,7 +187,7 @@ async def run_worker(
                 runners[shard_id] = ShardRunner(
                     config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
                 )
-            status = await _run_shards(config, runners, pump, amqp, rest, task_status)
+            status = await _run_shards(config, runners, pump, amqp, rest, task_status, link)
     return status
 
 
@@ -207,6 +207,7 @@ async def _run_shards(
     amqp: Amqp | None,
     rest: WorkerRestProxy,
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
+    link: SupervisorLink | None = None,
 ) -> int:
     """Run the shards, the command source and the REST proxy until a signal or a fatal close code.
 
@@ -251,7 +252,7 @@ async def _run_shards(
             if amqp is not None:
                 await nursery.start(consume_amqp_commands, amqp, config, runners)
             elif config.settings.broker_type == "stdio":
-                nursery.start_soon(_consume_stdin, config, runners)
+                nursery.start_soon(_consume_stdin, config, runners, link)
             port = await nursery.start(run_rest_proxy)
             if port is not None:
                 LOGGER.info("worker.proxy_http", extra={"port": port})
@@ -278,14 +279,22 @@ async def _run_shards(
     return status
 
 
-async def _consume_stdin(config: WorkerConfig, runners: dict[int, ShardRunner]) -> None:
-    """Commands from stdin, one JSON line each (DESIGN 3.3); bad lines are logged and skipped."""
-    stream = trio.lowlevel.FdStream(_dup_stdin())
+async def _consume_stdin(
+    config: WorkerConfig, runners: dict[int, ShardRunner], link: SupervisorLink | None = None
+) -> None:
+    """Commands from stdin, one JSON line each (DESIGN 3.3); bad lines are logged and skipped. Under the
+    supervisor (`link`) stdin is /dev/null: the supervisor reads its own stdin and forwards this worker's
+    commands over the control channel, already validated."""
 
     async def log_outcome(rejection: CommandRejected | None) -> None:
         if rejection is not None:
             LOGGER.warning("command.rejected", extra={"reason": rejection.reason})
 
+    if link is not None:
+        async for command in link.commands():
+            await _route(command, runners, log_outcome)
+        return
+    stream = trio.lowlevel.FdStream(_dup_stdin())
     async with stream:
         async for item in read_stdin_commands(stream, config.shard_count):
             if isinstance(item, CommandRejected):
