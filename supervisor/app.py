@@ -43,6 +43,7 @@ from .planning import MS_PER_S, ShardRange, check_session_budget, plan_workers
 from .processes import SessionBook, WorkerSlot
 from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
+from .shard_status import ShardBoard, publish_build_info
 from .stdin_commands import route_stdin_commands
 
 LOGGER: Final = logging.getLogger("supervisor")
@@ -69,6 +70,7 @@ class Supervisor:
         self._crash_loop = False
         self._rolling = False
         self._nursery: trio.Nursery | None = None
+        self.board = ShardBoard(self.slots)
 
     # -- health ----------------------------------------------------------------------------------------------
 
@@ -242,7 +244,7 @@ class Supervisor:
         nursery.start_soon(self._watch_budget, gate)
         if settings.prometheus_address:
             await nursery.start(
-                functools.partial(serve_metrics, directory=metrics_dir),
+                functools.partial(serve_metrics, directory=metrics_dir, shards=self.board.rows),
                 settings.prometheus_address,
                 settings.prometheus_endpoint,
                 self.health,
@@ -406,7 +408,9 @@ class Supervisor:
     async def _report_status(self) -> None:
         from workers import metric_defs as metrics
 
+        publish_build_info()
         while True:
+            self.board.publish_gauges()
             metrics.WORKERS.set(
                 sum(1 for slot in self.slots if slot.process and slot.process.returncode is None)
             )

@@ -21,6 +21,9 @@ The directory is wiped at every start, as the docs require: counters from a prev
 otherwise be summed into this run's. A reaped worker gets `mark_worker_dead(pid)`, which removes its `live*`
 gauge files (its shards stop counting as connected); its counter files stay, so totals never go backwards.
 
+Per shard: `/shards` answers a JSON list, one row per shard of this host (state, latency, seq, session age,
+worker, node), from the supervisor's `ShardBoard` (supervisor/shard_status.py).
+
 Health: `/healthz` answers 200 while the supervisor is live (its control loop runs, no crash loop) and
 `/readyz` 200 once every shard is READY or RESUMED; both 503 otherwise, with the same JSON body. The
 supervisor computes the verdicts and the detail; this module only serves them. The endpoint binds loopback
@@ -33,7 +36,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -51,6 +54,7 @@ __all__ = [
     "DEFAULT_LISTEN_HOST",
     "HEALTH_PATH",
     "READY_PATH",
+    "SHARDS_PATH",
     "HealthState",
     "mark_worker_dead",
     "parse_listen_address",
@@ -63,6 +67,7 @@ LOGGER: Final = logging.getLogger("supervisor.metrics")
 DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
 HEALTH_PATH: Final = "/healthz"
 READY_PATH: Final = "/readyz"
+SHARDS_PATH: Final = "/shards"
 #: Where a default metrics directory goes when systemd gives no RuntimeDirectory: a tmpfs, so the mmap'd
 #: files never touch a disk.
 SHM_DIR: Final = Path("/dev/shm")
@@ -175,31 +180,35 @@ async def serve_metrics(
     health: Callable[[], HealthState],
     *,
     directory: str | os.PathLike[str] | None = None,
+    shards: Callable[[], Sequence[Mapping[str, object]]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `endpoint` (the merged metrics), `/healthz` and `/readyz` on `address` until cancelled.
+    """Serve `endpoint` (the merged metrics), `/healthz`, `/readyz` and `/shards` on `address` until
+    cancelled.
 
     Args:
         address: `host:port` (see `parse_listen_address`); port 0 picks a free port.
         endpoint: the metrics path, usually `/metrics`.
         health: called on each health request; must be cheap and must not block.
         directory: the multiprocess directory (default `$PROMETHEUS_MULTIPROC_DIR`).
+        shards: called on each `/shards` request for its rows (cheap, non-blocking); None serves `[]`.
         task_status: started with the bound port once the socket listens.
 
     Raises:
         ValueError: a bad address or endpoint, or no metrics directory, before anything is bound.
     """
     host, port = parse_listen_address(address)
-    if not endpoint.startswith("/") or endpoint in (HEALTH_PATH, READY_PATH):
+    if not endpoint.startswith("/") or endpoint in (HEALTH_PATH, READY_PATH, SHARDS_PATH):
         raise ValueError(
-            f"metrics endpoint must be a path other than {HEALTH_PATH} and {READY_PATH}: {endpoint!r}"
+            f"metrics endpoint must be a path other than {HEALTH_PATH}, {READY_PATH} and {SHARDS_PATH}: "
+            f"{endpoint!r}"
         )
     metrics_dir = Path(directory) if directory is not None else _directory_from_environ()
     if not metrics_dir.is_dir():
         raise ValueError(f"metrics directory {str(metrics_dir)!r} does not exist")
 
     async def handle(request: HttpRequest) -> HttpResponse:
-        if request.path not in (endpoint, HEALTH_PATH, READY_PATH):
+        if request.path not in (endpoint, HEALTH_PATH, READY_PATH, SHARDS_PATH):
             return HttpResponse(404, [("content-type", "text/plain; charset=utf-8")], b"not found\n")
         if request.method != "GET":
             return HttpResponse(405, [("allow", "GET"), ("content-type", "text/plain; charset=utf-8")])
@@ -208,6 +217,10 @@ async def serve_metrics(
                 render_metrics, metrics_dir, request.headers.get("accept", "")
             )
             return HttpResponse(200, [("content-type", content_type)], body)
+        if request.path == SHARDS_PATH:
+            rows = shards() if shards is not None else []
+            headers = [("content-type", "application/json"), ("cache-control", "no-store")]
+            return HttpResponse(200, headers, orjson.dumps(rows, default=str))
         state = health()
         ok = state.live if request.path == HEALTH_PATH else state.ready
         body = orjson.dumps({"live": state.live, "ready": state.ready, "detail": state.detail}, default=str)

@@ -87,6 +87,11 @@ class ShardStatistics:
     published: int
     backpressure_drops: int
     transport_errors: int
+    #: Events the broker confirmed (never more than `dispatches`: both count the same events, later).
+    confirmed: int = 0
+    #: Unix time of the READY that began the session, when this process saw it (None after a RESUME of a
+    #: session an earlier worker began; the supervisor remembers the earlier worker's figure).
+    session_started_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,8 +52,8 @@ from .sessions import CLOSE_FLUSH_TIMEOUT_S, InMemorySessionStore, SessionStore,
 from .setting_formats import parse_int, parse_shard_count, parse_shard_ids
 from .shard import CommandAck, ShardRunner
 from .telemetry import (
+    ShardMetricsFeed,
     count_stall,
-    feed_metrics,
     feed_rest_metrics,
     metrics_enabled,
     observe_confirmed,
@@ -155,6 +155,7 @@ async def run_worker(
     runners: dict[int, ShardRunner] = {}
 
     metrics = metrics_enabled()
+    feed = ShardMetricsFeed(runners) if metrics else None
 
     def on_confirmed(batch: Sequence[OutboundEvent]) -> None:
         for event in batch:
@@ -187,7 +188,9 @@ async def run_worker(
                 runners[shard_id] = ShardRunner(
                     config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
                 )
-            status = await _run_shards(config, runners, pump, amqp, rest, task_status, link)
+            status = await _run_shards(config, runners, pump, amqp, rest, task_status, link, feed)
+    if feed is not None:
+        feed.update()  # the events the pump confirmed while it drained
     return status
 
 
@@ -208,6 +211,7 @@ async def _run_shards(
     rest: WorkerRestProxy,
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
     link: SupervisorLink | None = None,
+    feed: ShardMetricsFeed | None = None,
 ) -> int:
     """Run the shards, the command source and the REST proxy until a signal or a fatal close code.
 
@@ -245,10 +249,10 @@ async def _run_shards(
 
             nursery.start_soon(run_shards)
             nursery.start_soon(watch_event_loop, count_stall if metrics_enabled() else _ignore_stall)
-            if metrics_enabled():
-                nursery.start_soon(feed_metrics, runners)
-                if rest.limiter is not None and rest.proxy is not None:
-                    nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
+            if feed is not None:
+                nursery.start_soon(feed.run)
+            if metrics_enabled() and rest.limiter is not None and rest.proxy is not None:
+                nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
             if amqp is not None:
                 await nursery.start(consume_amqp_commands, amqp, config, runners)
             elif config.settings.broker_type == "stdio":

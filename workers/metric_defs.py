@@ -9,7 +9,9 @@ run) the metrics count in memory, which is harmless.
 
 Names follow Prometheus conventions: a `discord_` prefix, base units (`_seconds`), `_total` counters. Labels
 come from bounded sets (`metric_labels.SHARD_STATES`, `RECONNECT_REASONS`, `WORKER_RESTART_CAUSES`);
-there is deliberately no per-event or per-shard label, so the number of series does not grow with the bot.
+there is deliberately no per-event label. The per-shard gauges (`discord_shard_latency_seconds{shard}`,
+`discord_shard_state{shard,state}`, as Spectacles' `gateway_ping{id}`) grow with the bot by design, one or
+a few series per shard; only the supervisor sets them, from its workers' heartbeats.
 Gauges name their multiprocess mode: `livesum` adds up the processes that are alive, so a dead worker's shards
 vanish from `discord_shards` once it is reaped (`mark_worker_dead`). Histograms and counters of dead processes
 keep counting, so totals never go backwards across restarts.
@@ -30,6 +32,7 @@ from .metric_labels import (
 )
 
 __all__ = [
+    "BUILD_INFO",
     "EVENTS_PUBLISHED",
     "EVENTS_RECEIVED",
     "HEARTBEAT_LATENCY",
@@ -40,6 +43,8 @@ __all__ = [
     "RECONNECTS",
     "RESUMES",
     "SHARDS",
+    "SHARD_LATENCY",
+    "SHARD_STATE",
     "WORKERS",
     "WORKER_RESTARTS",
     "count_reconnect",
@@ -134,6 +139,26 @@ WORKER_RESTARTS: Final = Counter(
 )
 # Only the supervisor sets it; livesum of one live process is its value, and it vanishes if that dies.
 WORKERS: Final = Gauge("discord_workers", "Worker processes running.", multiprocess_mode="livesum")
+# Per shard, from the workers' heartbeats (supervisor.shard_status). Only the supervisor sets them, so a
+# replaced worker's shards keep their series (as disconnected) instead of vanishing with its files.
+SHARD_LATENCY: Final = Gauge(
+    "discord_shard_latency_seconds",
+    "A shard's last gateway heartbeat round trip (NaN before the first ACK).",
+    ["shard"],
+    multiprocess_mode="livemax",
+)
+SHARD_STATE: Final = Gauge(
+    "discord_shard_state",
+    "1 for a shard's current connection state, 0 for the states it was in before.",
+    ["shard", "state"],
+    multiprocess_mode="livemax",
+)
+BUILD_INFO: Final = Gauge(
+    "discord_gateway_build_info",
+    "Always 1; the labels name the running version and Python.",
+    ["version", "python"],
+    multiprocess_mode="livemax",
+)
 
 # Known label values start at 0, so a rate() over them works before the first increment.
 for _state in SHARD_STATES:
