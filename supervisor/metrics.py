@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +61,7 @@ __all__ = [
     "mark_worker_dead",
     "parse_listen_address",
     "prepare_multiprocess_dir",
+    "remove_stale_directories",
     "render_metrics",
     "serve_metrics",
 ]
@@ -80,7 +83,9 @@ def prepare_multiprocess_dir(path: str | os.PathLike[str] | None = None) -> Path
     """Create or empty the metrics directory for this run and export it as `PROMETHEUS_MULTIPROC_DIR`.
 
     `path` None makes a fresh private (0700) directory under `$RUNTIME_DIRECTORY` (systemd's per-start
-    `/run/<unit>`), else `/dev/shm`, else the temp directory; the caller may remove it at exit. A named
+    `/run/<unit>`), else `/dev/shm`, else the temp directory, named after this process's pid; the caller
+    may remove it at exit, and if it cannot (SIGKILL, a power cut on a persistent temp directory) the next
+    start removes it (`remove_stale_directories`). A named
     directory is created if missing and emptied of prometheus_client's `*.db` files only, so a mistyped
     path never costs anything else. Setting the variable in this process's environment makes the
     supervisor's own metrics (`metric_defs`), `mark_worker_dead` and `serve_metrics` use it; call this
@@ -88,7 +93,9 @@ def prepare_multiprocess_dir(path: str | os.PathLike[str] | None = None) -> Path
     too late: this process's own metrics would then stay in memory).
     """
     if path is None:
-        directory = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=_default_parent()))
+        parent = _default_parent()
+        remove_stale_directories(Path(parent or tempfile.gettempdir()))
+        directory = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=parent))
     else:
         directory = Path(path)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -100,6 +107,44 @@ def prepare_multiprocess_dir(path: str | os.PathLike[str] | None = None) -> Path
         # Not fatal: workers still export, and this process may not count anything itself.
         LOGGER.warning("metrics.imported_too_early", extra={"path": str(directory)})
     return directory
+
+
+def remove_stale_directories(parent: Path) -> list[Path]:
+    """Remove the default metrics directories in `parent` whose supervisor is gone; returns them.
+
+    A directory is `discord-gateway-metrics-<pid>-<random>`: it is stale when it belongs to this user and no
+    process `pid` exists. A live pid, even another program's after pid reuse, keeps its directory (a
+    directory left behind is a few KiB; removing a running supervisor's would lose its metrics). Names
+    without a pid (an older version's) are left alone.
+    """
+    removed = []
+    for candidate in parent.glob(f"{_TEMP_PREFIX}*"):
+        pid_text = candidate.name.removeprefix(_TEMP_PREFIX).partition("-")[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)) or not _owned_directory(candidate):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    if removed:
+        LOGGER.info("metrics.stale_directories_removed", extra={"paths": [str(path) for path in removed]})
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _owned_directory(path: Path) -> bool:
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
 
 
 def _imported_in_single_process_mode() -> bool:
