@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -210,11 +211,15 @@ class Supervisor:
 
     async def _watch_budget(self, gate: BudgetedIdentifyGate) -> None:
         """Alert (an error log line, once per exhaustion) while shards wait for an IDENTIFY the daily budget
-        does not cover, instead of spending it (F13)."""
+        does not cover, instead of spending it (F13); and keep the budget gauges current."""
+        from workers import metric_defs as metrics
+
         alerted = False
         while True:
             stats = gate.statistics()
             left = stats.budget_remaining
+            metrics.IDENTIFY_BUDGET_REMAINING.set(math.nan if left is None else left)
+            metrics.IDENTIFY_WAITING.set(stats.waiting)
             exhausted = stats.waiting > 0 and left is not None and left <= 0
             if exhausted and not alerted:
                 resets_at = stats.budget_resets_at

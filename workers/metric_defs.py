@@ -20,12 +20,15 @@ keep counting, so totals never go backwards across restarts.
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Final, get_args
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
+from ratelimit.model import WaitReason
+
 from .metric_labels import (
     MULTIPROC_DIR_ENV,
+    RECONNECT_REASONS,
     SHARD_STATES,
     WORKER_RESTART_CAUSES,
     reconnect_reason_label,
@@ -37,6 +40,8 @@ __all__ = [
     "EVENTS_RECEIVED",
     "HEARTBEAT_LATENCY",
     "IDENTIFIES",
+    "IDENTIFY_BUDGET_REMAINING",
+    "IDENTIFY_WAITING",
     "LOOP_STALLS",
     "LOOP_STALL_SECONDS",
     "PUBLISH_CONFIRM_LAG",
@@ -153,6 +158,16 @@ SHARD_STATE: Final = Gauge(
     ["shard", "state"],
     multiprocess_mode="livemax",
 )
+IDENTIFY_BUDGET_REMAINING: Final = Gauge(
+    "discord_identify_budget_remaining",
+    "IDENTIFYs left in the daily session-start budget, as the identify gate counts them (NaN: unknown).",
+    multiprocess_mode="livemax",
+)
+IDENTIFY_WAITING: Final = Gauge(
+    "discord_identify_waiting",
+    "Shards waiting for an IDENTIFY permit (for long only when the daily budget is spent).",
+    multiprocess_mode="livemax",
+)
 BUILD_INFO: Final = Gauge(
     "discord_gateway_build_info",
     "Always 1; the labels name the running version and Python.",
@@ -165,6 +180,10 @@ for _state in SHARD_STATES:
     SHARDS.labels(state=_state)
 for _cause in WORKER_RESTART_CAUSES:
     WORKER_RESTARTS.labels(cause=_cause)
+for _reason in RECONNECT_REASONS:
+    RECONNECTS.labels(reason=_reason)
+for _reason in get_args(WaitReason):
+    RATELIMIT_WAITS.labels(reason=_reason)
 
 
 def count_reconnect(reason: str, amount: int = 1) -> None:
