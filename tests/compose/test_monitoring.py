@@ -9,9 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Final
@@ -22,8 +20,9 @@ import pytest
 import trio
 import yaml
 
-from benchmarks.children import free_port, stop_process, worker_env
+from benchmarks.children import free_port, worker_env
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, SimulatorConfig, open_simulator
+from tests.supervisor_process import running_supervisor, stop_gracefully, wait_ready
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 RULES: Final = ROOT / "compose" / "prometheus" / "alerts.yaml"
@@ -129,34 +128,21 @@ async def test_every_metric_they_use_is_served_by_a_running_supervisor(tmp_path:
                 PROXY_HTTP_ADDRESS=f"127.0.0.1:{proxy_port}",
                 RATELIMIT_SHM_DIR=str(tmp_path),
             )
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "supervisor", "--workers", "2"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_file,
-            )
-            try:
-                await _wait_ready(base)
+            async with running_supervisor(env, "--workers", "2", log=log_file) as process:
+                await wait_ready(base)
                 headers = {"Authorization": f"Bot {DEFAULT_TOKEN}"}
                 proxy = f"http://127.0.0.1:{proxy_port}/api/v10"
                 async with httpx.AsyncClient(base_url=proxy, headers=headers, timeout=20) as client:
                     assert (await client.get("/users/@me")).status_code == 200  # REST metrics get labels
                 missing = used
-                with trio.fail_after(30):  # workers feed their figures once a second
+                with trio.move_on_after(30):  # workers feed their figures once a second
                     while missing:
                         async with httpx.AsyncClient() as http:
                             served = _sample_names((await http.get(base + "/metrics")).text)
                         missing = used - served
                         await trio.sleep(0.2)
-                process.send_signal(signal.SIGTERM)
-                with trio.fail_after(30):
-                    await process.wait()
-            except trio.TooSlowError:
-                pytest.fail(f"not on /metrics: {sorted(missing)}")
-            finally:
-                with trio.CancelScope(shield=True):
-                    await stop_process(process, grace_s=5)
+                assert not missing, f"not on /metrics: {sorted(missing)}"
+                await stop_gracefully(process)
     assert process.returncode == 0, log.read_text()[-3000:]
 
 
@@ -178,15 +164,3 @@ def _balanced(expr: str) -> bool:
         elif char in pairs and (not depth or depth.pop() != pairs[char]):
             return False
     return not depth and not quoted
-
-
-async def _wait_ready(base: str) -> None:
-    with trio.fail_after(60):
-        while True:
-            try:
-                async with httpx.AsyncClient() as http:
-                    if (await http.get(base + "/readyz")).status_code == 200:
-                        return
-            except httpx.HTTPError:
-                pass
-            await trio.sleep(0.1)

@@ -9,7 +9,6 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import trio
 from benchmarks.children import free_port, stop_process, worker_env
 from benchmarks.simulator import GatewayConfig, SimulatorConfig, open_simulator
 from benchmarks.simulator.events import guild_ids_for_shard
+from tests.supervisor_process import read_lines, running_supervisor, stop_gracefully
 from workers.amqp_bridge import open_amqp
 from workers.commands import decode_command, shard_for_guild
 from workers.publish.base import encode_json_text
@@ -52,7 +52,7 @@ async def test_the_python_consumer_example_reads_events_and_sends_a_command(tmp_
             stderr=log_file,
         )
         assert example.stdout is not None
-        lines = _lines(example.stdout)
+        lines = read_lines(example.stdout)
         try:
             assert (await anext(lines)).startswith("consuming")  # queues bound before any event is sent
             async with open_simulator(config) as sim:
@@ -63,14 +63,7 @@ async def test_the_python_consumer_example_reads_events_and_sends_a_command(tmp_
                     AMQP_URL=AMQP_URL,
                     PROMETHEUS_ADDRESS=f"127.0.0.1:{free_port()}",
                 )
-                supervisor = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "supervisor", "--workers", "2"],
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=log_file,
-                )
-                try:
+                async with running_supervisor(env, "--workers", "2", log=log_file) as supervisor:
                     wanted = {f"example-{guild}" for guild in guilds}
                     chunks: dict[str, int] = {}
                     async for line in lines:
@@ -88,12 +81,7 @@ async def test_the_python_consumer_example_reads_events_and_sends_a_command(tmp_
                         (shard, rest.split()[1]) for shard, name, rest in seen if name == "GUILD_CREATE"
                     }
                     assert created == {(shard, str(guild)) for guild, shard in guilds.items()}
-                    supervisor.send_signal(signal.SIGTERM)
-                    with trio.fail_after(30):
-                        await supervisor.wait()
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await stop_process(supervisor, grace_s=5)
+                    await stop_gracefully(supervisor)
         finally:
             with trio.CancelScope(shield=True):
                 await lines.aclose()
@@ -110,15 +98,6 @@ async def _delete_queues(group: str) -> None:
     async with open_amqp(AMQP_URL) as amqp:
         for name in [*queues, f"{group}:SEND", f"{group}:0", f"{group}:1"]:
             await amqp.delete_queue(name)
-
-
-async def _lines(stream: trio.abc.ReceiveStream) -> AsyncGenerator[str, None]:
-    buffer = b""
-    while chunk := await stream.receive_some(65536):
-        buffer += chunk
-        *complete, buffer = buffer.split(b"\n")
-        for line in complete:
-            yield line.decode()
 
 
 def test_the_readme_snippet_speaks_the_gateways_encoding() -> None:

@@ -7,17 +7,16 @@ import os
 import platform
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
-from benchmarks.children import free_port, stop_process, worker_env
+from benchmarks.children import free_port, worker_env
 from benchmarks.simulator import GatewayConfig, SimulatorConfig, open_simulator
 from supervisor.shard_status import build_version
+from tests.supervisor_process import running_supervisor, stop_gracefully
 
 TIMEOUT_S = 90
 
@@ -49,14 +48,8 @@ async def test_shards_endpoint_per_shard_gauges_and_published_never_ahead_of_rec
             env = worker_env(
                 sim.addresses.rest_url, BROKER_TYPE="stdio", PROMETHEUS_ADDRESS=f"127.0.0.1:{port}"
             )
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "supervisor", "--workers", "2"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,  # the events: published (and confirmed) as they are written
-                stderr=log_file,
-            )
-            try:
+            # stdout: /dev/null takes the events, published (and confirmed) as they are written.
+            async with running_supervisor(env, "--workers", "2", log=log_file) as process:
                 rows = await _wait_for_rows(base, lambda rows: all(r["latency_s"] is not None for r in rows))
                 assert [row["shard"] for row in rows] == [0, 1, 2]
                 assert {row["state"] for row in rows} == {"ready"}
@@ -103,12 +96,7 @@ async def test_shards_endpoint_per_shard_gauges_and_published_never_ahead_of_rec
                 after = await _wait_for_rows(base, resumed)
                 assert after[0]["session_age_s"] >= owner["session_age_s"]
                 assert sim.gateway.ledger.counters["identifies"] == 3  # resumed, not identified again
-                process.send_signal(signal.SIGTERM)
-                with trio.fail_after(30):
-                    await process.wait()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await stop_process(process, grace_s=5)
+                await stop_gracefully(process)
     assert process.returncode == 0, log.read_text()[-3000:]
 
 

@@ -3,19 +3,18 @@ the worker that runs it: a real supervisor, two worker processes and the simulat
 
 from __future__ import annotations
 
-import signal
+import contextlib
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import trio
 
-from benchmarks.children import free_port, stop_process, worker_env
+from benchmarks.children import free_port, worker_env
 from benchmarks.simulator import GatewayConfig, SimulatorConfig, open_simulator
 from benchmarks.simulator.events import guild_ids_for_shard
+from tests.supervisor_process import read_lines, running_supervisor, stop_gracefully, wait_ready
 
 TIMEOUT_S = 90
 PRESENCE = {"since": None, "activities": [], "status": "online", "afk": False}
@@ -42,71 +41,48 @@ async def test_stdin_commands_reach_their_shard_under_the_supervisor(tmp_path: P
             env = worker_env(
                 sim.addresses.rest_url, BROKER_TYPE="stdio", PROMETHEUS_ADDRESS=f"127.0.0.1:{port}"
             )
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "supervisor", "--workers", "2"],
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log_file,
-            )
-            assert process.stdin is not None and process.stdout is not None
-            stdout = process.stdout
-            try:
-                async with trio.open_nursery() as nursery:
+            async with (
+                running_supervisor(
+                    env, "--workers", "2", log=log_file, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                ) as process,
+                trio.open_nursery() as nursery,
+            ):
+                assert process.stdin is not None and process.stdout is not None
+                stdout = process.stdout
 
-                    async def read_events() -> None:
-                        buffer = b""
-                        while chunk := await stdout.receive_some(65536):
-                            buffer += chunk
-                            *lines, buffer = buffer.split(b"\n")
-                            for line in lines:
-                                event = orjson.loads(line)
-                                if event["t"] == "GUILD_MEMBERS_CHUNK":
-                                    chunks[event["d"]["nonce"]] = event["shard"]
+                async def read_events() -> None:
+                    async with contextlib.aclosing(read_lines(stdout)) as lines:
+                        async for line in lines:
+                            event = orjson.loads(line)
+                            if event["t"] == "GUILD_MEMBERS_CHUNK":
+                                chunks[event["d"]["nonce"]] = event["shard"]
 
-                    nursery.start_soon(read_events)
-                    await _wait_ready(f"http://127.0.0.1:{port}")
-                    lines = [
-                        {"t": "not a routing key", "d": {}},  # rejected and logged; nothing else stops
-                        {"t": "SEND", "d": send_body(guild[1], "s1")},
-                        {"t": "SEND", "d": send_body(guild[0], "s0")},
-                        {"t": 1, "d": member_request(guild[1], "direct-1")},
-                        {"t": "0", "d": member_request(guild[0], "direct-0")},
-                        {"t": "1", "d": {"op": 3, "d": PRESENCE}},
-                    ]
-                    await process.stdin.send_all(b"".join(orjson.dumps(line) + b"\n" for line in lines))
-                    expected = {"s1": 1, "s0": 0, "direct-1": 1, "direct-0": 0}
-                    with trio.fail_after(30):
-                        while not all(nonce in chunks for nonce in expected):
-                            await trio.sleep(0.05)
-                    # The simulator answers a member request on the shard that received it.
-                    assert {nonce: chunks[nonce] for nonce in expected} == expected
-                    with trio.fail_after(10):
-                        while not sim.gateway.ledger.counters["op3_received"]:
-                            await trio.sleep(0.05)
-                    assert not sim.gateway.ledger.rules_broken()
-                    await process.stdin.aclose()  # end of stdin is not a reason to stop
-                    await trio.sleep(0.5)
-                    assert process.returncode is None
-                    process.send_signal(signal.SIGTERM)
-                    with trio.fail_after(30):
-                        await process.wait()
-                    nursery.cancel_scope.cancel()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await stop_process(process, grace_s=5)
+                nursery.start_soon(read_events)
+                await wait_ready(f"http://127.0.0.1:{port}")
+                lines = [
+                    {"t": "not a routing key", "d": {}},  # rejected and logged; nothing else stops
+                    {"t": "SEND", "d": send_body(guild[1], "s1")},
+                    {"t": "SEND", "d": send_body(guild[0], "s0")},
+                    {"t": 1, "d": member_request(guild[1], "direct-1")},
+                    {"t": "0", "d": member_request(guild[0], "direct-0")},
+                    {"t": "1", "d": {"op": 3, "d": PRESENCE}},
+                ]
+                await process.stdin.send_all(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+                expected = {"s1": 1, "s0": 0, "direct-1": 1, "direct-0": 0}
+                with trio.fail_after(30):
+                    while not all(nonce in chunks for nonce in expected):
+                        await trio.sleep(0.05)
+                # The simulator answers a member request on the shard that received it.
+                assert {nonce: chunks[nonce] for nonce in expected} == expected
+                with trio.fail_after(10):
+                    while not sim.gateway.ledger.counters["op3_received"]:
+                        await trio.sleep(0.05)
+                assert not sim.gateway.ledger.rules_broken()
+                await process.stdin.aclose()  # end of stdin is not a reason to stop
+                await trio.sleep(0.5)
+                assert process.returncode is None
+                await stop_gracefully(process)
+                nursery.cancel_scope.cancel()
     text = log.read_text()
     assert process.returncode == 0, text[-3000:]
     assert '"command.rejected"' in text
-
-
-async def _wait_ready(base: str) -> None:
-    with trio.fail_after(60):
-        while True:
-            try:
-                async with httpx.AsyncClient() as http:
-                    if (await http.get(base + "/readyz")).status_code == 200:
-                        return
-            except httpx.HTTPError:
-                pass
-            await trio.sleep(0.1)
