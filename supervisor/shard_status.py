@@ -61,8 +61,8 @@ class ShardBoard:
     def rows(self) -> list[dict[str, object]]:
         """One JSON-ready row per shard, by shard id: state, latency, seq, session age, worker and node."""
         now = time.time()
-        rows = [self._row(slot, shard, now) for slot in self._slots for shard in slot.shard_ids]
-        return sorted(rows, key=lambda row: int(str(row["shard"])))
+        owned = sorted(((shard, slot) for slot in self._slots for shard in slot.shard_ids), key=_by_shard)
+        return [self._row(slot, shard, now) for shard, slot in owned]
 
     def publish_gauges(self) -> None:
         """Set `discord_shard_state` and `discord_shard_latency_seconds` from the latest heartbeats."""
@@ -105,3 +105,7 @@ class ShardBoard:
             return stats.session_started_at
         known = self._session_starts.get(shard)
         return known[1] if known is not None and known[0] == stats.session_id else None
+
+
+def _by_shard(owned: tuple[int, WorkerSlot]) -> int:
+    return owned[0]

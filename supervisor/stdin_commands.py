@@ -39,7 +39,11 @@ async def route_stdin_commands(
     end of file. Bad lines are logged (`command.rejected`) and skipped."""
     owners = {shard: slot for slot in slots for shard in slot.shard_ids}
     if stream is None:
-        stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        try:
+            stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        except (OSError, ValueError, AttributeError):  # no stdin at all (closed, or sys.stdin is None)
+            LOGGER.info("command.no_stdin")
+            return
     async with stream, contextlib.aclosing(read_stdin_commands(stream, shard_count)) as commands:
         async for item in commands:
             if isinstance(item, CommandRejected):
