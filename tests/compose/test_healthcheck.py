@@ -11,9 +11,10 @@ import pytest
 import trio
 
 from benchmarks.children import free_port, inherited_environment
+from supervisor.config import load_settings
 from supervisor.metrics import HealthState, serve_metrics
 
-from .deployfiles import Instruction, parse_dockerfile
+from .deployfiles import Instruction, load_compose, parse_dockerfile, service_environment
 
 TIMEOUT_S = 30
 
@@ -62,3 +63,16 @@ async def test_metrics_turned_off_passes_idle(address: str) -> None:
 
 async def test_nothing_listening_fails() -> None:
     assert await run_check(f":{free_port()}") != 0
+
+
+def test_metrics_turn_off_from_compose_env() -> None:
+    """`PROMETHEUS_ADDRESS=off` in compose/.env reaches the gateway as `off` (compose.yaml's `${...:-default}`
+    would replace an empty value by the default), and the gateway then serves no metrics."""
+    env = service_environment(load_compose({"PROMETHEUS_ADDRESS": "off"})["services"]["gateway"])
+    assert env["PROMETHEUS_ADDRESS"] == "off"
+    assert (
+        load_settings([], {"PROMETHEUS_ADDRESS": env["PROMETHEUS_ADDRESS"]}).settings.prometheus_address
+        is None
+    )
+    default = service_environment(load_compose({})["services"]["gateway"])
+    assert default["PROMETHEUS_ADDRESS"] == "0.0.0.0:9090"
