@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -43,6 +44,8 @@ from .planning import MS_PER_S, ShardRange, check_session_budget, plan_workers
 from .processes import SessionBook, WorkerSlot
 from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
+from .shard_status import ShardBoard, publish_build_info
+from .stdin_commands import route_stdin_commands
 
 LOGGER: Final = logging.getLogger("supervisor")
 STATUS_PERIOD_S: Final = 2.0
@@ -68,6 +71,7 @@ class Supervisor:
         self._crash_loop = False
         self._rolling = False
         self._nursery: trio.Nursery | None = None
+        self.board = ShardBoard(self.slots)
 
     # -- health ----------------------------------------------------------------------------------------------
 
@@ -207,11 +211,15 @@ class Supervisor:
 
     async def _watch_budget(self, gate: BudgetedIdentifyGate) -> None:
         """Alert (an error log line, once per exhaustion) while shards wait for an IDENTIFY the daily budget
-        does not cover, instead of spending it (F13)."""
+        does not cover, instead of spending it (F13); and keep the budget gauges current."""
+        from workers import metric_defs as metrics
+
         alerted = False
         while True:
             stats = gate.statistics()
             left = stats.budget_remaining
+            metrics.IDENTIFY_BUDGET_REMAINING.set(math.nan if left is None else left)
+            metrics.IDENTIFY_WAITING.set(stats.waiting)
             exhausted = stats.waiting > 0 and left is not None and left <= 0
             if exhausted and not alerted:
                 resets_at = stats.budget_resets_at
@@ -241,7 +249,7 @@ class Supervisor:
         nursery.start_soon(self._watch_budget, gate)
         if settings.prometheus_address:
             await nursery.start(
-                functools.partial(serve_metrics, directory=metrics_dir),
+                functools.partial(serve_metrics, directory=metrics_dir, shards=self.board.rows),
                 settings.prometheus_address,
                 settings.prometheus_endpoint,
                 self.health,
@@ -275,6 +283,8 @@ class Supervisor:
             )
             self.slots.append(slot)
             await nursery.start(slot.run)
+        if settings.broker_type == "stdio":
+            nursery.start_soon(route_stdin_commands, self.slots, shard_count)
         nursery.start_soon(self._report_status)
         nursery.start_soon(self._watchdog)
         await self._control_loop(nursery)
@@ -403,7 +413,9 @@ class Supervisor:
     async def _report_status(self) -> None:
         from workers import metric_defs as metrics
 
+        publish_build_info()
         while True:
+            self.board.publish_gauges()
             metrics.WORKERS.set(
                 sum(1 for slot in self.slots if slot.process and slot.process.returncode is None)
             )

@@ -21,6 +21,9 @@ The directory is wiped at every start, as the docs require: counters from a prev
 otherwise be summed into this run's. A reaped worker gets `mark_worker_dead(pid)`, which removes its `live*`
 gauge files (its shards stop counting as connected); its counter files stay, so totals never go backwards.
 
+Per shard: `/shards` answers a JSON list, one row per shard of this host (state, latency, seq, session age,
+worker, node), from the supervisor's `ShardBoard` (supervisor/shard_status.py).
+
 Health: `/healthz` answers 200 while the supervisor is live (its control loop runs, no crash loop) and
 `/readyz` 200 once every shard is READY or RESUMED; both 503 otherwise, with the same JSON body. The
 supervisor computes the verdicts and the detail; this module only serves them. The endpoint binds loopback
@@ -31,9 +34,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import stat
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -51,10 +56,12 @@ __all__ = [
     "DEFAULT_LISTEN_HOST",
     "HEALTH_PATH",
     "READY_PATH",
+    "SHARDS_PATH",
     "HealthState",
     "mark_worker_dead",
     "parse_listen_address",
     "prepare_multiprocess_dir",
+    "remove_stale_directories",
     "render_metrics",
     "serve_metrics",
 ]
@@ -63,6 +70,7 @@ LOGGER: Final = logging.getLogger("supervisor.metrics")
 DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
 HEALTH_PATH: Final = "/healthz"
 READY_PATH: Final = "/readyz"
+SHARDS_PATH: Final = "/shards"
 #: Where a default metrics directory goes when systemd gives no RuntimeDirectory: a tmpfs, so the mmap'd
 #: files never touch a disk.
 SHM_DIR: Final = Path("/dev/shm")
@@ -75,7 +83,9 @@ def prepare_multiprocess_dir(path: str | os.PathLike[str] | None = None) -> Path
     """Create or empty the metrics directory for this run and export it as `PROMETHEUS_MULTIPROC_DIR`.
 
     `path` None makes a fresh private (0700) directory under `$RUNTIME_DIRECTORY` (systemd's per-start
-    `/run/<unit>`), else `/dev/shm`, else the temp directory; the caller may remove it at exit. A named
+    `/run/<unit>`), else `/dev/shm`, else the temp directory, named after this process's pid; the caller
+    may remove it at exit, and if it cannot (SIGKILL, a power cut on a persistent temp directory) the next
+    start removes it (`remove_stale_directories`). A named
     directory is created if missing and emptied of prometheus_client's `*.db` files only, so a mistyped
     path never costs anything else. Setting the variable in this process's environment makes the
     supervisor's own metrics (`metric_defs`), `mark_worker_dead` and `serve_metrics` use it; call this
@@ -83,7 +93,9 @@ def prepare_multiprocess_dir(path: str | os.PathLike[str] | None = None) -> Path
     too late: this process's own metrics would then stay in memory).
     """
     if path is None:
-        directory = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=_default_parent()))
+        parent = _default_parent()
+        remove_stale_directories(Path(parent or tempfile.gettempdir()))
+        directory = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}-", dir=parent))
     else:
         directory = Path(path)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -95,6 +107,44 @@ def prepare_multiprocess_dir(path: str | os.PathLike[str] | None = None) -> Path
         # Not fatal: workers still export, and this process may not count anything itself.
         LOGGER.warning("metrics.imported_too_early", extra={"path": str(directory)})
     return directory
+
+
+def remove_stale_directories(parent: Path) -> list[Path]:
+    """Remove the default metrics directories in `parent` whose supervisor is gone; returns them.
+
+    A directory is `discord-gateway-metrics-<pid>-<random>`: it is stale when it belongs to this user and no
+    process `pid` exists. A live pid, even another program's after pid reuse, keeps its directory (a
+    directory left behind is a few KiB; removing a running supervisor's would lose its metrics). Names
+    without a pid (an older version's) are left alone.
+    """
+    removed = []
+    for candidate in parent.glob(f"{_TEMP_PREFIX}*"):
+        pid_text = candidate.name.removeprefix(_TEMP_PREFIX).partition("-")[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)) or not _owned_directory(candidate):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        removed.append(candidate)
+    if removed:
+        LOGGER.info("metrics.stale_directories_removed", extra={"paths": [str(path) for path in removed]})
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _owned_directory(path: Path) -> bool:
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
 
 
 def _imported_in_single_process_mode() -> bool:
@@ -175,31 +225,35 @@ async def serve_metrics(
     health: Callable[[], HealthState],
     *,
     directory: str | os.PathLike[str] | None = None,
+    shards: Callable[[], Sequence[Mapping[str, object]]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `endpoint` (the merged metrics), `/healthz` and `/readyz` on `address` until cancelled.
+    """Serve `endpoint` (the merged metrics), `/healthz`, `/readyz` and `/shards` on `address` until
+    cancelled.
 
     Args:
         address: `host:port` (see `parse_listen_address`); port 0 picks a free port.
         endpoint: the metrics path, usually `/metrics`.
         health: called on each health request; must be cheap and must not block.
         directory: the multiprocess directory (default `$PROMETHEUS_MULTIPROC_DIR`).
+        shards: called on each `/shards` request for its rows (cheap, non-blocking); None serves `[]`.
         task_status: started with the bound port once the socket listens.
 
     Raises:
         ValueError: a bad address or endpoint, or no metrics directory, before anything is bound.
     """
     host, port = parse_listen_address(address)
-    if not endpoint.startswith("/") or endpoint in (HEALTH_PATH, READY_PATH):
+    if not endpoint.startswith("/") or endpoint in (HEALTH_PATH, READY_PATH, SHARDS_PATH):
         raise ValueError(
-            f"metrics endpoint must be a path other than {HEALTH_PATH} and {READY_PATH}: {endpoint!r}"
+            f"metrics endpoint must be a path other than {HEALTH_PATH}, {READY_PATH} and {SHARDS_PATH}: "
+            f"{endpoint!r}"
         )
     metrics_dir = Path(directory) if directory is not None else _directory_from_environ()
     if not metrics_dir.is_dir():
         raise ValueError(f"metrics directory {str(metrics_dir)!r} does not exist")
 
     async def handle(request: HttpRequest) -> HttpResponse:
-        if request.path not in (endpoint, HEALTH_PATH, READY_PATH):
+        if request.path not in (endpoint, HEALTH_PATH, READY_PATH, SHARDS_PATH):
             return HttpResponse(404, [("content-type", "text/plain; charset=utf-8")], b"not found\n")
         if request.method != "GET":
             return HttpResponse(405, [("allow", "GET"), ("content-type", "text/plain; charset=utf-8")])
@@ -208,6 +262,10 @@ async def serve_metrics(
                 render_metrics, metrics_dir, request.headers.get("accept", "")
             )
             return HttpResponse(200, [("content-type", content_type)], body)
+        if request.path == SHARDS_PATH:
+            rows = shards() if shards is not None else []
+            headers = [("content-type", "application/json"), ("cache-control", "no-store")]
+            return HttpResponse(200, headers, orjson.dumps(rows, default=str))
         state = health()
         ok = state.live if request.path == HEALTH_PATH else state.ready
         body = orjson.dumps({"live": state.live, "ready": state.ready, "detail": state.detail}, default=str)

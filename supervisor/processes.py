@@ -21,7 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -41,6 +41,7 @@ from workers.control_messages import (
     SessionLoad,
     SessionReply,
     SessionsUpdate,
+    ShardCommand,
     ShardStatistics,
     encode,
     read_messages,
@@ -99,6 +100,8 @@ class WorkerSlot:
         self.unresponsive = False
         self._identify_scopes: dict[int, trio.CancelScope] = {}
         self._heartbeat = trio.Event()
+        #: Sends on the running worker's control channel; None while no worker is connected.
+        self._send: Callable[[ControlMessage], Awaitable[None]] | None = None
 
     # -- queries -------------------------------------------------------------------------------------------
 
@@ -117,6 +120,15 @@ class WorkerSlot:
             "ready": self.ready_shards(),
             "restarts": self.restarts,
         }
+
+    async def send_command(self, command: ShardCommand) -> bool:
+        """Forward a gateway command to this slot's worker; False when none is connected (restarting).
+        A checkpoint (the control channel's send)."""
+        send = self._send
+        if send is None or not self.connected.is_set():
+            return False
+        await send(command)
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -203,13 +215,17 @@ class WorkerSlot:
                     await stream.send_all(encode(message))
 
         await reply(Configure(self._config))
-        async for message in read_messages(stream):
-            if isinstance(message, ControlMessageError):
-                LOGGER.warning(
-                    "worker.bad_control_message", extra={"worker": self.index, "reason": message.reason}
-                )
-                continue
-            self._handle(message, reply, nursery)
+        self._send = reply
+        try:
+            async for message in read_messages(stream):
+                if isinstance(message, ControlMessageError):
+                    LOGGER.warning(
+                        "worker.bad_control_message", extra={"worker": self.index, "reason": message.reason}
+                    )
+                    continue
+                self._handle(message, reply, nursery)
+        finally:
+            self._send = None
 
     def _handle(self, message: ControlMessage, reply: Any, nursery: trio.Nursery) -> None:
         if isinstance(message, Heartbeat):

@@ -23,6 +23,7 @@ from typing import Final
 
 import trio
 
+from .commands import GatewayCommand
 from .config import WorkerConfig
 from .control_messages import (
     CONTROL_FD_ENV,
@@ -37,6 +38,7 @@ from .control_messages import (
     SessionLoad,
     SessionReply,
     SessionsUpdate,
+    ShardCommand,
     ShardStatistics,
     encode,
     read_messages,
@@ -51,6 +53,9 @@ SESSION_FLUSH_S: Final = 0.1
 SESSION_LOAD_TIMEOUT_S: Final = 5.0
 #: How long a new worker waits for its Configure before it gives up (the supervisor sends it at once).
 CONFIGURE_TIMEOUT_S: Final = 30.0
+#: Commands from the supervisor's stdin waiting for their shard; beyond this they are dropped and logged (a
+#: reader that stalled the control channel would stall heartbeats, and the worker would be replaced).
+COMMAND_BACKLOG: Final = 1024
 
 
 class SupervisorGone(Exception):
@@ -70,6 +75,7 @@ class SupervisorLink:
         self._configured = trio.Event()
         self._config: WorkerConfig | None = None
         self.gone = trio.Event()
+        self._commands_in, self._commands_out = trio.open_memory_channel[GatewayCommand](COMMAND_BACKLOG)
         #: What each heartbeat reports; the worker sets it once its shards exist.
         self.stats: Callable[[], Mapping[int, ShardStatistics]] = dict
 
@@ -89,6 +95,10 @@ class SupervisorLink:
         if self._config is None:
             raise SupervisorGone
         return self._config
+
+    def commands(self) -> trio.MemoryReceiveChannel[GatewayCommand]:
+        """The commands the supervisor forwards from its stdin (`ShardCommand`), until the link closes."""
+        return self._commands_out
 
     # -- IdentifyGate ----------------------------------------------------------------------------------
 
@@ -166,9 +176,18 @@ class SupervisorLink:
                 waiter = self._waiting.get(message.id)
                 if waiter is not None:
                     waiter.send_nowait(message)
+            elif isinstance(message, ShardCommand):
+                self._queue_command(GatewayCommand(message.shard, message.op, message.d))
         self.gone.set()
+        self._commands_in.close()
         for waiter in self._waiting.values():
             waiter.close()
+
+    def _queue_command(self, command: GatewayCommand) -> None:
+        try:
+            self._commands_in.send_nowait(command)
+        except trio.WouldBlock:
+            LOGGER.warning("command.dropped", extra={"shard": command.shard_id, "backlog": COMMAND_BACKLOG})
 
     async def _flush_sessions(self) -> None:
         while True:

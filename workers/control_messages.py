@@ -7,7 +7,7 @@ Design note. The supervisor starts each worker with one end of a Unix socketpair
     Hello(pid)                                    Configure(config)        first, answering Hello
     Heartbeat(shards: {id: ShardStatistics})      Permit(id)
     IdentifyRequest(id, shard)                    SessionReply(id, session | None)
-    IdentifyCancel(id)
+    IdentifyCancel(id)                            ShardCommand(shard, op, d)  from its stdin
     SessionLoad(id, shard)
     SessionsUpdate(save: {shard: StoredSession}, delete: (shard, ...))
 
@@ -48,6 +48,7 @@ __all__ = [
     "SessionLoad",
     "SessionReply",
     "SessionsUpdate",
+    "ShardCommand",
     "ShardStatistics",
     "decode",
     "encode",
@@ -86,6 +87,11 @@ class ShardStatistics:
     published: int
     backpressure_drops: int
     transport_errors: int
+    #: Events the broker confirmed (never more than `dispatches`: both count the same events, later).
+    confirmed: int = 0
+    #: Unix time of the READY that began the session, when this process saw it (None after a RESUME of a
+    #: session an earlier worker began; the supervisor remembers the earlier worker's figure).
+    session_started_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +152,17 @@ class SessionReply:
     session: StoredSession | None
 
 
+@dataclass(frozen=True, slots=True)
+class ShardCommand:
+    """A validated gateway command for one of the worker's shards: the supervisor read it from its own stdin
+    (DESIGN 3.3, `BROKER_TYPE=stdio`) and sends it to the worker that runs `shard`. `d` is JSON-ready."""
+
+    TYPE: ClassVar[str] = "command"
+    shard: int
+    op: int
+    d: Any
+
+
 ControlMessage: TypeAlias = (
     Hello
     | Heartbeat
@@ -156,6 +173,7 @@ ControlMessage: TypeAlias = (
     | Configure
     | Permit
     | SessionReply
+    | ShardCommand
 )
 
 
@@ -217,6 +235,7 @@ _DECODERS: Final[dict[str, Callable[[dict[str, Any]], ControlMessage]]] = {
         WorkerConfig(settings_from_wire(b["settings"]), ShardAssignment(**_assignment(b["assignment"])))
     ),
     "permit": lambda b: Permit(int(b["id"])),
+    "command": lambda b: ShardCommand(int(b["shard"]), int(b["op"]), b["d"]),
     "session": lambda b: SessionReply(int(b["id"]), None if b["session"] is None else _session(b["session"])),
 }
 

@@ -52,8 +52,8 @@ from .sessions import CLOSE_FLUSH_TIMEOUT_S, InMemorySessionStore, SessionStore,
 from .setting_formats import parse_int, parse_shard_count, parse_shard_ids
 from .shard import CommandAck, ShardRunner
 from .telemetry import (
+    ShardMetricsFeed,
     count_stall,
-    feed_metrics,
     feed_rest_metrics,
     metrics_enabled,
     observe_confirmed,
@@ -155,6 +155,7 @@ async def run_worker(
     runners: dict[int, ShardRunner] = {}
 
     metrics = metrics_enabled()
+    feed = ShardMetricsFeed(runners) if metrics else None
 
     def on_confirmed(batch: Sequence[OutboundEvent]) -> None:
         for event in batch:
@@ -187,7 +188,9 @@ async def run_worker(
                 runners[shard_id] = ShardRunner(
                     config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
                 )
-            status = await _run_shards(config, runners, pump, amqp, rest, task_status)
+            status = await _run_shards(config, runners, pump, amqp, rest, task_status, link, feed)
+    if feed is not None:
+        feed.update()  # the events the pump confirmed while it drained
     return status
 
 
@@ -207,6 +210,8 @@ async def _run_shards(
     amqp: Amqp | None,
     rest: WorkerRestProxy,
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
+    link: SupervisorLink | None = None,
+    feed: ShardMetricsFeed | None = None,
 ) -> int:
     """Run the shards, the command source and the REST proxy until a signal or a fatal close code.
 
@@ -244,14 +249,14 @@ async def _run_shards(
 
             nursery.start_soon(run_shards)
             nursery.start_soon(watch_event_loop, count_stall if metrics_enabled() else _ignore_stall)
-            if metrics_enabled():
-                nursery.start_soon(feed_metrics, runners)
-                if rest.limiter is not None and rest.proxy is not None:
-                    nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
+            if feed is not None:
+                nursery.start_soon(feed.run)
+            if metrics_enabled() and rest.limiter is not None and rest.proxy is not None:
+                nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
             if amqp is not None:
                 await nursery.start(consume_amqp_commands, amqp, config, runners)
             elif config.settings.broker_type == "stdio":
-                nursery.start_soon(_consume_stdin, config, runners)
+                nursery.start_soon(_consume_stdin, config, runners, link)
             port = await nursery.start(run_rest_proxy)
             if port is not None:
                 LOGGER.info("worker.proxy_http", extra={"port": port})
@@ -278,14 +283,22 @@ async def _run_shards(
     return status
 
 
-async def _consume_stdin(config: WorkerConfig, runners: dict[int, ShardRunner]) -> None:
-    """Commands from stdin, one JSON line each (DESIGN 3.3); bad lines are logged and skipped."""
-    stream = trio.lowlevel.FdStream(_dup_stdin())
+async def _consume_stdin(
+    config: WorkerConfig, runners: dict[int, ShardRunner], link: SupervisorLink | None = None
+) -> None:
+    """Commands from stdin, one JSON line each (DESIGN 3.3); bad lines are logged and skipped. Under the
+    supervisor (`link`) stdin is /dev/null: the supervisor reads its own stdin and forwards this worker's
+    commands over the control channel, already validated."""
 
     async def log_outcome(rejection: CommandRejected | None) -> None:
         if rejection is not None:
             LOGGER.warning("command.rejected", extra={"reason": rejection.reason})
 
+    if link is not None:
+        async for command in link.commands():
+            await _route(command, runners, log_outcome)
+        return
+    stream = trio.lowlevel.FdStream(_dup_stdin())
     async with stream:
         async for item in read_stdin_commands(stream, config.shard_count):
             if isinstance(item, CommandRejected):

@@ -9,7 +9,9 @@ run) the metrics count in memory, which is harmless.
 
 Names follow Prometheus conventions: a `discord_` prefix, base units (`_seconds`), `_total` counters. Labels
 come from bounded sets (`metric_labels.SHARD_STATES`, `RECONNECT_REASONS`, `WORKER_RESTART_CAUSES`);
-there is deliberately no per-event or per-shard label, so the number of series does not grow with the bot.
+there is deliberately no per-event label. The per-shard gauges (`discord_shard_latency_seconds{shard}`,
+`discord_shard_state{shard,state}`, as Spectacles' `gateway_ping{id}`) grow with the bot by design, one or
+a few series per shard; only the supervisor sets them, from its workers' heartbeats.
 Gauges name their multiprocess mode: `livesum` adds up the processes that are alive, so a dead worker's shards
 vanish from `discord_shards` once it is reaped (`mark_worker_dead`). Histograms and counters of dead processes
 keep counting, so totals never go backwards across restarts.
@@ -18,28 +20,36 @@ keep counting, so totals never go backwards across restarts.
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Final, get_args
 
 from prometheus_client import Counter, Gauge, Histogram, values
 
+from ratelimit.model import WaitReason
+
 from .metric_labels import (
     MULTIPROC_DIR_ENV,
+    RECONNECT_REASONS,
     SHARD_STATES,
     WORKER_RESTART_CAUSES,
     reconnect_reason_label,
 )
 
 __all__ = [
+    "BUILD_INFO",
     "EVENTS_PUBLISHED",
     "EVENTS_RECEIVED",
     "HEARTBEAT_LATENCY",
     "IDENTIFIES",
+    "IDENTIFY_BUDGET_REMAINING",
+    "IDENTIFY_WAITING",
     "LOOP_STALLS",
     "LOOP_STALL_SECONDS",
     "PUBLISH_CONFIRM_LAG",
     "RECONNECTS",
     "RESUMES",
     "SHARDS",
+    "SHARD_LATENCY",
+    "SHARD_STATE",
     "WORKERS",
     "WORKER_RESTARTS",
     "count_reconnect",
@@ -134,12 +144,46 @@ WORKER_RESTARTS: Final = Counter(
 )
 # Only the supervisor sets it; livesum of one live process is its value, and it vanishes if that dies.
 WORKERS: Final = Gauge("discord_workers", "Worker processes running.", multiprocess_mode="livesum")
+# Per shard, from the workers' heartbeats (supervisor.shard_status). Only the supervisor sets them, so a
+# replaced worker's shards keep their series (as disconnected) instead of vanishing with its files.
+SHARD_LATENCY: Final = Gauge(
+    "discord_shard_latency_seconds",
+    "A shard's last gateway heartbeat round trip (NaN before the first ACK).",
+    ["shard"],
+    multiprocess_mode="livemax",
+)
+SHARD_STATE: Final = Gauge(
+    "discord_shard_state",
+    "1 for a shard's current connection state, 0 for the states it was in before.",
+    ["shard", "state"],
+    multiprocess_mode="livemax",
+)
+IDENTIFY_BUDGET_REMAINING: Final = Gauge(
+    "discord_identify_budget_remaining",
+    "IDENTIFYs left in the daily session-start budget, as the identify gate counts them (NaN: unknown).",
+    multiprocess_mode="livemax",
+)
+IDENTIFY_WAITING: Final = Gauge(
+    "discord_identify_waiting",
+    "Shards waiting for an IDENTIFY permit (for long only when the daily budget is spent).",
+    multiprocess_mode="livemax",
+)
+BUILD_INFO: Final = Gauge(
+    "discord_gateway_build_info",
+    "Always 1; the labels name the running version and Python.",
+    ["version", "python"],
+    multiprocess_mode="livemax",
+)
 
 # Known label values start at 0, so a rate() over them works before the first increment.
 for _state in SHARD_STATES:
     SHARDS.labels(state=_state)
 for _cause in WORKER_RESTART_CAUSES:
     WORKER_RESTARTS.labels(cause=_cause)
+for _reason in RECONNECT_REASONS:
+    RECONNECTS.labels(reason=_reason)
+for _reason in get_args(WaitReason):
+    RATELIMIT_WAITS.labels(reason=_reason)
 
 
 def count_reconnect(reason: str, amount: int = 1) -> None:

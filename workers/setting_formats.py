@@ -343,11 +343,22 @@ def parse_secret(key: str, text: str) -> str:
     return secret
 
 
+#: Where a bare port (`9464`, `:9464`) listens: loopback. Every interface only when written (`0.0.0.0:9464`),
+#: since some servers read a bare port as "every interface" and metrics or a proxy are not for the internet.
+BARE_PORT_HOST: Final = "127.0.0.1"
+
+
 def parse_optional_address(key: str, text: str) -> str | None:
-    if text.strip().lower() == "off":  # DESIGN 3.2's word for the default, which workers accept too
+    """`off` (None), `host:port`, or a bare port (`9464` or `:9464`, as Spectacles' `:8080`) written as
+    `127.0.0.1:PORT`, so what is shown (`--print-config`) is where it listens."""
+    address = text.strip()
+    if address.lower() == "off":  # DESIGN 3.2's word for the default, which workers accept too
         return None
-    parse_address(key, text)
-    return text.strip()
+    port = address.removeprefix(":")
+    if port.isascii() and port.isdigit() and len(port) <= _MAX_PORT_DIGITS:
+        address = f"{BARE_PORT_HOST}:{port}"
+    parse_address(key, address)
+    return address
 
 
 def parse_endpoint(key: str, text: str) -> str:

@@ -315,7 +315,7 @@ class Settings:
         None,
         "PROXY_HTTP_ADDRESS",
         parse_optional_address,
-        "e.g. `127.0.0.1:8081`: serve the HTTP REST proxy there",
+        "e.g. `127.0.0.1:8081` (a bare port is loopback): serve the HTTP REST proxy there",
         readme_default="off",
         unset="off",
     )
@@ -347,7 +347,8 @@ class Settings:
         None,
         "PROMETHEUS_ADDRESS",
         parse_optional_address,
-        "metrics and health endpoint (`/healthz`, `/readyz`); loopback unless a host is given",
+        "metrics, health and shards endpoint (`/healthz`, `/readyz`, `/shards`); a bare port (`9464`, "
+        "`:9464`) is loopback, `0.0.0.0:9464` every interface",
         readme_default="off",
         processes=_SUPERVISOR,
         unset="off",

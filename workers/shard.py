@@ -23,6 +23,7 @@ import collections
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -78,6 +79,7 @@ CommandAck = Callable[[CommandRejected | None], Awaitable[None]]
 class _Counters:
     dispatches: int = 0
     published: int = 0
+    confirmed: int = 0
     backpressure_drops: int = 0
     transport_errors: int = 0
     reconnects: dict[str, int] = field(default_factory=dict)
@@ -105,6 +107,9 @@ class ShardRunner:
         self.protocol: ShardProtocol | None = None
         self.committed: CommittedSeq | None = None
         self._saved_seq = -1
+        #: Wall-clock time (Unix seconds) of the READY that began the current session, when this process saw
+        #: it (None after RESUMing a session an earlier process began).
+        self._session_started_at: float | None = None
         self._counters = _Counters()
         self._commands_send, self._commands = trio.open_memory_channel[tuple[GatewayCommand, CommandAck]](
             COMMAND_QUEUE
@@ -143,6 +148,7 @@ class ShardRunner:
 
     def on_confirmed(self, event: OutboundEvent) -> None:
         """The pump reports an event accepted by the broker: advance the committed seq and persist it."""
+        self._counters.confirmed += 1
         committed = self.committed
         if committed is None or committed.session_id != event.session_id:
             return  # an event of a session this shard has since left
@@ -163,6 +169,8 @@ class ShardRunner:
             reconnects=dict(self._counters.reconnects),
             dispatches=self._counters.dispatches,
             published=self._counters.published,
+            confirmed=self._counters.confirmed,
+            session_started_at=self._session_started_at,
             backpressure_drops=self._counters.backpressure_drops,
             transport_errors=self._counters.transport_errors,
         )
@@ -375,6 +383,7 @@ class ShardRunner:
                 self._ready.set()
                 self.committed = CommittedSeq(event.session_id, 0)
                 self._saved_seq = -1
+                self._session_started_at = time.time()
                 LOGGER.info("shard.ready", extra={"session": event.session_id})
             elif isinstance(event, Resumed):
                 self._ready.set()

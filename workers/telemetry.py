@@ -37,27 +37,43 @@ def metrics_enabled() -> bool:
 
 
 def observe_confirmed(batch: Sequence[OutboundEvent]) -> None:
-    """Record the confirm lag of a published batch (its newest event) and count its events."""
+    """Record the confirm lag of a published batch (its newest event). The events are counted by
+    `ShardMetricsFeed`, with the dispatches they came from."""
     from . import metric_defs as metrics
 
-    metrics.EVENTS_PUBLISHED.inc(len(batch))
     newest = batch[-1]
     if newest.received_at:
         metrics.PUBLISH_CONFIRM_LAG.observe(max(0.0, trio.current_time() - newest.received_at))
 
 
-async def feed_metrics(runners: Mapping[int, ShardRunner]) -> None:
-    """Update the shard gauges and counters from statistics until cancelled."""
-    from . import metric_defs as metrics
+class ShardMetricsFeed:
+    """The shard gauges and counters, advanced from the runners' statistics (`update`, every
+    `FEED_PERIOD_S` in `run`).
 
-    last: dict[int, tuple[int, int, int, Counter[str]]] = {}
-    while True:
+    `discord_events_published_total` is never ahead of `discord_events_received_total`: both advance here,
+    from one snapshot per shard, in which the confirmed events are a subset of the dispatches counted
+    (an event is confirmed after it was received). Counting published events as confirms arrive, and
+    received ones a second later, let a scrape in between see more published than received, and lost the
+    last second of received events at every stop. Call `update` once more after the publish pump drained,
+    so the final confirms are counted too.
+    """
+
+    def __init__(self, runners: Mapping[int, ShardRunner]) -> None:
+        self._runners = runners
+        self._last: dict[int, tuple[int, int, int, int, Counter[str]]] = {}
+
+    def update(self) -> None:
+        from . import metric_defs as metrics
+
         states: Counter[str] = Counter()
-        for shard_id, runner in runners.items():
+        for shard_id, runner in self._runners.items():
             stats = runner.statistics()
             states[stats.state] += 1
-            dispatches, identifies, resumes, reconnects = last.get(shard_id, (0, 0, 0, Counter()))
+            dispatches, confirmed, identifies, resumes, reconnects = self._last.get(
+                shard_id, (0, 0, 0, 0, Counter())
+            )
             metrics.EVENTS_RECEIVED.inc(stats.dispatches - dispatches)
+            metrics.EVENTS_PUBLISHED.inc(stats.confirmed - confirmed)
             metrics.IDENTIFIES.inc(stats.identifies - identifies)
             metrics.RESUMES.inc(stats.resumes - resumes)
             now_reconnects = Counter(stats.reconnects)
@@ -65,10 +81,21 @@ async def feed_metrics(runners: Mapping[int, ShardRunner]) -> None:
                 metrics.count_reconnect(reason, count)
             if stats.heartbeat_latency_s is not None:
                 metrics.HEARTBEAT_LATENCY.observe(stats.heartbeat_latency_s)
-            last[shard_id] = (stats.dispatches, stats.identifies, stats.resumes, now_reconnects)
+            self._last[shard_id] = (
+                stats.dispatches,
+                stats.confirmed,
+                stats.identifies,
+                stats.resumes,
+                now_reconnects,
+            )
         for state in SHARD_STATES:
             metrics.SHARDS.labels(state=state).set(states.get(state, 0))
-        await trio.sleep(FEED_PERIOD_S)
+
+    async def run(self) -> None:
+        """`update` every FEED_PERIOD_S until cancelled."""
+        while True:
+            self.update()
+            await trio.sleep(FEED_PERIOD_S)
 
 
 async def watch_event_loop(

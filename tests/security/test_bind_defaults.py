@@ -1,8 +1,9 @@
 """Listening sockets are off, or on loopback, unless configured otherwise (issue 7 item 4; DESIGN 3.2, 3.6).
 
-`PROMETHEUS_ADDRESS` (metrics, health) and `PROXY_HTTP_ADDRESS` (the HTTP REST proxy) default to off; an
-address is always `host:port` with an explicit host, so a bare port, which some servers read as "every
-interface", is refused rather than guessed at; `0.0.0.0` only when written. Workers never serve metrics.
+`PROMETHEUS_ADDRESS` (metrics, health) and `PROXY_HTTP_ADDRESS` (the HTTP REST proxy) default to off; a
+bare port (`9100`, `:9100`, as the README, the Dockerfile and Spectacles' `:8080` write it), which some
+servers read as "every interface", means loopback here and is shown as `127.0.0.1:PORT`; `0.0.0.0` only
+when written. Workers never serve metrics.
 Where the running supervisor's metrics socket is bound is checked in `test_secret_leaks.py`.
 """
 
@@ -40,8 +41,19 @@ def test_off_is_accepted_as_written(key: str) -> None:
 
 
 @pytest.mark.parametrize("key", ADDRESS_KEYS)
-@pytest.mark.parametrize("value", ["9100", ":9100", "*9100", "0.0.0.0", "[::]", "host:", "host:port"])
-def test_a_bare_port_or_a_missing_host_is_refused(key: str, value: str) -> None:
+@pytest.mark.parametrize("value", ["9100", ":9100", " :9100 "])
+def test_a_bare_port_is_loopback(key: str, value: str) -> None:
+    loaded = load_settings([], {key: value})
+    assert getattr(loaded.settings, key.lower()) == "127.0.0.1:9100"
+    assert f"{key} = 127.0.0.1:9100" in format_config(loaded)
+    if key == "PROXY_HTTP_ADDRESS":
+        assert standalone_config({**WORKER, key: value}).settings.proxy_http_address == "127.0.0.1:9100"
+        assert split_address("127.0.0.1:9100") == ("127.0.0.1", 9100)
+
+
+@pytest.mark.parametrize("key", ADDRESS_KEYS)
+@pytest.mark.parametrize("value", ["*9100", "0.0.0.0", "[::]", "host:", "host:port", "99999", ":", "::9100"])
+def test_a_missing_host_or_a_bad_port_is_refused(key: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings([], {key: value})
     assert caught.value.key == key

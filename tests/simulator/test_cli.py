@@ -32,6 +32,20 @@ def test_every_setting_has_a_documented_flag(cls: type) -> None:
         assert "".join(docs[field.name].split()) in help_text
 
 
+def test_help_never_shows_a_token() -> None:
+    """The built-in token is named, not printed: --help output ends up in issues, logs and screenshots."""
+    help_text = subprocess.run(
+        [sys.executable, "-m", "benchmarks.simulator", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert "--token" in help_text and "DEFAULT_TOKEN" in help_text
+    assert DEFAULT_TOKEN not in help_text
+    assert DEFAULT_TOKEN.split(".")[0] not in help_text
+
+
 def test_flags_build_the_config() -> None:
     args = build_parser().parse_args(
         [

@@ -6,6 +6,7 @@ Values are written by separate Python processes, as workers do; this pytest proc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -315,3 +316,56 @@ def test_shard_states_match_the_protocol() -> None:
     from workers.protocol import ShardState
 
     assert tuple(state.value for state in ShardState) == SHARD_STATES
+
+
+async def test_a_killed_supervisors_directory_is_removed_by_the_next_start(tmp_path: Path) -> None:
+    """SIGKILL leaves the default metrics directory behind (no `finally` runs); the next supervisor on the
+    host removes it at start, since its pid is gone, and leaves a live one's alone."""
+    from benchmarks.children import free_port, stop_process, worker_env
+    from benchmarks.simulator import GatewayConfig, SimulatorConfig, open_simulator
+
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    other_user_like = runtime / "discord-gateway-metrics-1-keep"  # pid 1 is alive: never removed
+    other_user_like.mkdir()
+    older_version = runtime / "discord-gateway-metrics-abcdefgh"  # no pid in the name: left alone
+    older_version.mkdir()
+
+    async def start(log: Path) -> tuple[trio.Process, Path]:
+        port = free_port()
+        env = worker_env(
+            sim.addresses.rest_url,
+            BROKER_TYPE="null",
+            RUNTIME_DIRECTORY=str(runtime),
+            PROMETHEUS_ADDRESS=f"127.0.0.1:{port}",
+        )
+        env.pop(MULTIPROC_DIR_ENV, None)
+        with open(log, "wb") as log_file:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "supervisor"], env=env, stdin=subprocess.DEVNULL, stderr=log_file
+            )
+        async with httpx.AsyncClient() as http:  # ready: its signal handlers are in place
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
+                        break
+                await trio.sleep(0.1)
+        (mine,) = runtime.glob(f"discord-gateway-metrics-{process.pid}-*")
+        return process, mine
+
+    config = SimulatorConfig(gateway=GatewayConfig(shard_count=1, max_concurrency=1, guilds_per_shard=1))
+    with trio.fail_after(60):
+        async with open_simulator(config) as sim:
+            first, first_dir = await start(tmp_path / "first.log")
+            first.kill()
+            await first.wait()
+            assert first_dir.is_dir()
+            second, second_dir = await start(tmp_path / "second.log")
+            try:
+                assert not first_dir.exists()
+                assert other_user_like.is_dir() and older_version.is_dir()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stop_process(second, grace_s=20)
+            assert second.returncode == 0, (tmp_path / "second.log").read_text()[-2000:]
+            assert not second_dir.exists()  # removed by its owner at a clean exit
