@@ -48,6 +48,8 @@ def test_the_package_is_typed_and_every_module_exports_what_it_names(package: st
     for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}."):
         if info.name.endswith("__main__") or info.name.startswith("benchmarks.peers"):
             continue  # running them is their import; peers need optional clients
+        if info.name == "workers.metric_defs" and info.name not in sys.modules:
+            continue  # importing it binds prometheus_client's value class (its import-order note)
         module = importlib.import_module(info.name)
         for name in getattr(module, "__all__", ()):
             assert hasattr(module, name), f"{info.name}.__all__ names {name}, which it lacks"
