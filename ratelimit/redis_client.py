@@ -148,7 +148,7 @@ class RedisClient:
     Connections open lazily (Redis may be down when the process starts) and are re-opened after any
     failure. Every method that talks to Redis is a checkpoint; cancelling one drops the connection it was
     using, and whether Redis applied the command is then unknown. Raises `ValueError` at construction for
-    a URL it cannot use, and OSError or ssl.SSLError for TLS files it cannot read.
+    a URL it cannot use or TLS files it cannot read.
     """
 
     def __init__(
@@ -269,7 +269,7 @@ class RedisClient:
                     raise RedisConnectionError(f"{node.node} refused ASKING: {asked.message}")
             else:
                 replies = await self._on_node(node, commands)
-            redirect = next((r for r in replies if isinstance(r, RedisReplyError) and _redirects(r)), None)
+            redirect = _redirection_among(replies)
             if redirect is None:
                 return replies
             self.redirects += 1
@@ -327,12 +327,13 @@ class RedisClient:
         return replies
 
     def _recycle(self, connection: _Connection) -> None:
-        if self._closed:
-            if connection.socket is not None:
-                connection.socket.close()
-            # A TLS stream that is dropped unclosed is closed by the garbage collector.
-        else:
+        if not self._closed:
             self._idle.setdefault(connection.node, []).append(connection)
+            return
+        stream = connection.stream
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if isinstance(transport, trio.SocketStream):
+            transport.socket.close()  # no TLS close_notify: the client is going away
 
     async def _connect(self, node: RedisAddress) -> _Connection:
         with trio.move_on_after(self.connect_timeout_s) as scope:
@@ -415,7 +416,7 @@ async def open_redis_client(
     retries: int = 0,
 ) -> AsyncIterator[RedisClient]:
     """A `RedisClient` closed on exit. Doesn't connect up front: Redis may be down when the process
-    starts. Raises ValueError for a URL it cannot use and OSError for TLS files it cannot read."""
+    starts. Raises ValueError for a URL it cannot use or TLS files it cannot read."""
     client = RedisClient.from_url(
         url,
         timeout_s=timeout_s,
@@ -440,8 +441,12 @@ def _key_bytes(key: Arg) -> bytes:
     return key if isinstance(key, bytes) else str(key).encode()
 
 
-def _redirects(reply: RedisReplyError) -> bool:
-    return reply.code in ("MOVED", "ASK")
+def _redirection_among(replies: list[Reply]) -> RedisReplyError | None:
+    """The first MOVED or ASK error reply, if any."""
+    for reply in replies:
+        if isinstance(reply, RedisReplyError) and reply.message.startswith(("MOVED ", "ASK ")):
+            return reply
+    return None
 
 
 def _describe(error: BaseException) -> str:

@@ -52,13 +52,17 @@ class TlsOptions:
     check_hostname: bool = True
 
     def context(self) -> ssl.SSLContext:
-        """A client context: TLS 1.2+, the CA bundle (or the system's), the client certificate if any.
-        Raises OSError or ssl.SSLError when a file is missing or unreadable (the message names it)."""
-        context = ssl.create_default_context(cafile=self.ca_certs)
-        context.check_hostname = self.check_hostname and self.cert_reqs == "required"
-        context.verify_mode = _CERT_REQS[self.cert_reqs]
-        if self.certfile is not None:
-            context.load_cert_chain(self.certfile, self.keyfile)
+        """A client context: the CA bundle (or the system's), the client certificate if any. Raises
+        ValueError, naming the files, when one is missing or unusable."""
+        try:
+            context = ssl.create_default_context(cafile=self.ca_certs)
+            context.check_hostname = self.check_hostname and self.cert_reqs == "required"
+            context.verify_mode = _CERT_REQS[self.cert_reqs]
+            if self.certfile is not None:
+                context.load_cert_chain(self.certfile, self.keyfile)
+        except (OSError, ssl.SSLError) as error:
+            files = [name for name in (self.ca_certs, self.certfile, self.keyfile) if name is not None]
+            raise ValueError(f"the TLS files {files} of the Redis URL are unusable: {error}") from error
         return context
 
 
