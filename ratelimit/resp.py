@@ -94,8 +94,9 @@ def encode_command(args: Sequence[Arg]) -> bytes:
     return b"".join(parts)
 
 
-class Incomplete(Exception):
-    """The buffer ends inside a reply: read more."""
+class Incomplete(RedisError):
+    """The buffer ends inside a reply: read more. Never escapes the client (`parse_reply` raises it to say
+    so)."""
 
 
 def parse_reply(buffer: bytes | bytearray, start: int = 0) -> tuple[Reply, int]:

@@ -37,8 +37,8 @@ investigated further because uvloop does not show it.
 
 Choice: **a dedicated uvloop thread (``uvloop-thread``, the default) with the frames path**: about 2-3x the
 10,000 ev/CPU-s target, consistently, and 5x the best per-event aio-pika path. ``uvloop`` is added to the
-project's dependencies for it. trio-asyncio stays available (``bridge="trio-asyncio"``, for the benchmark;
-it is imported only then, and installed only with the ``dev`` extra) and is what the per-event path would have needed 6x more CPU on. What would go further: the anchor's pamqp-framed trio
+project's dependencies for it. trio-asyncio stays available (``bridge="trio-asyncio"``) and is what the
+per-event path would have needed 6x more CPU on. What would go further: the anchor's pamqp-framed trio
 publisher (17.3k confirmed/s wall with a 500-message window on this machine, against 12k for plain uvloop
 aio-pika) would drop the thread hop and the GIL handoff, but reconnect, topology restore and consumers would
 then be ours to write.
