@@ -458,9 +458,8 @@ async def open_redis_session_store(
         raise SessionStoreError(f"SHARD_STORE_PREFIX must be non-empty and without braces, not {prefix!r}")
     if not ttl_s > 0 or pool_size < 1:
         raise SessionStoreError(f"need ttl_s > 0 and pool_size >= 1, not {ttl_s}, {pool_size}")
-    try:
+    try:  # one attempt (connecting included) may take as long as a load may wait
         client = RedisClient.from_url(
-            # One attempt (connecting included) may take as long as a load may wait.
             url, timeout_s=LOAD_TIMEOUT_S, max_connections=pool_size, retries=CLIENT_RETRIES
         )
     except (ValueError, OSError) as exc:
