@@ -74,7 +74,7 @@ async def run_redispy(url: str, calls: int, tag: str) -> tuple[Timing, Timing]:
         future.add_done_callback(
             lambda done: token.run_sync_soon(trio.lowlevel.reschedule, task, outcome.capture(done.result))
         )
-        return (await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)).unwrap()
+        return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
     keys = [f"{{{tag}}}:s{i}" for i in range(16)]
     client = Redis.from_url(url)
