@@ -56,9 +56,9 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, TypeAlias
 
 import trio
 
@@ -99,6 +99,9 @@ _KEYLESS: Final = frozenset(
 )
 
 
+_Call: TypeAlias = Callable[[Sequence[Sequence[Arg]], Arg | None], Awaitable[list[Reply]]]
+
+
 class _Connection:
     """One stream and its read buffer. Used by one task at a time (the pool hands it out).
 
@@ -114,32 +117,53 @@ class _Connection:
         self.node = node
         self.buffer = bytearray()
 
+    async def command(self, args: Sequence[Arg]) -> Reply:
+        """Send one command and read its reply (a `RedisReplyError` value for an error reply). The hot path
+        of every script call, hence written out rather than as `pipeline([args])`."""
+        await self._send(encode_command(args))
+        buffer = self.buffer
+        while True:
+            if buffer:
+                try:
+                    reply, end = parse_reply(buffer)
+                except Incomplete:
+                    pass
+                else:
+                    del buffer[:end]
+                    return reply
+            await self._receive()
+
     async def pipeline(self, commands: Sequence[Sequence[Arg]]) -> list[Reply]:
         """Send every command at once, then read one reply each (a `RedisReplyError` value for errors)."""
-        data = b"".join(encode_command(args) for args in commands)
+        await self._send(b"".join(encode_command(args) for args in commands))
+        replies: list[Reply] = []
+        start = 0
+        while len(replies) < len(commands):
+            try:
+                reply, start = parse_reply(self.buffer, start)
+            except Incomplete:
+                await self._receive()
+                continue
+            replies.append(reply)
+        del self.buffer[:start]
+        return replies
+
+    async def _send(self, data: bytes) -> None:
         if self.socket is None:
             await self.stream.send_all(data)
-        else:
-            sent = await self.socket.send(data)
-            while sent < len(data):  # more than the socket's send buffer
-                sent += await self.socket.send(memoryview(data)[sent:])
-        return [await self._read_reply() for _ in commands]
+            return
+        sent = await self.socket.send(data)
+        while sent < len(data):  # more than the socket's send buffer
+            sent += await self.socket.send(memoryview(data)[sent:])
 
-    async def _read_reply(self) -> Reply:
-        while True:
-            try:
-                reply, end = parse_reply(self.buffer)
-            except Incomplete:
-                if self.socket is None:
-                    received = await self.stream.receive_some(_RECEIVE_BYTES)
-                else:
-                    received = await self.socket.recv(_RECEIVE_BYTES)
-                if not received:
-                    raise RedisConnectionError("Redis closed the connection") from None
-                self.buffer += received
-                continue
-            del self.buffer[:end]
-            return reply
+    async def _receive(self) -> None:
+        if self.socket is None:
+            received = await self.stream.receive_some(_RECEIVE_BYTES)
+        else:
+            received = await self.socket.recv(_RECEIVE_BYTES)
+        if not received:
+            raise RedisConnectionError("Redis closed the connection")
+        self.buffer += received
 
 
 class RedisClient:
@@ -173,6 +197,8 @@ class RedisClient:
         self._closed = False
         self.connects = 0
         self.redirects = 0
+        # One coroutine frame fewer on the hot path when there is nothing to retry (about 1 us a call).
+        self._call: _Call = self._retrying if retries else self._follow_redirects
 
     @classmethod
     def from_url(
@@ -245,7 +271,7 @@ class RedisClient:
 
     # --- one call: redirections and retries -----------------------------------------------------------
 
-    async def _call(self, commands: Sequence[Sequence[Arg]], key: Arg | None) -> list[Reply]:
+    async def _retrying(self, commands: Sequence[Sequence[Arg]], key: Arg | None) -> list[Reply]:
         backoff_s = RETRY_BACKOFF_FIRST_S
         for _ in range(self.retries):
             try:
@@ -309,7 +335,10 @@ class RedisClient:
                 try:
                     idle = self._idle.get(node.node)
                     connection = idle.pop() if idle else await self._connect(node)
-                    replies = await connection.pipeline(commands)
+                    if len(commands) == 1:
+                        replies = [await connection.command(commands[0])]
+                    else:
+                        replies = await connection.pipeline(commands)
                     # Complete replies, even error ones, leave the connection in step: keep it.
                     self._recycle(connection)
                     connection = None

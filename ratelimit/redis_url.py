@@ -78,6 +78,12 @@ class RedisAddress:
     scheme: Scheme = "redis"
     path: str | None = None
     tls: TlsOptions | None = None
+    #: `host:port`, or the socket's path: which server, without the login (the client's pool key).
+    node: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "node", self.path if self.path is not None else f"{host}:{self.port}")
 
     @classmethod
     def parse(cls, url: str) -> RedisAddress:
@@ -121,13 +127,6 @@ class RedisAddress:
     def at(self, host: str, port: int) -> RedisAddress:
         """The same login and TLS options on another node (a Redis Cluster redirection)."""
         return RedisAddress(host, port, self.db, self.username, self.password, self.scheme, None, self.tls)
-
-    @property
-    def node(self) -> str:
-        """`host:port`, or the socket's path: which server, without the login."""
-        if self.path is not None:
-            return self.path
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def redacted(self) -> str:
         """The URL with the password replaced by `***`: what logs and errors may show."""

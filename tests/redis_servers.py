@@ -66,7 +66,10 @@ def _running(argv: list[str], cwd: Path, port: int | None, socket_path: Path | N
         deadline = time.monotonic() + START_TIMEOUT_S
         while not _listening(port, socket_path):
             if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not start: {(cwd / log.name).read_text()[-2000:]}")
+                log.flush()
+                status = server.poll()
+                tail = Path(log.name).read_text()[-2000:]
+                pytest.fail(f"redis-server did not start (status {status}): {tail}")
             time.sleep(0.05)
         yield
     finally:
@@ -119,11 +122,21 @@ def open_tls_redis(folder: Path) -> Iterator[TlsRedis]:
         yield TlsRedis(folder, port, socket_path)
 
 
+def free_cluster_port() -> int:
+    """A free port whose Cluster bus port (the port + 10000) is a port, and free too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port + 10000)) != 0:
+                    return port
+
+
 @contextlib.contextmanager
 def open_redis_cluster(folder: Path) -> Iterator[list[int]]:
     """Three masters on free loopback ports, slots split by `redis-cli --cluster create` (the first port
     serves 0-5460); yields the ports once every node reports `cluster_state:ok`."""
-    ports = [free_port() for _ in range(3)]
+    ports = [free_cluster_port() for _ in range(3)]
     with contextlib.ExitStack() as stack:
         for port in ports:
             node = folder / str(port)

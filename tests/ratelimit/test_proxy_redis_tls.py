@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 from typing import Final
 
-import httpx
 import trio
 
-from benchmarks.children import free_port, stop_process, worker_env
+from benchmarks.children import free_port, worker_env
 from benchmarks.simulator import GatewayConfig, RestConfig, SimulatorConfig, open_simulator
 from ratelimit.redis_client import open_redis_client
+from tests.ratelimit.proxy_helpers import running_worker, wait_for_http_front
 from tests.redis_servers import needs_redis_server, open_tls_redis
 from tests.simulator.rest_helpers import AUTH
 
@@ -53,18 +53,10 @@ async def test_proxy_on_redis_over_tls_draws_no_avoidable_or_global_429(tmp_path
                     TIMEOUT="10s",
                 )
                 log_path = tmp_path / "worker.log"
-                with open(log_path, "wb") as log:
-                    process = await trio.lowlevel.open_process(
-                        [sys.executable, "-m", "workers", "--shard-ids", "0", "--shard-count", "1"],
-                        env=env,
-                        stderr=log,
-                    )
-                    try:
-                        base = f"http://127.0.0.1:{port}/api/v10"
-                        await wait_until_listening(base, process, log_path)
-                        statuses = await run_clients(base)
-                    finally:
-                        await stop_process(process, grace_s=15)
+                async with running_worker(env, log_path) as process:
+                    base = f"http://127.0.0.1:{port}/api/v10"
+                    await wait_for_http_front(base, process, log_path)
+                    statuses = await run_clients(base)
                 ledger = sim.rest.ledger.snapshot()
             async with open_redis_client(redis.url(), timeout_s=5.0) as client:
                 shared_state = await client.execute("KEYS", "{ratelimit}:*")
@@ -73,21 +65,8 @@ async def test_proxy_on_redis_over_tls_draws_no_avoidable_or_global_429(tmp_path
     assert statuses == ["200"] * (CLIENTS * MESSAGES_PER_CLIENT)
     assert shared_state, "the limits were not kept in the TLS Redis"
     assert ledger["by_category"].get("avoidable", 0) == 0 and ledger["by_category"].get("global", 0) == 0
-    assert (
-        ledger["by_status"].get("200") == CLIENTS * MESSAGES_PER_CLIENT + 2
-    )  # + GET /users/@me, /gateway/bot
-
-
-async def wait_until_listening(base: str, process: trio.Process, log_path: Path) -> None:
-    async with httpx.AsyncClient(base_url=base) as client:
-        while True:
-            try:
-                me = await client.get("/users/@me", headers=AUTH)
-                assert me.status_code == 200, me.text
-                return
-            except httpx.ConnectError:
-                assert process.returncode is None, await trio.Path(log_path).read_text()
-                await trio.sleep(0.1)
+    # Besides the messages: the worker's GET /gateway/bot and the readiness probe's GET /users/@me.
+    assert ledger["by_status"].get("200") == CLIENTS * MESSAGES_PER_CLIENT + 2
 
 
 async def run_clients(base: str) -> list[str]:
