@@ -7,24 +7,41 @@ as redis-py's query parameters, `unix://` sockets, a database number (`redis_url
 Redis Cluster.
 
 The choice, by measurement (2026-12-07, the project's 2-core VM shared with four other engineers' test
-runs; Redis 7.0.15 on loopback; CPython 3.11.7). `python -m benchmarks.redis_clients`: 3,000 sequential
-calls from one trio process, p50 wall and CPU of the process (all threads) per call; "script" is a
-one-key token-bucket-sized EVALSHA, "batch" the session store's shape (one script over 16 keys):
+runs, load average 4-8; Redis 7.0.15 on loopback; CPython 3.11.7). `python -m benchmarks.redis_clients`
+(4 runs; coredis 6.9.0 from a scratch venv, not a dependency): 3,000 sequential calls from one trio
+process, p50 wall and CPU of the process (all threads) per call, in us; "script" is a one-key
+token-bucket-sized EVALSHA, "batch" the session store's shape (one script over 16 keys):
 
     client                                          script p50   CPU/call   batch p50   CPU/call
-    this client (trio-native RESP2)                 {RESP_ROW}
-    redis-py 8.1 on the asyncio (uvloop) thread     {REDISPY_ROW}
-    coredis 6.9 on trio (anyio)                     {COREDIS_ROW}
+    this client (trio-native RESP2)                 96-141       101-122    164-216     115-141
+    redis-py 8.1 on an asyncio (uvloop) thread      276-401      287-372    344-431     322-418
+    coredis 6.9 on trio (through anyio)             372-442      363-406    427-492     390-436
 
 `python -m benchmarks ratelimit --quick --backends redis --peers none` (8 client processes, the real
-acquire and release scripts), on the same machine: {BENCH_SUMMARY}
+acquire and release scripts), runs interleaved on the same machine; "before" is main at 7207bb9 (the
+ratelimit-only resp.py client), "after" this client; redis-py is branch h-redis's measurement (6bc20a0,
+the ratelimiter on redis-py through the uvloop thread, same machine, same day):
+
+    figure                      before (resp.py)        after (this client)   redis-py     target
+    acquire p50                 209-320 us              210-253 us            653 us       <= 1 ms
+    grants/s, 8 x 1 task        1,668-2,301             1,341-2,963           875          >= 5,000
+    grants/s, 8 x 4 tasks       1,257-3,761             820-2,394             853
+    hot-bucket utilization      0.967-0.974             0.972-0.973           0.970        >= 0.95
+    avoidable 429s              0                       0                     0            0
+
+Global 429s in the zipf workload show up before and after alike on this loaded machine (per run: 0, 1, 1,
+14 before; 1, 4, 0 after; the run with 14 had Redis calls past their deadline and fell back to local
+limits); the REST proxy test over TLS (tests/ratelimit/test_proxy_redis_tls.py) draws none. Neither
+client reaches 5,000 grants/s here: with 8 processes, Redis and the simulator on 2 cores, CPU per call is
+the bound (about 100 us of this process's CPU per script call, twice per grant).
+Pipelining the calls of concurrent tasks on one connection (the "better" target, 20,000 grants/s) is not
+done: `pipeline` batches only what one caller sends.
 
 redis-py was the default (DESIGN 5: "keep redis-py unless it cannot meet the ratelimit targets"). It cannot:
-driven from the asyncio thread that carries aio-pika, every call crosses threads twice, and with 8
-processes on 2 cores those handoffs, not Redis, bound the throughput (875 grants/s against this client's
-2,805 in the first measurement, branch h-redis). coredis is native trio but costs more CPU per call still.
-So the service speaks RESP2 itself: no trio-asyncio, no asyncio thread for Redis, one round trip per
-grant.
+driven from the asyncio thread that carries aio-pika, every call crosses threads twice and costs about 2.5x
+this client's CPU, and the ratelimit throughput falls to a third of this client's. coredis is native trio
+but costs more CPU per call still. So the service speaks RESP2 itself: no trio-asyncio, no asyncio thread
+for Redis, one round trip per acquire and one per release.
 
 Rules it keeps (anchors/trio-asyncio.md 5, 7):
 
@@ -45,8 +62,8 @@ that lives elsewhere costs one redirection and teaches the client the slot's nod
 `ASKING` + the command, pipelined, on the node named), at most `MAX_REDIRECTS` per call. Every key a call
 sends carries one hash tag (`{prefix}`: the ratelimiter's, the session store's and the gate's keys all
 do), so a script or a pipeline goes to one node. A pipeline is re-sent whole after a redirection, so it
-must be idempotent. Sentinel is not supported (no client here speaks it for free); a Sentinel-managed
-Redis is reached through its current primary's address or a proxy in front of it.
+must be idempotent. Sentinel is not supported (redis-py and coredis have it; this client does not): a
+Sentinel-managed Redis is reached through its current primary's address or a proxy in front of it.
 
 Secrets: the password is only ever sent in AUTH; no error message includes a command's arguments or the
 password (`RedisAddress.redacted`).

@@ -119,7 +119,7 @@ local out = {-1, redis.call('PTTL', KEYS[1])}
 for i = 2, #KEYS do
   local key, wait = KEYS[i], 0
   if redis.call('GET', key) == owner then
-    wait = 0  -- redis-py retried this very call after losing its reply: the grant is ours
+    wait = 0  -- the client retried this very call after losing its reply: the grant is ours
   elseif budget and budget <= reserve then
     wait = -1
   elseif redis.call('SET', key, owner, 'NX', 'PX', interval) then
