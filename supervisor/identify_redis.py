@@ -13,14 +13,14 @@ one bot sit in one slot and one script may touch several of them)::
     {gateway}:identify:budget  -> "987"                   PX until the daily reset (optional, see below)
 
 A grant is one call of a Lua script (a ``ratelimit.redis_client.Script``: EVALSHA, reloaded after a Redis
-restart empties the script cache): for each
-key asked for, in key order, ``SET key owner NX PX interval_ms``; when the key is taken it returns the key's
-PTTL instead. Expiry runs on the Redis server's clock, so the hosts' clocks never matter; only a step of the
-*Redis host's* wall clock could end an interval early. The requester sleeps exactly that PTTL (counted from
-when the reply arrived, so never too early) plus a jitter of 2-20 ms, so that hosts don't stampede, and then
-asks again: no polling. The owner value is unique per call, so when the client retries a call whose reply
-was lost (its connection broke) the script recognises its own grant instead of waiting a whole interval
-for it.
+restart empties the script cache; the client speaks TLS, ACL, unix sockets and Cluster, following MOVED/ASK):
+for each key asked for, in key order, ``SET key owner NX PX interval_ms``; when the key is taken it returns
+the key's PTTL instead. Expiry runs on the Redis server's clock, so the hosts' clocks never matter; only a
+step of the *Redis host's* wall clock could end an interval early. The requester sleeps exactly that PTTL
+(counted from when the reply arrived, so never too early) plus a jitter of 2-20 ms, so that hosts don't
+stampede, and then asks again: no polling. The owner value is unique per call, so when the client retries a
+call whose reply was lost (its connection broke) the script recognises its own grant instead of waiting a
+whole interval for it.
 
 Within one process: one granter task (owned by :func:`open_redis_identify_gate`) serves FIFO queues per key;
 only a queue's head is ever asked for, and all keys due at the same moment go in one script call, in key
