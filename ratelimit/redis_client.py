@@ -417,6 +417,8 @@ class RedisClient:
             commands.append(("AUTH", *login))
         if node.db:
             commands.append(("SELECT", node.db))
+        if not commands:
+            return
         for command, reply in zip(commands, await connection.pipeline(commands), strict=True):
             if isinstance(reply, RedisReplyError):
                 raise RedisConnectionError(
