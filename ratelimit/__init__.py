@@ -12,8 +12,9 @@ What a user of ratelimit as a library imports is here:
 - `EngineConfig` (the tunables every sharer must agree on), and the model's `Ask`, `Permit`, `Outcome`.
 - The exceptions, all under `RatelimitError`, and the `statistics()` snapshot types.
 
-The pure cores (`model`, `buckets`, `global_limit`, `invalid`, `routes`) and the wire clients (`resp`,
-`redis_scripts`) are modules of their own for those who need them.
+The pure cores (`model`, `buckets`, `global_limit`, `invalid`, `routes`), the service's one Redis client
+(`redis_client`, on `redis_url` and `resp`) and the scripts (`redis_scripts`) are modules of their own for
+those who need them.
 """
 
 from ratelimit.backend import Backend, BackendUnavailable, LocalBackend

@@ -53,6 +53,8 @@ class BackendSpec:
     owner: bool = False
     redis_url: str = "redis://127.0.0.1:6379"
     redis_prefix: str = "ratelimit"
+    #: Connections to Redis this process may hold (REDIS_POOL_SIZE).
+    redis_pool_size: int = 4
 
 
 @asynccontextmanager
@@ -70,7 +72,9 @@ async def open_backend(spec: BackendSpec) -> AsyncIterator[Backend]:
     else:
         from ratelimit.redis_backend import RedisBackend
 
-        backend = RedisBackend(spec.redis_url, spec.config, prefix=spec.redis_prefix)
+        backend = RedisBackend(
+            spec.redis_url, spec.config, prefix=spec.redis_prefix, max_connections=spec.redis_pool_size
+        )
     try:
         yield backend
     finally:

@@ -4,7 +4,8 @@ Design (DESIGN 4-5, anchors/ratelimit.md R2, R4, R10):
 
 - One round trip per operation. The decisions are the model's, ported to Lua (`redis_scripts.py`) and run
   atomically by Redis, so a grant, a wait or a refusal costs one EVALSHA on a small trio-native RESP client
-  (`resp.py`; redis-py over trio-asyncio cost 4x the latency and 5x the CPU per call). Reading the records,
+  (`redis_client.py`, the service's one Redis client; its docstring has the measurements against redis-py
+  and coredis). Reading the records,
   deciding in Python and writing back under WATCH would take three round trips and retry under contention.
 - One clock. Deadlines live in the Redis server's `TIME` domain: hosts share no monotonic clock, and wall
   clocks of different hosts disagree by seconds. Every answer the caller sees is a duration. A `clock`
@@ -44,18 +45,10 @@ from ratelimit.backend import BackendUnavailable
 from ratelimit.buckets import Grant
 from ratelimit.invalid import TOKEN_REVOKED, WEBHOOK_DEAD, InvalidRequestBudget, health_verdict
 from ratelimit.model import INVALID_BUDGET, Ask, EngineConfig, Outcome, Permit, Refusal, Wait, WaitReason
+from ratelimit.redis_client import DEFAULT_MAX_CONNECTIONS, DEFAULT_TIMEOUT_S, RedisClient, Script
 from ratelimit.redis_scripts import ACQUIRE, DOUBLE_RELEASE, RELEASE, RELEASE_NUMBERS, pack_config
-from ratelimit.resp import (
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_TIMEOUT_S,
-    Arg,
-    RedisAddress,
-    RedisConnectionError,
-    RedisReplyError,
-    Reply,
-    RespClient,
-    Script,
-)
+from ratelimit.redis_url import RedisAddress
+from ratelimit.resp import Arg, RedisConnectionError, RedisReplyError, Reply
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -98,9 +91,10 @@ class RedisBackendStatistics:
 class RedisBackend:
     """`Backend` on Redis: the state every process of every host shares. Not opened until first used.
 
-    `url` is `redis://[[user]:password@]host[:port][/db]`; `timeout_s` bounds each call (connecting
-    included); `clock` (tests) replaces the Redis server's TIME with its value. `acquire` and `release` are
-    checkpoints; cancelling one drops its connection and may or may not have applied the call.
+    `url` is a `redis://`, `rediss://` or `unix://` URL (`redis_url.py`: ACL user, TLS, Cluster through
+    redirections); `timeout_s` bounds each call (connecting included); `clock` (tests) replaces the Redis
+    server's TIME with its value. `acquire` and `release` are checkpoints; cancelling one drops its
+    connection and may or may not have applied the call.
     """
 
     name = "redis"
@@ -119,7 +113,7 @@ class RedisBackend:
             raise ValueError(f"prefix must be a non-empty Redis hash tag without braces, got {prefix!r}")
         self.config = config or EngineConfig()
         self.prefix = prefix
-        self._client = RespClient(
+        self._client = RedisClient(
             RedisAddress.parse(url), timeout_s=timeout_s, max_connections=max_connections
         )
         self._clock = clock
@@ -149,7 +143,7 @@ class RedisBackend:
     async def load_scripts(self) -> None:
         """Load both scripts (one round trip each). Raises `BackendUnavailable`."""
         for script in (self._acquire, self._release):
-            await self._call(script.load(self._client))
+            await self._call(script.load(self._client, key=self._key_prefix))
 
     async def acquire(self, ask: Ask) -> Permit | Wait | Refusal:
         """`model.acquire` on the shared state. Raises `BackendUnavailable`."""

@@ -1,6 +1,6 @@
 """The supervisor's run loop: plan, spawn a worker per core, coordinate IDENTIFY, restart, drain.
 
-Lifetimes, outermost first: the trio-asyncio loop (only for the Redis identify gate), the metrics and health
+Lifetimes, outermost first: the metrics and health
 endpoint, one `WorkerSlot` per shard range, the signal loop. Signals (gunicorn's table, written in trio):
 - SIGTERM / SIGINT: drain. Workers get SIGTERM, close their shards with a resumable code, flush committed
   seqs and sessions; after `shutdown_timeout_s` whatever is left is killed. A second SIGINT kills at once.
@@ -320,19 +320,14 @@ class Supervisor:
     async def _open_gate(self, max_concurrency: int) -> AsyncIterator[BudgetedIdentifyGate]:
         interval = IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S
         if self.settings.shard_store_type == "redis":
-            import trio_asyncio
-
             from supervisor.identify_redis import open_redis_identify_gate
 
-            async with (
-                trio_asyncio.open_loop(),
-                open_redis_identify_gate(
-                    self.settings.redis_url,
-                    prefix=self.settings.shard_store_prefix,
-                    max_concurrency=max_concurrency,
-                    interval_s=interval,
-                ) as gate,
-            ):
+            async with open_redis_identify_gate(
+                self.settings.redis_url,
+                prefix=self.settings.shard_store_prefix,
+                max_concurrency=max_concurrency,
+                interval_s=interval,
+            ) as gate:
                 yield gate
         else:
             yield InMemoryIdentifyGate(max_concurrency, interval)

@@ -12,13 +12,15 @@ one bot sit in one slot and one script may touch several of them)::
     {gateway}:identify:3       -> "host:pid:token:call"   PX interval: granted within the interval
     {gateway}:identify:budget  -> "987"                   PX until the daily reset (optional, see below)
 
-A grant is one call of a Lua script (``register_script()``, which reloads it after a Redis restart): for each
-key asked for, in key order, ``SET key owner NX PX interval_ms``; when the key is taken it returns the key's
-PTTL instead. Expiry runs on the Redis server's clock, so the hosts' clocks never matter; only a step of the
-*Redis host's* wall clock could end an interval early. The requester sleeps exactly that PTTL (counted from
-when the reply arrived, so never too early) plus a jitter of 2-20 ms, so that hosts don't stampede, and then
-asks again: no polling. The owner value is unique per call, so when redis-py retries a call whose reply was
-lost the script recognises its own grant instead of waiting a whole interval for it.
+A grant is one call of a Lua script (a ``ratelimit.redis_client.Script``: EVALSHA, reloaded after a Redis
+restart empties the script cache; the client speaks TLS, ACL, unix sockets and Cluster, following MOVED/ASK):
+for each key asked for, in key order, ``SET key owner NX PX interval_ms``; when the key is taken it returns
+the key's PTTL instead. Expiry runs on the Redis server's clock, so the hosts' clocks never matter; only a
+step of the *Redis host's* wall clock could end an interval early. The requester sleeps exactly that PTTL
+(counted from when the reply arrived, so never too early) plus a jitter of 2-20 ms, so that hosts don't
+stampede, and then asks again: no polling. The owner value is unique per call, so when the client retries a
+call whose reply was lost (its connection broke) the script recognises its own grant instead of waiting a
+whole interval for it.
 
 Within one process: one granter task (owned by :func:`open_redis_identify_gate`) serves FIFO queues per key;
 only a queue's head is ever asked for, and all keys due at the same moment go in one script call, in key
@@ -61,24 +63,21 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, TypeVar, cast
+from typing import Final, TypeVar
 
 import trio
-import trio_asyncio
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
+from ratelimit.redis_client import RedisClient, Script, is_hash_tag
+from ratelimit.resp import Arg, RedisError, Reply
 from workers.identify import (
     IDENTIFY_INTERVAL_S,
     IDENTIFY_MARGIN_S,
     IdentifyGateStatistics,
     check_gate_arguments,
 )
-from workers.redis_connection import is_hash_tag, open_redis_client, require_trio_asyncio_loop
 
 __all__ = [
     "BUDGET_RECHECK_S",
@@ -96,8 +95,12 @@ _T = TypeVar("_T")
 
 DEFAULT_INTERVAL_S: Final = IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S
 DEFAULT_POOL_SIZE: Final = 5
-#: One script call may take this long, redis-py's own retries included, before Redis counts as unavailable.
+#: One script call may take this long, the client's own retries included, before Redis counts as unavailable.
 CALL_TIMEOUT_S: Final = 2.0
+#: One attempt of a call (connecting included); the client repeats an attempt whose connection broke
+#: CLIENT_RETRIES times (every call here is idempotent: the grant script knows its own owner value).
+ATTEMPT_TIMEOUT_S: Final = 1.0
+CLIENT_RETRIES: Final = 2
 #: Added to a PTTL before asking again, so that hosts waiting for the same key don't all ask at once.
 RETRY_JITTER_MIN_S: Final = 0.002
 RETRY_JITTER_MAX_S: Final = 0.02
@@ -116,7 +119,7 @@ local out = {-1, redis.call('PTTL', KEYS[1])}
 for i = 2, #KEYS do
   local key, wait = KEYS[i], 0
   if redis.call('GET', key) == owner then
-    wait = 0  -- redis-py retried this very call after losing its reply: the grant is ours
+    wait = 0  -- the client retried this very call after losing its reply: the grant is ours
   elseif budget and budget <= reserve then
     wait = -1
   elseif redis.call('SET', key, owner, 'NX', 'PX', interval) then
@@ -151,6 +154,13 @@ return #KEYS - 1
 """
 _GRANTED: Final = 0
 _BUDGET_EXHAUSTED: Final = -1
+
+
+def _integers(reply: Reply) -> list[int]:
+    """The grant script's reply, checked: a list of integers."""
+    if not isinstance(reply, list) or not all(isinstance(value, int) for value in reply):
+        raise _Unavailable(f"unexpected reply {str(reply)[:64]}")
+    return [value for value in reply if isinstance(value, int)]
 
 
 def identify_key(prefix: str, key: int) -> str:
@@ -194,7 +204,7 @@ class RedisIdentifyGate:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         *,
         prefix: str,
         max_concurrency: int,
@@ -212,8 +222,8 @@ class RedisIdentifyGate:
         self._budget_reserve = budget_reserve
         # Who holds a key, for whoever reads Redis; each call appends a counter.
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._grant_script = client.register_script(_GRANT_LUA)
-        self._hold_script = client.register_script(_HOLD_LUA)
+        self._grant_script = Script(_GRANT_LUA)
+        self._hold_script = Script(_HOLD_LUA)
         self._queues: list[collections.deque[_Waiter]] = [collections.deque() for _ in range(max_concurrency)]
         # Trio clock. _free_at: our own last grant of each key plus the interval (never asked for sooner);
         # _retry_at: what Redis said (another holder's PTTL, or the budget).
@@ -291,7 +301,7 @@ class RedisIdentifyGate:
         self._budget_resets_at = trio.current_time() + reset_after_s
         self._fallback_spent = 0
         try:
-            await self._call(self._write_budget, remaining, reset_ms)
+            await self._call(self._write_budget(remaining, reset_ms))
         except _Unavailable as exc:
             self._note_outage(exc)
         self._retry_at = [-math.inf] * self._max_concurrency
@@ -344,7 +354,7 @@ class RedisIdentifyGate:
         keys = [self.budget_key, *(self.key(key) for key in due)]
         args = [f"{self._owner}:{self._calls}", str(self._interval_ms), str(self._budget_reserve)]
         try:
-            reply = await self._call(self._run_script, self._grant_script, keys, args)
+            reply = _integers(await self._call(self._grant_script(self._client, keys, args)))
         except _Unavailable as exc:
             self._note_outage(exc)
             return
@@ -420,24 +430,22 @@ class RedisIdentifyGate:
 
     # -- Redis -----------------------------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[..., Awaitable[_T]], *args: object) -> _T:
-        """``fn(*args)`` (asyncio-flavoured) on the trio-asyncio loop, within :data:`CALL_TIMEOUT_S`; any
-        failure is :class:`_Unavailable`. Cancelling it leaves the outcome unknown (module docstring)."""
+    async def _call(self, call: Awaitable[_T]) -> _T:
+        """``await call`` within :data:`CALL_TIMEOUT_S`; any failure is :class:`_Unavailable`. Cancelling
+        it leaves the outcome unknown (module docstring)."""
         try:
             with trio.move_on_after(CALL_TIMEOUT_S):
-                return cast(_T, await trio_asyncio.aio_as_trio(fn)(*args))
-        except (RedisError, OSError) as exc:
-            raise _Unavailable(repr(exc)) from exc
+                return await call
+        except RedisError as exc:
+            raise _Unavailable(str(exc)) from exc
         raise _Unavailable(f"no answer in {CALL_TIMEOUT_S} s")
 
-    async def _run_script(self, script: AsyncScript, keys: list[str], args: list[str]) -> list[int]:
-        return cast(list[int], await script(keys=keys, args=args))  # asyncio-flavoured
-
-    async def _write_budget(self, remaining: int, reset_ms: int) -> None:  # asyncio-flavoured
+    async def _write_budget(self, remaining: int, reset_ms: int) -> Reply:
         if reset_ms < 1:
-            await self._client.delete(self.budget_key)  # the reset is now: the budget is unknown
-        else:
-            await self._client.set(self.budget_key, remaining, px=reset_ms)
+            return await self._client.execute(
+                "DEL", self.budget_key
+            )  # the reset is now: the budget is unknown
+        return await self._client.execute("SET", self.budget_key, remaining, "PX", reset_ms)
 
     def _note_outage(self, exc: _Unavailable) -> None:
         if self._outage_started_at is not None:
@@ -456,13 +464,13 @@ class RedisIdentifyGate:
             local_grants, spent, now = self._local_grants, self._fallback_spent, trio.current_time()
             held = [key for key in range(self._max_concurrency) if self._free_at[key] > now]
             keys = [self.budget_key, *(self.key(key) for key in held)]
-            args = [
+            args: list[Arg] = [
                 self._owner,
                 str(spent),
                 *(str(math.ceil((self._free_at[key] - now) * 1000)) for key in held),
             ]
             try:
-                await self._call(self._run_script, self._hold_script, keys, args)
+                await self._call(self._hold_script(self._client, keys, args))
             except _Unavailable as exc:
                 logger.debug("identify_gate.redis_probe_failed", extra={"error": str(exc)})
                 return
@@ -492,15 +500,17 @@ async def open_redis_identify_gate(
 ) -> AsyncIterator[RedisIdentifyGate]:
     """A :class:`RedisIdentifyGate` whose granter and probe tasks live as long as the ``async with``.
 
-    Needs a running trio-asyncio loop (``async with trio_asyncio.open_loop():`` around the caller). Doesn't
-    connect up front: Redis may be down when the supervisor starts (the gate then starts in fallback). Every
-    gate sharing a schedule must use the same ``prefix``, ``max_concurrency`` and ``interval_s``. On exit,
-    waiters still queued get ``trio.ClosedResourceError``.
+    ``url`` is any URL ``ratelimit.redis_url`` reads (TLS, ACL, unix, Cluster; ValueError for one it cannot
+    use). Doesn't connect up front: Redis may be down when the supervisor starts (the gate then starts in
+    fallback). Every gate sharing a schedule must use the same ``prefix``, ``max_concurrency`` and
+    ``interval_s``. On exit, waiters still queued get ``trio.ClosedResourceError``.
     """
-    require_trio_asyncio_loop("open_redis_identify_gate")
     if pool_size < 1:
         raise ValueError(f"pool_size must be at least 1, not {pool_size}")
-    async with open_redis_client(url, pool_size=pool_size, pool_timeout_s=CALL_TIMEOUT_S) as client:
+    client = RedisClient.from_url(
+        url, timeout_s=ATTEMPT_TIMEOUT_S, max_connections=pool_size, retries=CLIENT_RETRIES
+    )
+    async with client.closing():
         gate = RedisIdentifyGate(
             client,
             prefix=prefix,

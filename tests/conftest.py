@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import trio_asyncio
 from hypothesis import settings
 
 # `tests` helpers (the independent gateway client) are imported as a package from the repository root.
@@ -42,10 +40,3 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     leakscan.summarize(terminalreporter)
-
-
-@pytest.fixture
-async def aio_loop() -> AsyncIterator[None]:
-    """The trio-asyncio loop that redis-py (sessions, the Redis identify gate) runs on."""
-    async with trio_asyncio.open_loop():
-        yield

@@ -4,7 +4,7 @@ Standalone (tests, benchmarks) it is its own identify gate and session store; un
 same process gets those over its control channel (the supervisor issue). Exit status: 0 clean stop, 2 bad
 configuration (the message names the key), 3 a fatal close code or a refused token, 1 anything else.
 
-Lifetimes, outermost first: the trio-asyncio loop (only when AMQP or Redis is used), the session store, the
+Lifetimes, outermost first: the session store, the
 publisher, the REST proxy's limiter, the publish pump, then one nursery with a `ShardRunner` per shard, the
 command source and the REST proxy fronts (`workers.rest_proxy`). SIGTERM/SIGINT stop the shards with a
 resumable close and drain the REST proxy (its requests in flight finish, or go back to the queue when never
@@ -72,18 +72,6 @@ SESSION_SAVE_S: Final = CLOSE_FLUSH_TIMEOUT_S
 #: Of GRACEFUL_STOP_S, how long REST proxy requests in flight get to finish before they are settled
 #: (requeued when not yet sent, else answered); settling itself takes at most a few seconds more.
 PROXY_GRACE_S: Final = 4.0
-
-
-@contextlib.asynccontextmanager
-async def _open_loop_if_needed(config: WorkerConfig) -> AsyncIterator[None]:
-    """The one trio-asyncio loop of the process, for redis-py (AMQP runs on its own thread)."""
-    if config.settings.shard_store_type == "redis":
-        import trio_asyncio
-
-        async with trio_asyncio.open_loop():
-            yield
-    else:
-        yield
 
 
 @contextlib.asynccontextmanager
@@ -173,7 +161,6 @@ async def run_worker(
     status: int = ExitStatus.ERROR  # unless the shards run and stop (the supervisor may vanish first)
     capacity = pump_capacity or max(PUMP_MIN_CAPACITY, PUMP_EVENTS_PER_SHARD * len(config.shard_ids))
     async with (
-        _open_loop_if_needed(config),
         _open_store(config, link) as store,
         _open_broker(config) as (sink, amqp),
         open_worker_rest_proxy(config, amqp, supervised=link is not None) as rest,

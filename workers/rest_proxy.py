@@ -75,6 +75,7 @@ def backend_spec(config: WorkerConfig, *, supervised: bool) -> BackendSpec:
         shm_dir=config.settings.ratelimit_shm_dir,
         owner=not supervised,
         redis_url=config.settings.redis_url,
+        redis_pool_size=config.settings.redis_pool_size,
     )
 
 

@@ -25,19 +25,21 @@ removes it.
 Writes are coalesced: ``save``/``delete`` only record the newest value per shard (they never block, so the
 event path never waits on Redis); a flusher task owned by :func:`open_redis_session_store` starts a batch at
 most :data:`SAVE_WINDOW_S` after the first unwritten change and sends everything pending as ONE call of a Lua
-script (registered with ``register_script()``, which reloads it after a Redis restart empties the script
+script (a ``ratelimit.redis_client.Script``: EVALSHA, reloaded after a Redis restart empties the script
 cache). Batching bounds Redis traffic at 10 calls/s per worker whatever the event rate; the price is that a
 crash loses at most the last 100 ms of seq progress, which is replayed as duplicates on RESUME (at least once;
 consumers dedupe on ``(shard_id, session_id, seq)``).
 
-Outages: a failed batch is merged back under anything newer and retried with backoff, logging once when the
-outage starts and once when it ends, so the newest value per shard is never lost while the process lives.
+Outages: the client retries a call that lost its connection twice (the batch is idempotent: replaying it
+writes the same values), which hides a pooled connection that died with a Redis restart. A batch that still
+fails is merged back under anything newer and retried with backoff, logging once when the outage starts and
+once when it ends, so the newest value per shard is never lost while the process lives.
 ``load`` waits at most :data:`LOAD_TIMEOUT_S` and returns None on any failure (the shard then IDENTIFYs, which
 is always safe); it also sees this process's own unwritten changes.
 
-redis-py is asyncio: it runs on the worker's trio-asyncio loop (``trio_asyncio.open_loop()`` at the top of
-``main``) through ``aio_as_trio``; everything else here is plain trio. Redis Cluster itself isn't spoken (the
-client is a plain ``Redis``); the key layout is merely ready for it.
+Redis is the service's one client (``ratelimit.redis_client``: trio-native, TLS, ACL, unix sockets, Redis
+Cluster by following MOVED/ASK); every key of one bot carries the ``{prefix}`` hash tag, so a batch goes to
+one node.
 """
 
 from __future__ import annotations
@@ -48,15 +50,13 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Final, Protocol, cast
+from typing import Final, Protocol
 
 import trio
-import trio_asyncio
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from ratelimit.redis_client import RedisClient, Script, is_hash_tag, open_redis_client
+from ratelimit.resp import RedisError, RespProtocolError
 from workers.errors import SessionStoreError
-from workers.redis_connection import is_hash_tag, open_redis_client, require_trio_asyncio_loop
 
 __all__ = [
     "DEFAULT_PREFIX",
@@ -80,9 +80,11 @@ DEFAULT_POOL_SIZE: Final = 5
 # A change is sent at most this long after it was made; changes within one window share one Redis call.
 SAVE_WINDOW_S: Final = 0.1
 LOAD_TIMEOUT_S: Final = 2.0
-# One batch may take this long, redis-py's own retries included, before it counts as failed.
+# One batch may take this long, the client's own retries included, before it counts as failed.
 WRITE_TIMEOUT_S: Final = 5.0
-# Beyond redis-py's own few retries (workers/redis_connection.py), the flusher backs off this way.
+# The client repeats a call whose connection broke this many times (every call here is idempotent).
+CLIENT_RETRIES: Final = 2
+# Beyond the client's own few retries, the flusher backs off this way.
 OUTAGE_BACKOFF_FIRST_S: Final = 0.1
 OUTAGE_BACKOFF_CAP_S: Final = 2.0
 # On leaving open_redis_session_store, how long to try writing what is still pending.
@@ -221,11 +223,11 @@ class InMemorySessionStore:
 class RedisSessionStore:
     """A :class:`SessionStore` in Redis (module docstring). Made by :func:`open_redis_session_store`."""
 
-    def __init__(self, client: Redis, *, prefix: str, ttl_s: float) -> None:
+    def __init__(self, client: RedisClient, *, prefix: str, ttl_s: float) -> None:
         self._client = client
         self._prefix = prefix
         self._ttl_ms = max(1, math.ceil(ttl_s * 1000))
-        self._script = client.register_script(_WRITE_BATCH_LUA)
+        self._script = Script(_WRITE_BATCH_LUA)
         self._pending: dict[int, _Change] = {}
         self._in_flight: dict[int, _Change] = {}
         self._changed = trio.Event()  # set while something is pending
@@ -293,7 +295,7 @@ class RedisSessionStore:
                 attempts = self._write_attempts
                 try:
                     stored = await self._read(shard_id)
-                except (RedisError, OSError) as exc:
+                except RedisError as exc:
                     logger.warning(
                         "session_store.load_failed", extra={"shard_id": shard_id, "error": repr(exc)}
                     )
@@ -319,11 +321,15 @@ class RedisSessionStore:
         return False
 
     async def _read(self, shard_id: int) -> StoredSession | None:
-        values = await trio_asyncio.aio_as_trio(self._hmget)(self.key(shard_id))
+        values = await self._client.execute("HMGET", self.key(shard_id), *_FIELDS)
+        if not isinstance(values, list) or not all(
+            value is None or isinstance(value, bytes) for value in values
+        ):
+            raise RespProtocolError(f"HMGET answered {type(values).__name__}")
         if all(value is None for value in values):
             return None
         try:
-            text = [value.decode() for value in values if value is not None]
+            text = [value.decode() for value in values if isinstance(value, bytes)]
             if len(text) != len(_FIELDS):
                 raise ValueError(f"some of the fields {_FIELDS} are missing")
             return StoredSession(text[0], int(text[1]), text[2], int(text[3]))
@@ -333,9 +339,6 @@ class RedisSessionStore:
                 extra={"shard_id": shard_id, "key": self.key(shard_id), "error": repr(exc)},
             )
             return None
-
-    async def _hmget(self, key: str) -> list[bytes | None]:  # asyncio-flavoured
-        return cast(list[bytes | None], await self._client.hmget(key, _FIELDS))
 
     async def serve_flusher(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write pending changes in batches, forever; run by :func:`open_redis_session_store`."""
@@ -364,11 +367,11 @@ class RedisSessionStore:
         written = False
         try:
             with trio.move_on_after(WRITE_TIMEOUT_S) as scope:
-                await trio_asyncio.aio_as_trio(self._run_script)(*self._script_arguments(batch))
+                await self._script(self._client, *self._script_arguments(batch))
                 written = True
             if scope.cancelled_caught:
                 self._note_failure(TimeoutError(f"no answer in {WRITE_TIMEOUT_S} s"), len(batch))
-        except (RedisError, OSError) as exc:
+        except RedisError as exc:
             self._note_failure(exc, len(batch))
         finally:
             self._in_flight = {}
@@ -406,9 +409,6 @@ class RedisSessionStore:
                 args += [session.resume_url, str(session.shard_count)]
         return keys, args
 
-    async def _run_script(self, keys: list[str], args: list[str]) -> None:  # asyncio-flavoured
-        await self._script(keys=keys, args=args)
-
     def _note_failure(self, exc: BaseException, shards: int) -> None:
         self._batches_failed += 1
         if self._outage_started_at is None:
@@ -423,23 +423,18 @@ class RedisSessionStore:
 
 async def stored_session_shards(url: str, prefix: str, shard_ids: Sequence[int]) -> frozenset[int]:
     """Which of `shard_ids` have a session in the Redis store (a start will RESUME them, spending no
-    IDENTIFY budget). Empty, with a warning, when Redis cannot be read within LOAD_TIMEOUT_S: then every
-    shard counts as one that identifies. Needs a running trio-asyncio loop."""
-    require_trio_asyncio_loop("stored_session_shards")
+    IDENTIFY budget): one pipeline of EXISTS. Empty, with a warning, when Redis cannot be read within
+    LOAD_TIMEOUT_S: then every shard counts as one that identifies."""
     keys = [session_key(prefix, shard_id) for shard_id in shard_ids]
-    async with open_redis_client(url, pool_size=1, pool_timeout_s=LOAD_TIMEOUT_S) as client:
-
-        async def exists() -> list[int]:  # asyncio-flavoured
-            async with client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.exists(key)
-                return cast(list[int], await pipe.execute())
-
+    if not keys:
+        return frozenset()
+    async with open_redis_client(url, timeout_s=LOAD_TIMEOUT_S, max_connections=1) as client:
         try:
-            with trio.fail_after(LOAD_TIMEOUT_S):
-                found = await trio_asyncio.aio_as_trio(exists)()
-        except (RedisError, OSError, trio.TooSlowError) as exc:
-            logger.warning("session_store.count_failed", extra={"error": repr(exc)})
+            found = await client.pipeline([("EXISTS", key) for key in keys], key=keys[0])
+            if not all(isinstance(count, int) for count in found):
+                raise RespProtocolError(f"EXISTS answered {found[:3]!r}")
+        except RedisError as exc:
+            logger.warning("session_store.count_failed", extra={"error": str(exc)})
             return frozenset()
     return frozenset(shard_id for shard_id, count in zip(shard_ids, found, strict=True) if count)
 
@@ -454,19 +449,22 @@ async def open_redis_session_store(
 ) -> AsyncIterator[RedisSessionStore]:
     """A Redis-backed :class:`SessionStore` whose flusher task lives as long as the ``async with``.
 
-    Needs a running trio-asyncio loop (``async with trio_asyncio.open_loop():`` around the caller). Doesn't
-    connect up front: Redis may be down when the worker starts. On exit, tries for
-    :data:`CLOSE_FLUSH_TIMEOUT_S` to write what is pending (also when cancelled) and logs what it couldn't.
+    ``url`` is any URL ``ratelimit.redis_url`` reads (TLS, ACL, unix, Cluster); a URL it cannot use raises
+    :class:`SessionStoreError`. Doesn't connect up front: Redis may be down when the worker starts. On exit,
+    tries for :data:`CLOSE_FLUSH_TIMEOUT_S` to write what is pending (also when cancelled) and logs what it
+    couldn't.
     """
-    require_trio_asyncio_loop("open_redis_session_store")
     if not is_hash_tag(prefix):
         raise SessionStoreError(f"SHARD_STORE_PREFIX must be non-empty and without braces, not {prefix!r}")
     if not ttl_s > 0 or pool_size < 1:
         raise SessionStoreError(f"need ttl_s > 0 and pool_size >= 1, not {ttl_s}, {pool_size}")
-    async with (
-        open_redis_client(url, pool_size=pool_size, pool_timeout_s=LOAD_TIMEOUT_S) as client,
-        trio.open_nursery() as nursery,
-    ):
+    try:  # one attempt (connecting included) may take as long as a load may wait
+        client = RedisClient.from_url(
+            url, timeout_s=LOAD_TIMEOUT_S, max_connections=pool_size, retries=CLIENT_RETRIES
+        )
+    except (ValueError, OSError) as exc:
+        raise SessionStoreError(f"REDIS_URL cannot be used: {exc}") from exc
+    async with client.closing(), trio.open_nursery() as nursery:
         store = RedisSessionStore(client, prefix=prefix, ttl_s=ttl_s)
         await nursery.start(store.serve_flusher)
         try:

@@ -20,6 +20,8 @@ from typing import Any, Final, get_args
 
 import orjson
 
+from ratelimit.redis_url import RedisAddress
+
 from .errors import ConfigError
 from .logs import redact_url
 
@@ -261,6 +263,19 @@ def url_parser(schemes: tuple[str, ...], example: str) -> Callable[[str, str], s
         return url
 
     return parse
+
+
+def parse_redis_url(key: str, text: str) -> str:
+    """A URL the Redis client can use (ratelimit.redis_url): its scheme, its query parameters, and for
+    rediss:// TLS files that can be read, so that `--check-config` catches what would fail at start."""
+    url = url_parser(("redis", "rediss", "unix"), "redis://127.0.0.1:6379")(key, text)
+    try:
+        address = RedisAddress.parse(url)
+        if address.tls is not None:
+            address.tls.context()
+    except ValueError as exc:  # the messages never hold the password
+        raise ConfigError(key, str(exc)) from None
+    return url
 
 
 def parse_auto_shard_count(key: str, text: str) -> int | None:

@@ -45,6 +45,7 @@ from .setting_formats import (
     parse_intents,
     parse_optional_address,
     parse_presence,
+    parse_redis_url,
     parse_secret,
     parse_shard_ids,
     parse_token,
@@ -285,7 +286,7 @@ class Settings:
     redis_url: str = setting(
         "redis://127.0.0.1:6379",
         "REDIS_URL",
-        url_parser(("redis", "rediss", "unix"), "redis://127.0.0.1:6379"),
+        parse_redis_url,
         "Redis",
         secret="url",
     )

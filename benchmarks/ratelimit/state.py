@@ -24,7 +24,8 @@ from benchmarks.ratelimit.client import backend_spec
 from benchmarks.ratelimit.settings import Backend
 from benchmarks.ratelimit.workloads import EngineSpec
 from ratelimit.configured import open_backend
-from ratelimit.resp import RedisConnectionError, RedisReplyError, RespClient
+from ratelimit.redis_client import RedisClient
+from ratelimit.resp import RedisConnectionError, RedisReplyError
 from ratelimit.shm import ShmBackend
 
 #: Redis keys are deleted in batches of this many.
@@ -52,7 +53,7 @@ async def open_engine_state(
     if redis_url is None:
         raise BenchmarkError("no Redis to run on")
     engine = EngineSpec("redis", global_rate, redis_prefix=run_id)
-    client = RespClient.from_url(redis_url, timeout_s=5.0)
+    client = RedisClient.from_url(redis_url, timeout_s=5.0)
     try:
         try:
             await client.execute("PING")
@@ -67,7 +68,7 @@ async def open_engine_state(
         await client.aclose()
 
 
-async def delete_prefix(client: RespClient, pattern: str) -> int:
+async def delete_prefix(client: RedisClient, pattern: str) -> int:
     """Delete every key matching `pattern` (SCAN, then DEL in batches); how many."""
     cursor = b"0"
     deleted = 0
@@ -101,7 +102,7 @@ async def open_redis_server(log_dir: Path) -> AsyncIterator[tuple[str, str]]:
 
 async def wait_redis_ready(url: str, child: ChildProcess) -> str:
     """Poll until the server answers INFO; its version."""
-    client = RespClient.from_url(url, timeout_s=1.0)
+    client = RedisClient.from_url(url, timeout_s=1.0)
     try:
         with trio.move_on_after(REDIS_START_TIMEOUT_S):
             while True:

@@ -1,4 +1,5 @@
-"""Helpers for the REST proxy tests: the simulator with a proxy on it, and a Python AMQP RPC client.
+"""Helpers for the REST proxy tests: the simulator with a proxy on it, a worker process serving the proxy,
+and a Python AMQP RPC client.
 
 The client is aio-pika on trio-asyncio (the test side only; the proxy under test uses the worker's own
 bridge), shaped like `@spectacles/brokers`' `call`: an exclusive server-named callback queue, a fresh
@@ -9,23 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import httpx
 import msgpack
 import trio
 import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 
+from benchmarks.children import stop_process
 from benchmarks.simulator import DEFAULT_TOKEN
 from ratelimit.backend import LocalBackend
 from ratelimit.engine import Ratelimiter
 from ratelimit.proxy import RestProxy, open_rest_proxy
-from tests.simulator.rest_helpers import RestHarness, rest_harness
+from tests.simulator.rest_helpers import AUTH, RestHarness, rest_harness
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/")
 
@@ -49,6 +54,34 @@ async def proxy_stack(*, timeout_s: float = 10.0, **rest: Any) -> AsyncIterator[
             limiter, api_url=harness.sim.addresses.rest_url, timeout_s=timeout_s, bot_token=DEFAULT_TOKEN
         ) as proxy:
             yield ProxyStack(harness, limiter, proxy)
+
+
+@asynccontextmanager
+async def running_worker(env: Mapping[str, str], log_path: Path) -> AsyncIterator[trio.Process]:
+    """`python -m workers` for shard 0 of 1 with `env`, its stderr in `log_path`; stopped on exit (SIGTERM,
+    then SIGKILL after 15 s)."""
+    with open(log_path, "wb") as log:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "workers", "--shard-ids", "0", "--shard-count", "1"], env=env, stderr=log
+        )
+        try:
+            yield process
+        finally:
+            await stop_process(process, grace_s=15)
+
+
+async def wait_for_http_front(base_url: str, process: trio.Process, log_path: Path) -> httpx.Response:
+    """Poll `GET /users/@me` through the proxy's HTTP front until it answers (200) while the worker lives."""
+    async with httpx.AsyncClient(base_url=base_url) as client:
+        while True:
+            try:
+                me = await client.get("/users/@me", headers=AUTH)
+            except httpx.ConnectError:
+                assert process.returncode is None, await trio.Path(log_path).read_text()
+                await trio.sleep(0.1)
+                continue
+            assert me.status_code == 200, me.text
+            return me
 
 
 def unique_group() -> str:

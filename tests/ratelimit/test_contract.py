@@ -20,7 +20,7 @@ from ratelimit.global_limit import DEFAULT_JITTER_MARGIN_S, SLACK
 from ratelimit.invalid import TOKEN_REVOKED, WEBHOOK_DEAD
 from ratelimit.model import INVALID_BUDGET, Ask, EngineConfig, Outcome
 from ratelimit.redis_backend import RedisBackend
-from ratelimit.resp import RespClient
+from ratelimit.redis_client import RedisClient
 from ratelimit.shm import ShmBackend
 from tests.ratelimit.contract import (
     ASK,
@@ -39,7 +39,7 @@ REDIS_URL = "redis://127.0.0.1:6379"
 
 
 async def _drop_prefix(prefix: str) -> None:
-    redis = RespClient.from_url(REDIS_URL)
+    redis = RedisClient.from_url(REDIS_URL)
     try:
         keys = await redis.execute("KEYS", f"{{{prefix}}}:*")
         if isinstance(keys, list) and keys:

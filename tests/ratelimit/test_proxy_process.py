@@ -4,19 +4,22 @@ SIGTERM stops the worker cleanly."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import httpx
 import orjson
 import trio
 
-from benchmarks.children import free_port, stop_process, worker_env
+from benchmarks.children import free_port, worker_env
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, RestConfig, SimulatorConfig, open_simulator
 from ratelimit.configured import engine_config, shm_segment_name
 from ratelimit.shm import ShmBackend
-from tests.ratelimit.proxy_helpers import AMQP_URL, open_rpc_client, unique_group
-from tests.simulator.rest_helpers import AUTH
+from tests.ratelimit.proxy_helpers import (
+    AMQP_URL,
+    open_rpc_client,
+    running_worker,
+    unique_group,
+    wait_for_http_front,
+)
 from workers.amqp_bridge import open_amqp
 
 
@@ -52,23 +55,11 @@ async def test_worker_serves_the_proxy_over_amqp_and_http(tmp_path: Path) -> Non
                 TIMEOUT="10s",
             )
             log_path = tmp_path / "worker.log"
-            with open(log_path, "wb") as log:
-                process = await trio.lowlevel.open_process(
-                    [sys.executable, "-m", "workers", "--shard-ids", "0", "--shard-count", "1"],
-                    env=env,
-                    stderr=log,
-                )
-                try:
-                    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/api/v10") as client:
-                        while True:  # the RPC front is subscribed before the HTTP front listens
-                            try:
-                                me = await client.get("/users/@me", headers=AUTH)
-                                break
-                            except httpx.ConnectError:
-                                assert process.returncode is None, log_path.read_text()
-                                await trio.sleep(0.1)
-                        assert me.status_code == 200
-                        assert me.json()["username"] == "simulator-bot"
+            try:
+                async with running_worker(env, log_path) as process:
+                    # The RPC front is subscribed before the HTTP front listens.
+                    me = await wait_for_http_front(f"http://127.0.0.1:{port}/api/v10", process, log_path)
+                    assert me.json()["username"] == "simulator-bot"
                     async with open_rpc_client(rest_group) as rpc:
                         reply = await rpc.call(
                             {
@@ -80,11 +71,10 @@ async def test_worker_serves_the_proxy_over_amqp_and_http(tmp_path: Path) -> Non
                     assert reply["status"] == 0, reply
                     assert reply["body"]["status"] == 200
                     assert orjson.loads(reply["body"]["body"])["content"] == "via amqp"
-                finally:
-                    await stop_process(process, grace_s=15)
-                    async with open_amqp(AMQP_URL) as amqp:
-                        for queue in (f"{rest_group}:REQUEST", f"{gateway_group}:SEND", f"{gateway_group}:0"):
-                            await amqp.delete_queue(queue)
+            finally:
+                async with open_amqp(AMQP_URL) as amqp:
+                    for queue in (f"{rest_group}:REQUEST", f"{gateway_group}:SEND", f"{gateway_group}:0"):
+                        await amqp.delete_queue(queue)
             ledger = sim.rest.ledger.snapshot()
             # The worker joined the segment (it did not make one of its own): its records are in ours.
             assert segment.statistics().slots_used > 0

@@ -38,15 +38,14 @@ from ratelimit.global_limit import SLACK
 from ratelimit.invalid import INVALID_WEBHOOK_TOKEN, TOKEN_REVOKED, UNKNOWN_WEBHOOK, WEBHOOK_DEAD
 from ratelimit.model import INVALID_BUDGET, Ask, EngineConfig, Outcome, Permit, Refusal, Wait
 from ratelimit.redis_backend import RedisBackend, open_redis_backend
+from ratelimit.redis_client import RedisClient, Script
+from ratelimit.redis_url import RedisAddress
 from ratelimit.resp import (
-    RedisAddress,
+    Incomplete,
     RedisConnectionError,
     RedisReplyError,
     Reply,
-    RespClient,
     RespProtocolError,
-    Script,
-    _Incomplete,
     encode_command,
     parse_reply,
 )
@@ -104,7 +103,7 @@ def assert_same(expected: Result, actual: Result) -> None:
         assert actual == expected
 
 
-async def delete_prefix(client: RespClient, prefix: str) -> None:
+async def delete_prefix(client: RedisClient, prefix: str) -> None:
     cursor: Reply = b"0"
     while True:
         assert isinstance(cursor, bytes)
@@ -119,8 +118,8 @@ async def delete_prefix(client: RespClient, prefix: str) -> None:
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[RespClient]:
-    client = RespClient.from_url(REDIS_URL, timeout_s=5.0)
+async def redis() -> AsyncIterator[RedisClient]:
+    client = RedisClient.from_url(REDIS_URL, timeout_s=5.0)
     try:
         yield client
     finally:
@@ -128,7 +127,7 @@ async def redis() -> AsyncIterator[RespClient]:
 
 
 @pytest.fixture
-async def prefix(redis: RespClient) -> AsyncIterator[str]:
+async def prefix(redis: RedisClient) -> AsyncIterator[str]:
     prefix = f"test-rl-{secrets.token_hex(6)}"
     try:
         yield prefix
@@ -235,7 +234,7 @@ def test_parse_every_reply_type() -> None:
 
 @pytest.mark.parametrize("partial", [b"", b"+OK", b"$5\r\nab", b"$2\r\nab", b"*2\r\n:1\r\n", b":12"])
 def test_parse_incomplete_reply_asks_for_more(partial: bytes) -> None:
-    with pytest.raises(_Incomplete):
+    with pytest.raises(Incomplete):
         parse_reply(partial)
 
 
@@ -266,13 +265,13 @@ def test_url_parsing_hides_the_password() -> None:
     assert address.redacted() == "redis://alice:***@redis.example:6380/3"
     assert RedisAddress.parse("redis://:pw@h").redacted() == "redis://:***@h:6379/0"
     assert RedisAddress.parse("redis://127.0.0.1") == RedisAddress("127.0.0.1", 6379, 0)
-    for url in ("rediss://:hunter2@h:6380/0", "redis://:hunter2@h:port/0", "redis://:hunter2@h/x"):
+    for url in ("http://:hunter2@h:6380/0", "redis://:hunter2@h:port/0", "redis://:hunter2@h/x"):
         with pytest.raises(ValueError, match="redis://") as caught:
             RedisAddress.parse(url)
         assert "hunter2" not in str(caught.value)
 
 
-async def test_client_round_trips_every_reply_type(redis: RespClient, prefix: str) -> None:
+async def test_client_round_trips_every_reply_type(redis: RedisClient, prefix: str) -> None:
     key = f"{{{prefix}}}:k"
     with trio.fail_after(5):
         assert await redis.execute("PING") == "PONG"
@@ -296,7 +295,7 @@ async def test_client_round_trips_every_reply_type(redis: RespClient, prefix: st
 
 
 async def test_client_selects_the_database_of_the_url() -> None:
-    client = RespClient.from_url("redis://127.0.0.1:6379/3")
+    client = RedisClient.from_url("redis://127.0.0.1:6379/3")
     with trio.fail_after(5):
         info = await client.execute("CLIENT", "INFO")
         await client.aclose()
@@ -306,7 +305,7 @@ async def test_client_selects_the_database_of_the_url() -> None:
 @pytest.mark.parametrize("login", [":s3cret-Pa55word", "nobody:s3cret-Pa55word"])
 async def test_auth_failure_names_no_password(login: str, prefix: str) -> None:
     url = f"redis://{login}@127.0.0.1:6379/0"
-    client = RespClient.from_url(url)
+    client = RedisClient.from_url(url)
     with trio.fail_after(5), pytest.raises(RedisConnectionError) as caught:
         await client.execute("PING")
     assert "refused AUTH" in str(caught.value)
@@ -319,7 +318,7 @@ async def test_auth_failure_names_no_password(login: str, prefix: str) -> None:
     assert "***" in str(unavailable.value)
 
 
-async def test_script_reloads_after_noscript(redis: RespClient) -> None:
+async def test_script_reloads_after_noscript(redis: RedisClient) -> None:
     script = Script(f"return 'loaded-{secrets.token_hex(4)}'")
     with trio.fail_after(5):
         assert await script(redis, [], []) == script.source[8:-1]
@@ -331,7 +330,7 @@ async def test_script_reloads_after_noscript(redis: RespClient) -> None:
         assert script.reloads == 2
 
 
-async def test_backend_survives_a_script_flush(redis: RespClient, prefix: str) -> None:
+async def test_backend_survives_a_script_flush(redis: RedisClient, prefix: str) -> None:
     ask = Ask("t", "GET /a", "1", exempt=True)
     with trio.fail_after(5):
         async with open_redis_backend(REDIS_URL, FAST, prefix=prefix) as backend:
@@ -386,8 +385,8 @@ async def test_a_foreign_server_is_a_protocol_error(prefix: str) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_client_reconnects_after_its_connection_dies(redis: RespClient) -> None:
-    client = RespClient.from_url(REDIS_URL)
+async def test_client_reconnects_after_its_connection_dies(redis: RedisClient) -> None:
+    client = RedisClient.from_url(REDIS_URL)
     with trio.fail_after(5):
         client_id = await client.execute("CLIENT", "ID")
         await redis.execute("CLIENT", "KILL", "ID", str(client_id))
@@ -398,8 +397,8 @@ async def test_client_reconnects_after_its_connection_dies(redis: RespClient) ->
     assert client.connects == 2
 
 
-async def test_cancelled_command_drops_its_connection(redis: RespClient) -> None:
-    client = RespClient.from_url(REDIS_URL)
+async def test_cancelled_command_drops_its_connection(redis: RedisClient) -> None:
+    client = RedisClient.from_url(REDIS_URL)
     with trio.fail_after(5):
         with trio.move_on_after(0.05):
             await client.execute("BLPOP", f"nothing-{secrets.token_hex(4)}", 0.3)
@@ -678,7 +677,7 @@ async def test_max_in_flight(twin_factory: Callable[..., Twin]) -> None:
     await twin.at(START + 11).acquire(A)
 
 
-async def test_redis_time_mode(redis: RespClient, prefix: str) -> None:
+async def test_redis_time_mode(redis: RedisClient, prefix: str) -> None:
     config = replace(FAST, idle_ttl_s=30.0)
     with trio.fail_after(5):
         async with open_redis_backend(REDIS_URL, config, prefix=prefix) as backend:
@@ -821,7 +820,7 @@ class Differential(RuleBasedStateMachine):
             trio.from_thread.run(self._cleanup)
 
     async def _cleanup(self) -> None:
-        client = RespClient.from_url(REDIS_URL, timeout_s=5.0)
+        client = RedisClient.from_url(REDIS_URL, timeout_s=5.0)
         await delete_prefix(client, self.prefix)
         await client.aclose()
 

@@ -122,6 +122,8 @@ INVALID: list[tuple[str, str]] = [
     ("SHARD_STORE_TYPE", "etcd"),
     ("SHARD_STORE_PREFIX", "a b"),
     ("REDIS_URL", "127.0.0.1:6379"),
+    ("REDIS_URL", "redis://r/0?ssl_ca_cert=/ca.pem"),
+    ("REDIS_URL", "rediss://r/0?ssl_ca_certs=/nonexistent/ca.pem"),
     ("REDIS_POOL_SIZE", "0"),
     ("RATELIMIT_BACKEND", "memory"),
     ("RATELIMIT_SHM_DIR", "relative/dir"),
@@ -226,7 +228,11 @@ def test_token_errors_never_echo_the_token() -> None:
 
 
 def test_url_errors_never_echo_the_password() -> None:
-    for env, url in [("AMQP_URL", "http://user:hunter2@rabbit/"), ("REDIS_URL", "redis://:hunter2@r:x/")]:
+    for env, url in [
+        ("AMQP_URL", "http://user:hunter2@rabbit/"),
+        ("REDIS_URL", "redis://:hunter2@r:x/"),
+        ("REDIS_URL", "rediss://:hunter2@r/0?ssl_ca_certs=/nonexistent/ca.pem"),
+    ]:
         with pytest.raises(ConfigError) as caught:
             load_settings([], {env: url})
         assert "hunter2" not in str(caught.value)

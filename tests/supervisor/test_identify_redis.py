@@ -22,10 +22,9 @@ from typing import Any
 
 import pytest
 import trio
-import trio_asyncio
-from redis.asyncio import Redis
 
 from benchmarks.children import free_port
+from ratelimit.redis_client import RedisClient, Script
 from supervisor.identify_redis import (
     _GRANT_LUA,
     RedisIdentifyGate,
@@ -55,14 +54,13 @@ class Probe(RedisProbe):
 
 
 @pytest.fixture
-async def probe(aio_loop: None) -> AsyncIterator[Probe]:
-    client = Redis.from_url(REDIS_URL)
-    probe = Probe(client, f"test-identify-{secrets.token_hex(6)}")
-    try:
-        yield probe
-    finally:
-        await probe.cleanup()
-        await trio_asyncio.aio_as_trio(client.aclose)()
+async def probe() -> AsyncIterator[Probe]:
+    async with RedisClient.from_url(REDIS_URL, timeout_s=5.0).closing() as client:
+        probe = Probe(client, f"test-identify-{secrets.token_hex(6)}")
+        try:
+            yield probe
+        finally:
+            await probe.cleanup()
 
 
 Grant = tuple[float, str, int]  # (trio time, gate name, shard id)
@@ -119,10 +117,10 @@ async def test_a_grant_is_a_key_with_the_interval_as_px(probe: Probe) -> None:
             await gate_protocol.wait_for_permit(7)  # key 3
             key = identify_key(probe.prefix, 3)
             assert key == f"{{{probe.prefix}}}:identify:3"
-            assert 400 < await probe.call("pttl", key) <= 500
-            owner: bytes = await probe.call("get", key)
+            assert 400 < await probe.call("PTTL", key) <= 500
+            owner: bytes = await probe.call("GET", key)
             assert owner.decode().startswith(f"{socket.gethostname()}:")
-            assert await probe.call("exists", identify_key(probe.prefix, 0)) == 0
+            assert await probe.call("EXISTS", identify_key(probe.prefix, 0)) == 0
             stats = gate.statistics()
             assert (stats.granted, stats.waiting, stats.redis_calls, stats.redis_available) == (1, 0, 1, True)
 
@@ -138,7 +136,7 @@ async def test_two_gates_share_one_schedule_per_key(probe: Probe) -> None:
                     nursery.start_soon(permit, b, "b", shard_id, grants)
             calls = (a.statistics().redis_calls, b.statistics().redis_calls)
             marker = f"marker-{probe.prefix}"
-            await probe.call("echo", marker)
+            await probe.call("ECHO", marker)
             monitor_lines = await monitor.read_until(marker)
     assert len(grants) == 16
     assert_spaced(grants, 2, interval)
@@ -203,7 +201,7 @@ async def test_budget_is_shared_and_spent_in_key_order(probe: Probe) -> None:
                 await a.set_budget(2, reset_after_s=100.0)
                 await trio.sleep(0.2)
                 assert sorted(shard_id for _, _, shard_id in grants) == [4, 5]
-                assert await probe.call("get", budget_key(probe.prefix)) == b"0"
+                assert await probe.call("GET", budget_key(probe.prefix)) == b"0"
                 assert a.statistics().budget_remaining == 0
                 with trio.move_on_after(0.3) as scope:
                     await b.wait_for_permit(
@@ -225,7 +223,7 @@ async def test_budget_reserve_and_reset(probe: Probe) -> None:
             waited = trio.current_time() - start
             assert 0.4 - SLACK_S <= waited < 0.4 + 0.15
             assert gate.statistics().budget_remaining is None  # unknown after the reset
-            assert await probe.call("exists", budget_key(probe.prefix)) == 0
+            assert await probe.call("EXISTS", budget_key(probe.prefix)) == 0
 
 
 # -- cancellation --------------------------------------------------------------------------------------------
@@ -237,11 +235,11 @@ async def test_cancelled_waiter_consumes_nothing(probe: Probe) -> None:
     with trio.fail_after(10):
         async with probe.gate(1, interval) as a, probe.gate(1, interval) as b:
             await permit(a, "a", 0, grants)
-            owner = await probe.call("get", key)
+            owner = await probe.call("GET", key)
             with trio.move_on_after(0.1) as scope:
                 await a.wait_for_permit(1)  # the head, waiting for the key
             assert scope.cancelled_caught
-            assert await probe.call("get", key) == owner
+            assert await probe.call("GET", key) == owner
             await permit(b, "b", 2, grants)
             stats = a.statistics()
     # Shard 1 took nothing: the next grant comes one interval after shard 0's, not two.
@@ -315,7 +313,7 @@ async def test_closing_wakes_waiters(probe: Probe) -> None:
 
 
 async def test_redis_refusing_connections_falls_back_to_local_grants(
-    aio_loop: None, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     interval, grants = 0.3, list[Grant]()
@@ -359,8 +357,8 @@ async def test_outage_then_recovery(probe: Probe, caplog: pytest.LogCaptureFixtu
                 assert (
                     trio.current_time() < grants[1][0] + interval - 0.1
                 )  # (else the check below proves nothing)
-                assert await probe.call("pttl", key) > 0
-                assert await probe.call("get", budget_key(probe.prefix)) == b"8"  # one Redis, one local grant
+                assert await probe.call("PTTL", key) > 0
+                assert await probe.call("GET", budget_key(probe.prefix)) == b"8"  # one Redis, one local grant
                 await permit(b, "b", 2, grants)
                 await permit(a, "a", 3, grants)
             nursery.cancel_scope.cancel()
@@ -374,29 +372,21 @@ async def test_outage_then_recovery(probe: Probe, caplog: pytest.LogCaptureFixtu
 
 
 async def test_script_recognises_its_own_grant_when_retried(probe: Probe) -> None:
-    script = probe.client.register_script(_GRANT_LUA)
+    script = Script(_GRANT_LUA)
     keys = [budget_key(probe.prefix), identify_key(probe.prefix, 0), identify_key(probe.prefix, 1)]
 
     async def run(owner: str) -> list[int]:
-        async def call() -> list[int]:
-            result: list[int] = await script(keys=keys, args=[owner, "5000", "0"])
-            return result
+        with trio.fail_after(5):
+            result = await script(probe.client, keys, [owner, "5000", "0"])
+        assert isinstance(result, list)
+        return [value for value in result if isinstance(value, int)]
 
-        result: list[int] = await trio_asyncio.aio_as_trio(call)()
-        return result
-
-    await probe.call("set", budget_key(probe.prefix), 5, px=100_000)
+    await probe.call("SET", budget_key(probe.prefix), 5, "PX", 100_000)
     first = await run("host:1:abc:1")
     assert first[0] == 3 and 99_000 < first[1] <= 100_000 and first[2:] == [0, 0]
     assert (await run("host:1:abc:1"))[0::2] == [3, 0]  # the same call again: still granted, no budget spent
     other = await run("host:1:abc:2")
     assert other[0] == 3 and all(4_900 < wait <= 5_000 for wait in other[2:])
-
-
-async def test_needs_a_trio_asyncio_loop() -> None:
-    with pytest.raises(RuntimeError, match=r"trio_asyncio\.open_loop"):
-        async with open_redis_identify_gate(REDIS_URL, prefix="p", max_concurrency=1):
-            pass
 
 
 @pytest.mark.parametrize(
@@ -411,7 +401,7 @@ async def test_needs_a_trio_asyncio_loop() -> None:
         ({"pool_size": 0}, "pool_size"),
     ],
 )
-async def test_bad_arguments(aio_loop: None, arguments: dict[str, Any], message: str) -> None:
+async def test_bad_arguments(arguments: dict[str, Any], message: str) -> None:
     kwargs: dict[str, Any] = {"prefix": "p", "max_concurrency": 1, **arguments}
     with pytest.raises(ValueError, match=message):
         async with open_redis_identify_gate(REDIS_URL, **kwargs):

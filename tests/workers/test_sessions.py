@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import trio
-import trio_asyncio
-from redis.asyncio import Redis
 
 from benchmarks.children import free_port
+from ratelimit.redis_client import RedisClient
+from ratelimit.resp import Reply
 from workers.errors import SessionStoreError
 from workers.sessions import (
     LOAD_TIMEOUT_S,
@@ -40,29 +40,25 @@ B1 = StoredSession("session-b", 3, "wss://resume-b.example", 16)
 
 
 class Probe:
-    """Direct access to the shared Redis, to check what the store wrote (asyncio client via trio-asyncio)."""
+    """Direct access to a Redis (the shared one unless a test says otherwise), to check what was written."""
 
-    def __init__(self, client: Redis, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
 
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        async def run() -> Any:
-            return await getattr(self.client, method)(*args, **kwargs)
-
-        return await trio_asyncio.aio_as_trio(run)()
+    async def call(self, *command: Any) -> Any:
+        """One command, e.g. `call("PTTL", key)`; with a deadline, so that a hang fails fast."""
+        with trio.fail_after(5):
+            return await self.client.execute(*command)
 
     async def hash(self, shard_id: int) -> dict[bytes, bytes]:
-        result: dict[bytes, bytes] = await self.call("hgetall", session_key(self.prefix, shard_id))
-        return result
+        flat: list[Reply] = await self.call("HGETALL", session_key(self.prefix, shard_id))
+        return {bytes(k): bytes(v) for k, v in zip(flat[0::2], flat[1::2], strict=True)}  # type: ignore[arg-type]
 
     async def cleanup(self) -> None:
-        async def run() -> None:
-            keys = [key async for key in self.client.scan_iter(match=f"{{{self.prefix}}}:*")]
-            if keys:
-                await self.client.delete(*keys)
-
-        await trio_asyncio.aio_as_trio(run)()
+        keys = await self.call("KEYS", f"{{{self.prefix}}}:*")
+        if keys:
+            await self.call("DEL", *keys)
 
 
 @pytest.fixture
@@ -71,14 +67,13 @@ def prefix() -> str:
 
 
 @pytest.fixture
-async def probe(aio_loop: None, prefix: str) -> AsyncIterator[Probe]:
-    client = Redis.from_url(REDIS_URL)
-    probe = Probe(client, prefix)
-    try:
-        yield probe
-    finally:
-        await probe.cleanup()
-        await trio_asyncio.aio_as_trio(client.aclose)()
+async def probe(prefix: str) -> AsyncIterator[Probe]:
+    async with RedisClient.from_url(REDIS_URL, timeout_s=5.0).closing() as client:
+        probe = Probe(client, prefix)
+        try:
+            yield probe
+        finally:
+            await probe.cleanup()
 
 
 OpenStore = Callable[[], AbstractAsyncContextManager[SessionStore]]
@@ -205,11 +200,11 @@ async def test_ttl_is_set_and_refreshed_on_every_write(probe: Probe) -> None:
         async with open_redis_session_store(REDIS_URL, prefix=probe.prefix, ttl_s=600.0) as store:
             store.save(0, A1)
             await store.flush()
-            assert 595_000 < await probe.call("pttl", key) <= 600_000
-            await probe.call("pexpire", key, 5_000)
+            assert 595_000 < await probe.call("PTTL", key) <= 600_000
+            await probe.call("PEXPIRE", key, 5_000)
             store.save(0, A1)  # the same value again still refreshes the TTL
             await store.flush()
-            assert 595_000 < await probe.call("pttl", key) <= 600_000
+            assert 595_000 < await probe.call("PTTL", key) <= 600_000
 
 
 async def test_session_expires_after_ttl(probe: Probe) -> None:
@@ -273,7 +268,7 @@ async def test_saves_within_the_window_go_in_one_script_call(probe: Probe) -> No
                         await trio.sleep(0.002)
                 assert trio.current_time() - start < 0.08
                 await trio.sleep(0.3)  # past the window: written by the flusher, not by flush()
-                await probe.call("echo", marker)
+                await probe.call("ECHO", marker)
                 calls = script_calls(await monitor.read_until(marker), probe.prefix)
                 assert len(calls) == 1, calls
                 assert all(f'"{{{probe.prefix}}}:{shard}:session"' in calls[0] for shard in range(10))
@@ -283,7 +278,7 @@ async def test_saves_within_the_window_go_in_one_script_call(probe: Probe) -> No
                 await trio.sleep(0.25)
                 store.save(0, StoredSession("s", 1001, "wss://r", 10))
                 await store.flush()
-                await probe.call("echo", marker + "-2")
+                await probe.call("ECHO", marker + "-2")
                 assert len(script_calls(await monitor.read_until(marker + "-2"), probe.prefix)) == 2
         for shard_id in range(1, 10):
             assert (await probe.hash(shard_id))[b"seq"] == str(190 + shard_id).encode()
@@ -308,21 +303,22 @@ async def test_more_concurrent_loads_than_connections(probe: Probe) -> None:
 
 
 async def test_unreadable_hash_loads_as_none(probe: Probe, caplog: pytest.LogCaptureFixture) -> None:
-    await probe.call("hset", session_key(probe.prefix, 0), mapping={"session_id": "x", "seq": "not a number"})
+    await probe.call("HSET", session_key(probe.prefix, 0), "session_id", "x", "seq", "not a number")
     with trio.fail_after(5):
         async with open_redis_session_store(REDIS_URL, prefix=probe.prefix) as store:
             assert await store.load(0) is None
     assert any(record.message == "session_store.unreadable" for record in caplog.records)
 
 
-async def test_needs_a_trio_asyncio_loop() -> None:
-    with pytest.raises(RuntimeError, match=r"trio_asyncio\.open_loop"):
-        async with open_redis_session_store(REDIS_URL):
+async def test_a_url_it_cannot_use_is_a_session_store_error() -> None:
+    with pytest.raises(SessionStoreError, match=r"REDIS_URL.*ssl_ca_certs") as caught:
+        async with open_redis_session_store("redis://:hunter2@127.0.0.1/0?ssl_ca_certs=/ca.pem"):
             pass
+    assert "hunter2" not in str(caught.value)
 
 
 @pytest.mark.parametrize("bad_prefix", ["", "a{b", "a}b"])
-async def test_prefix_must_make_a_hash_tag(aio_loop: None, bad_prefix: str) -> None:
+async def test_prefix_must_make_a_hash_tag(bad_prefix: str) -> None:
     with pytest.raises(SessionStoreError, match="SHARD_STORE_PREFIX"):
         async with open_redis_session_store(REDIS_URL, prefix=bad_prefix):
             pass
@@ -341,7 +337,7 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> int:
     return sum(record.message == name for record in caplog.records)
 
 
-async def test_redis_refusing_connections(aio_loop: None, caplog: pytest.LogCaptureFixture) -> None:
+async def test_redis_refusing_connections(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="workers.sessions")
     with trio.fail_after(15):
         async with open_redis_session_store(f"redis://127.0.0.1:{free_port()}/0", prefix="unused") as store:
@@ -363,7 +359,7 @@ async def test_redis_refusing_connections(aio_loop: None, caplog: pytest.LogCapt
     assert vars(unwritten)["seqs"] == {"1": A2.seq, "2": None}  # what a restart cannot resume from
 
 
-async def test_redis_that_never_answers(aio_loop: None, caplog: pytest.LogCaptureFixture) -> None:
+async def test_redis_that_never_answers(caplog: pytest.LogCaptureFixture) -> None:
     accepted: list[trio.SocketStream] = []
 
     async def blackhole(stream: trio.SocketStream) -> None:
