@@ -37,9 +37,10 @@ investigated further because uvloop does not show it.
 
 Choice: **a dedicated uvloop thread (``uvloop-thread``, the default) with the frames path**: about 2-3x the
 10,000 ev/CPU-s target, consistently, and 5x the best per-event aio-pika path. ``uvloop`` is added to the
-project's dependencies for it. trio-asyncio stays available (``bridge="trio-asyncio"``) and is what the
-per-event path would have needed 6x more CPU on. What would go further: the anchor's pamqp-framed trio
-publisher (17.3k confirmed/s wall with a 500-message window on this machine, against 12k for plain uvloop
+project's dependencies for it. The trio-asyncio bridge measured above is retired (its import warns on
+Python 3.12+ and breaks on 3.14); the same thread, as `open_asyncio_thread`, carries any other asyncio code
+a process needs to run (the tests' plain aio-pika clients). What would go further: the anchor's
+pamqp-framed trio publisher (17.3k confirmed/s wall with a 500-message window on this machine, against 12k for plain uvloop
 aio-pika) would drop the thread hop and the GIL handoff, but reconnect, topology restore and consumers would
 then be ours to write.
 
@@ -63,7 +64,7 @@ publish fails at once with PublishError (checked before anything is sent), and a
 ``confirm_timeout_s`` for its confirms. Pending confirms fail when the connection drops (aiormq rejects every
 future of a closed channel). Once aio-pika has restored the channel, publishing works again.
 
-Threading: with a thread bridge the asyncio loop runs in its own daemon thread; ``_ThreadBridge.call`` runs a
+Threading: with a thread bridge the asyncio loop runs in its own daemon thread; ``AsyncioThread.call`` runs a
 coroutine there and parks the trio task (``wait_task_rescheduled``) until the asyncio task is done. Trio
 cancellation cancels the asyncio task and waits for it, so no asyncio work outlives the trio call. Deliveries
 come back through ``TrioToken.run_sync_soon``.
@@ -106,8 +107,8 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
-BridgeKind = Literal["uvloop-thread", "asyncio-thread", "trio-asyncio"]
-BRIDGES: Final[tuple[BridgeKind, ...]] = ("uvloop-thread", "asyncio-thread", "trio-asyncio")
+BridgeKind = Literal["uvloop-thread", "asyncio-thread"]
+BRIDGES: Final[tuple[BridgeKind, ...]] = ("uvloop-thread", "asyncio-thread")
 DEFAULT_BRIDGE: Final[BridgeKind] = "uvloop-thread"
 PublishMode = Literal["frames", "aio-pika"]
 
@@ -144,7 +145,7 @@ class _Bridge(Protocol):
         ...
 
 
-class _ThreadBridge:
+class AsyncioThread:
     def __init__(self, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken) -> None:
         self._loop = loop
         self._token = token
@@ -208,24 +209,8 @@ class _ThreadBridge:
         return result
 
 
-class _TrioAsyncioBridge:
-    """asyncio on trio-asyncio's loop, inside the trio thread (kept for the benchmark and as a fallback)."""
-
-    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
-        self._token = token
-
-    def to_trio(self, fn: Callable[[], object]) -> None:
-        self._token.run_sync_soon(fn)
-
-    async def call(self, fn: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        import trio_asyncio
-
-        result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
-        return result
-
-
 @asynccontextmanager
-async def _open_thread_bridge(use_uvloop: bool) -> AsyncIterator[_ThreadBridge]:
+async def open_asyncio_thread(use_uvloop: bool) -> AsyncIterator[AsyncioThread]:
     token = trio.lowlevel.current_trio_token()
     ready, finished = trio.Event(), trio.Event()
     state: dict[str, Any] = {}
@@ -258,7 +243,7 @@ async def _open_thread_bridge(use_uvloop: bool) -> AsyncIterator[_ThreadBridge]:
         await ready.wait()
         if "loop" not in state or finished.is_set():
             raise BridgeClosed("the asyncio thread failed to start") from state.get("error")
-        yield _ThreadBridge(state["loop"], token)
+        yield AsyncioThread(state["loop"], token)
     finally:
         with trio.CancelScope(shield=True):
             if "stop" in state:
@@ -281,13 +266,8 @@ async def _open_thread_bridge(use_uvloop: bool) -> AsyncIterator[_ThreadBridge]:
 
 @asynccontextmanager
 async def _open_bridge(kind: BridgeKind) -> AsyncIterator[_Bridge]:
-    if kind == "trio-asyncio":
-        import trio_asyncio
-
-        async with trio_asyncio.open_loop():
-            yield _TrioAsyncioBridge(trio.lowlevel.current_trio_token())
-    elif kind in ("uvloop-thread", "asyncio-thread"):
-        async with _open_thread_bridge(use_uvloop=kind == "uvloop-thread") as bridge:
+    if kind in ("uvloop-thread", "asyncio-thread"):
+        async with open_asyncio_thread(use_uvloop=kind == "uvloop-thread") as bridge:
             yield bridge
     else:
         raise ValueError(f"unknown bridge {kind!r}; expected one of {', '.join(BRIDGES)}")

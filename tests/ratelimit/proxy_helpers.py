@@ -1,8 +1,8 @@
 """Helpers for the REST proxy tests: the simulator with a proxy on it, a worker process serving the proxy,
 and a Python AMQP RPC client.
 
-The client is aio-pika on trio-asyncio (the test side only; the proxy under test uses the worker's own
-bridge), shaped like `@spectacles/brokers`' `call`: an exclusive server-named callback queue, a fresh
+The client is plain aio-pika on an asyncio thread (the test side only; the proxy under test uses the
+worker's own bridge), shaped like `@spectacles/brokers`' `call`: an exclusive server-named callback queue, a fresh
 correlation id per call, MessagePack bodies.
 """
 
@@ -22,7 +22,6 @@ import aio_pika
 import httpx
 import msgpack
 import trio
-import trio_asyncio
 from aio_pika.abc import AbstractIncomingMessage
 
 from benchmarks.children import stop_process
@@ -31,6 +30,7 @@ from ratelimit.backend import LocalBackend
 from ratelimit.engine import Ratelimiter
 from ratelimit.proxy import RestProxy, open_rest_proxy
 from tests.simulator.rest_helpers import AUTH, RestHarness, rest_harness
+from workers.amqp_bridge import AsyncioThread, open_asyncio_thread
 
 AMQP_URL = os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/")
 
@@ -89,10 +89,11 @@ def unique_group() -> str:
 
 
 class RpcClient:
-    """A small RPC caller; every method is a trio coroutine (the aio-pika work runs on trio-asyncio)."""
+    """A small RPC caller; every method is a trio coroutine (the aio-pika work runs on its asyncio thread)."""
 
-    def __init__(self, group: str) -> None:
+    def __init__(self, group: str, thread: AsyncioThread) -> None:
         self.group = group
+        self._thread = thread
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
@@ -138,7 +139,7 @@ class RpcClient:
 
     async def call_raw(self, body: bytes, *, correlation_id: str | None = None, timeout: float = 10.0) -> Any:
         """Publish `body` as a request and return the decoded reply."""
-        data = await trio_asyncio.aio_as_trio(self._call)(body, correlation_id or uuid.uuid4().hex, timeout)
+        data = await self._thread.call(self._call, body, correlation_id or uuid.uuid4().hex, timeout)
         return msgpack.unpackb(data, raw=False)
 
     async def call(self, request: Mapping[str, Any] | list[Any], **kwargs: Any) -> Any:
@@ -146,19 +147,19 @@ class RpcClient:
 
     async def publish(self, routing_key: str, body: bytes, *, correlation_id: str | None = None) -> None:
         """Publish without waiting for a reply (no reply_to)."""
-        await trio_asyncio.aio_as_trio(self._publish)(routing_key, body, correlation_id, False)
+        await self._thread.call(self._publish, routing_key, body, correlation_id, False)
 
     async def close(self) -> None:
         if self._connection is not None:
-            await trio_asyncio.aio_as_trio(self._connection.close)()
+            await self._thread.call(self._connection.close)
 
 
 @asynccontextmanager
 async def open_rpc_client(group: str) -> AsyncIterator[RpcClient]:
-    """A client on its own trio-asyncio loop, closed on exit."""
-    async with trio_asyncio.open_loop():
-        client = RpcClient(group)
-        await trio_asyncio.aio_as_trio(client._open)()
+    """A plain aio-pika client on an asyncio loop in a thread of its own, closed on exit."""
+    async with open_asyncio_thread(use_uvloop=False) as thread:
+        client = RpcClient(group, thread)
+        await thread.call(client._open)
         try:
             yield client
         finally:
