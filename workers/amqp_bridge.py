@@ -37,12 +37,12 @@ investigated further because uvloop does not show it.
 
 Choice: **a dedicated uvloop thread (``uvloop-thread``, the default) with the frames path**: about 2-3x the
 10,000 ev/CPU-s target, consistently, and 5x the best per-event aio-pika path. ``uvloop`` is added to the
-project's dependencies for it. The trio-asyncio bridge measured above is retired (its import warns on
-Python 3.12+ and breaks on 3.14); the same thread, as `open_asyncio_thread`, carries any other asyncio code
-a process needs to run (the tests' plain aio-pika clients). What would go further: the anchor's
-pamqp-framed trio publisher (17.3k confirmed/s wall with a 500-message window on this machine, against 12k for plain uvloop
-aio-pika) would drop the thread hop and the GIL handoff, but reconnect, topology restore and consumers would
-then be ours to write.
+project's dependencies for it. The trio-asyncio bridge measured above is retired (its import warns on Python
+3.12+ and breaks on 3.14); the same thread, as `open_asyncio_thread`, carries any other asyncio code a process
+needs to run (the tests' plain aio-pika clients). What would go further: the anchor's pamqp-framed trio
+publisher (17.3k confirmed/s wall with a 500-message window on this machine, against 12k for plain uvloop aio-
+pika) would drop the thread hop and the GIL handoff, but reconnect, topology restore and consumers would then
+be ours to write.
 
 Why not the obvious alternatives:
 - Per-event ``exchange.publish`` through any bridge spends most of its CPU in aio-pika/aiormq per-message

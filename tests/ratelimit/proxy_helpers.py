@@ -1,8 +1,8 @@
 """Helpers for the REST proxy tests: the simulator with a proxy on it, a worker process serving the proxy,
 and a Python AMQP RPC client.
 
-The client is plain aio-pika on an asyncio thread (the test side only; the proxy under test uses the
-worker's own bridge), shaped like `@spectacles/brokers`' `call`: an exclusive server-named callback queue, a fresh
+The client is plain aio-pika on an asyncio thread (the test side only; the proxy under test uses the worker's
+own bridge), shaped like `@spectacles/brokers`' `call`: an exclusive server-named callback queue, a fresh
 correlation id per call, MessagePack bodies.
 """
 
