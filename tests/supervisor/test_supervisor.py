@@ -157,14 +157,17 @@ async def test_fatal_close_code_stops_everything_with_status_3(tmp_path: Path) -
 
 
 async def test_crash_loop_stops_with_status_1(tmp_path: Path) -> None:
+    """Workers that die at once, every time (here: a sitecustomize that exits 1 in any worker process; an
+    unreachable broker no longer crashes them, they wait for it), end the supervisor with status 1."""
     log = tmp_path / "supervisor.log"
+    crashing = tmp_path / "crashing"
+    crashing.mkdir()
+    (crashing / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('SUPERVISOR_CONTROL_FD'):\n    os._exit(1)\n"
+    )
     with trio.fail_after(TIMEOUT_S):
         async with open_simulator(gateway(shard_count=1)) as sim:
-            closed = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
-            async with supervisor(sim, log, BROKER_TYPE="amqp", AMQP_URL=closed, RESTART_MAX="2") as (
-                process,
-                _,
-            ):
+            async with supervisor(sim, log, PYTHONPATH=str(crashing), RESTART_MAX="2") as (process, _):
                 with trio.fail_after(60):
                     await process.wait()
             assert process.returncode == 1
