@@ -3,6 +3,7 @@ restarts without identifies, signals, systemd notify, metrics and health, exit s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -138,6 +139,15 @@ async def test_start_kill_worker_rolling_restart_and_drain(tmp_path: Path) -> No
             assert list(shm_dir.iterdir()) == []  # removed by its owner
     text = log.read_text()
     assert DEFAULT_TOKEN not in text
+    # Progress: `N/M shards ready` lines, one `supervisor.ready` (all shards ready) after the first of them,
+    # and a last line with the exit status.
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.count("supervisor.ready") == 1
+    first_progress = names.index("supervisor.progress")
+    assert names.index("worker.started") < first_progress < names.index("supervisor.ready")
+    assert events[first_progress]["progress"].endswith("/4 shards ready")
+    assert events[-1]["event"] == "supervisor.stopped" and events[-1]["status"] == 0
 
 
 async def test_fatal_close_code_stops_everything_with_status_3(tmp_path: Path) -> None:
