@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from benchmarks.children import free_port
+from benchmarks.children import free_port, worker_env
 from benchmarks.simulator import open_simulator
 from tests.supervisor.test_supervisor import gateway, ready, supervisor, wait_until
 from tests.tcp_forwarder import TcpForwarder
@@ -131,3 +133,37 @@ async def test_a_stop_while_waiting_is_clean(tmp_path: Path) -> None:
     names = [e["event"] for e in log_events(log)]
     assert "worker.started" not in names and names[-1] == "supervisor.stopped"
     assert "Traceback" not in log.read_text()
+
+
+async def test_a_worker_waits_for_the_broker_too(tmp_path: Path) -> None:
+    """A worker started while RabbitMQ is away (a restart during an outage) waits instead of exiting 1, and a
+    SIGTERM while it waits is a clean stop."""
+    log = tmp_path / "worker.log"
+    port = free_port()
+    with trio.fail_after(TIMEOUT_S):
+        async with open_simulator(gateway(shard_count=1)) as sim, trio.open_nursery() as nursery:
+            env = worker_env(
+                sim.addresses.rest_url,
+                BROKER_TYPE="amqp",
+                AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/",
+                BROKER_GROUP=f"test-{uuid.uuid4().hex[:12]}",
+            )
+            with open(log, "wb") as stderr:
+                worker = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "workers", "--shard-count", "1"],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stderr=stderr,
+                )
+
+            async def said(event: str) -> bool:
+                return any(e["event"] == event for e in log_events(log))
+
+            await wait_until(lambda: said("dependency.waiting"))
+            await nursery.start(TcpForwarder(port, 5672).serve)
+            await wait_until(lambda: said("dependency.up"))
+            worker.send_signal(signal.SIGTERM)
+            with trio.fail_after(30):
+                await worker.wait()
+            nursery.cancel_scope.cancel()
+    assert worker.returncode == 0, log.read_text()[-3000:]
