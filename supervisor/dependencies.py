@@ -2,8 +2,8 @@
 
 Each dependency the settings use is probed the way its real client talks to it, so "up" means "would accept
 the worker": RabbitMQ through `open_amqp` (TCP, the AMQP handshake and the credentials, then closed), Redis
-with one PING through the RESP client (TCP, AUTH/SELECT from the URL). A port that accepts TCP but does not
-speak the protocol yet (a broker half-way through its boot) counts as down.
+with one PING through redis-py (the connection, AUTH/SELECT or TLS from the URL). A port that accepts TCP but
+does not speak the protocol yet (a broker half-way through its boot) counts as down.
 """
 
 from __future__ import annotations
@@ -53,16 +53,26 @@ async def _probe_amqp(url: str) -> AsyncIterator[None]:
 
 @contextlib.asynccontextmanager
 async def _probe_redis(url: str) -> AsyncIterator[None]:
-    from ratelimit.resp import RedisConnectionError, RedisReplyError, RespClient
+    # redis-py, as the supervisor's identify gate and the session store use it (every URL scheme they take).
+    import trio_asyncio
+    from redis.exceptions import RedisError
 
-    client = RespClient.from_url(url, timeout_s=PROBE_TIMEOUT_S, max_connections=1)
-    try:
-        await client.execute("PING")
-    except (RedisConnectionError, RedisReplyError) as exc:
-        # A reply error (LOADING while Redis reads its dump, NOAUTH) is "not up yet" as well.
-        raise ProbeFailed(str(exc)) from exc
-    finally:
-        await client.aclose()
+    from workers.redis_connection import open_redis_client
+
+    failure: BaseException | None = None
+    async with (
+        trio_asyncio.open_loop(),
+        open_redis_client(url, pool_size=1, pool_timeout_s=PROBE_TIMEOUT_S) as client,
+    ):
+        try:
+            with trio.fail_after(PROBE_TIMEOUT_S):
+                await trio_asyncio.aio_as_trio(client.ping)()
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            # Caught in here: leaving the loop would wrap it in an ExceptionGroup. A reply error (LOADING
+            # while Redis reads its dump, NOAUTH) is "not up yet" as well.
+            failure = exc
+    if failure is not None:
+        raise ProbeFailed(str(failure) or "no PONG in time") from failure
     yield
 
 
