@@ -256,9 +256,7 @@ async def _run_shards(
     """
     status: int = ExitStatus.OK
     stopping = False
-    stop.running = True
-    if stop.requested.is_set():
-        return status  # a signal came while the last part of the start-up was not cancellable
+    stop.running = True  # from here on a signal drains (below) instead of cancelling the start-up
     async with trio.open_nursery() as nursery:
         shards_done = trio.Event()
         rest_done = trio.Event()
