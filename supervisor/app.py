@@ -175,6 +175,7 @@ class Supervisor:
         book = SessionBook() if settings.shard_store_type == "memory" else None
         # The metrics and health endpoint and the systemd watchdog run from here on, so /readyz answers (not
         # ready, and why) while the supervisor waits for RabbitMQ or Redis.
+        refused: SupervisorError | None = None
         async with trio.open_nursery() as outer:
             if settings.prometheus_address:
                 await outer.start(
@@ -184,15 +185,20 @@ class Supervisor:
                     self.health,
                 )
             outer.start_soon(self._watchdog)
-            if await self._wait_for_dependencies():
-                async with (
-                    self._own_ratelimit_segment(),
-                    self._open_gate(info.max_concurrency) as gate,
-                ):
-                    await self._spend_budget_check(gate, info, shard_ids)
-                    async with trio.open_nursery() as nursery:
-                        await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
+            try:
+                if await self._wait_for_dependencies():
+                    async with (
+                        self._own_ratelimit_segment(),
+                        self._open_gate(info.max_concurrency) as gate,
+                    ):
+                        await self._spend_budget_check(gate, info, shard_ids)
+                        async with trio.open_nursery() as nursery:
+                            await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
+            except SupervisorError as exc:
+                refused = exc  # raised below, outside the nursery, bare (not in an ExceptionGroup)
             outer.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
         return self.status
 
     async def _wait_for_dependencies(self) -> bool:

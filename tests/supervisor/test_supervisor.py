@@ -184,6 +184,23 @@ async def test_crash_loop_stops_with_status_1(tmp_path: Path) -> None:
             assert "crash_loop" in log.read_text()
 
 
+async def test_a_start_the_daily_budget_does_not_cover_is_refused_with_status_1(tmp_path: Path) -> None:
+    """A refusal decided after the metrics endpoint is up (F13) is one error line and status 1, not a
+    traceback."""
+    log = tmp_path / "supervisor.log"
+    with trio.fail_after(TIMEOUT_S):
+        async with open_simulator(gateway(shard_count=2)) as sim:
+            await sim.gateway.control("session_start", {"remaining": 1, "reset_after_ms": 60_000})
+            async with supervisor(sim, log) as (process, _):
+                with trio.fail_after(60):
+                    await process.wait()
+    text = log.read_text()
+    assert process.returncode == 1, text[-3000:]
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events][-2:] == ["supervisor.failed", "supervisor.stopped"]
+    assert "Traceback" not in text and "worker.started" not in text
+
+
 async def test_systemd_notify_and_watchdog(tmp_path: Path) -> None:
     log = tmp_path / "supervisor.log"
     notify_path = tmp_path / "notify.sock"
