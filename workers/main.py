@@ -174,33 +174,29 @@ async def run_worker(
         link.stats = shard_stats
     status: int = ExitStatus.ERROR  # unless the shards run and stop (the supervisor may vanish first)
     capacity = pump_capacity or max(PUMP_MIN_CAPACITY, PUMP_EVENTS_PER_SHARD * len(config.shard_ids))
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as listener:
-            stop = _StopRequest()
-            listener.start_soon(stop.listen, signals)
-            with stop.startup:
-                async with (
-                    _open_loop_if_needed(config),
-                    _open_store(config, link) as store,
-                    _open_broker(config) as (sink, amqp),
-                    open_worker_rest_proxy(config, amqp, supervised=link is not None) as rest,
-                ):
-                    gate: IdentifyGate = (
-                        link
-                        if link is not None
-                        else InMemoryIdentifyGate(max_concurrency, IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S)
-                    )
-                    async with open_publish_pump(
-                        publisher or sink, capacity=capacity, on_confirmed=on_confirmed
-                    ) as pump:
-                        for shard_id in config.shard_ids:
-                            runners[shard_id] = ShardRunner(
-                                config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
-                            )
-                        status = await _run_shards(config, runners, pump, amqp, rest, stop, task_status)
-            if stop.startup.cancelled_caught:
-                status = ExitStatus.OK  # stopped while waiting for the broker: nothing ran, nothing to drain
-            listener.cancel_scope.cancel()
+    async with _open_stop_request() as stop:
+        with stop.startup:
+            async with (
+                _open_loop_if_needed(config),
+                _open_store(config, link) as store,
+                _open_broker(config) as (sink, amqp),
+                open_worker_rest_proxy(config, amqp, supervised=link is not None) as rest,
+            ):
+                gate: IdentifyGate = (
+                    link
+                    if link is not None
+                    else InMemoryIdentifyGate(max_concurrency, IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S)
+                )
+                async with open_publish_pump(
+                    publisher or sink, capacity=capacity, on_confirmed=on_confirmed
+                ) as pump:
+                    for shard_id in config.shard_ids:
+                        runners[shard_id] = ShardRunner(
+                            config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
+                        )
+                    status = await _run_shards(config, runners, pump, amqp, rest, stop, task_status)
+        if stop.startup.cancelled_caught:
+            status = ExitStatus.OK  # stopped while waiting for the broker: nothing ran, nothing to drain
     return status
 
 
@@ -229,6 +225,23 @@ class _StopRequest:
             self.requested.set()
             if not self.running:
                 self.startup.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _open_stop_request() -> AsyncIterator[_StopRequest]:
+    """SIGTERM and SIGINT go to a `_StopRequest` for the duration of the block."""
+    failure: Exception | None = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as listener:
+            stop = _StopRequest()
+            listener.start_soon(stop.listen, signals)
+            try:
+                yield stop
+            except Exception as exc:
+                failure = exc  # re-raised below, outside the nursery, bare (not in an ExceptionGroup)
+            listener.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 def _register_secrets(config: WorkerConfig) -> None:
