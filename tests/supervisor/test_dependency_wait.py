@@ -73,9 +73,9 @@ async def test_waits_for_a_dependency_that_is_not_up_yet(tmp_path: Path, depende
             async def warned() -> bool:
                 return any(e["event"] == "dependency.waiting" for e in log_events(log))
 
-            await wait_until(warned)
+            await wait_until(warned, timeout=60)
             status, body = await readyz(base)
-            assert status == 503 and body["detail"]["waiting_for"] == dependency
+            assert status == 503 and body["detail"]["waiting_for"] == dependency, body
             assert await dependency_up(base, dependency) == 0.0
             await trio.sleep(OUTLIVES_CRASH_LOOP_S)
             assert process.returncode is None, log.read_text()[-3000:]
@@ -89,7 +89,7 @@ async def test_waits_for_a_dependency_that_is_not_up_yet(tmp_path: Path, depende
                 return await ready(base)
 
             await wait_until(all_ready, timeout=60)
-            assert await dependency_up(base, dependency) == 1.0
+            assert await dependency_up(base, dependency) == 1.0, log.read_text()[-3000:]
             waited_s = trio.current_time() - up_at + OUTLIVES_CRASH_LOOP_S + 30
             process.send_signal(signal.SIGTERM)
             with trio.fail_after(30):
@@ -99,6 +99,7 @@ async def test_waits_for_a_dependency_that_is_not_up_yet(tmp_path: Path, depende
     events = log_events(log)
     names = [e["event"] for e in events]
     waiting = [e for e in events if e["event"] == "dependency.waiting"]
+    print(log.read_text()[-6000:])  # shown when an assertion below fails
     # The first failure at once, then at most one every 30 s.
     assert 1 <= len(waiting) <= 1 + waited_s // 30, waiting
     assert waiting[0]["level"] == "warning" and waiting[0]["dependency"] == dependency
