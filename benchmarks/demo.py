@@ -4,6 +4,11 @@ Starts the bundled Discord simulator, then `python -m supervisor --shards auto` 
 broker, so every dispatch of every shard appears on stdout as one JSON line (DESIGN 3.3) while the logs go
 to stderr. Stops after `--seconds` (or on Ctrl-C) with SIGTERM, as systemd would, and prints a summary from
 the simulator's ledger: sessions, identifies, resumes, dispatches sent, rule violations.
+
+Ctrl-C in a terminal sends SIGINT to the whole process group: the supervisor and its workers drain on it by
+themselves, and this process waits for them (forwarding SIGTERM, for a SIGINT sent to it alone). The
+simulator runs in a session of its own, so the terminal's SIGINT does not stop it before its ledger is read;
+this process stops it last.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ async def run_demo(shards: int, seconds: float, event_rate: float) -> int:
             "41250",
         ],
         stdout=subprocess.PIPE,
+        start_new_session=True,
     )
     try:
         assert simulator.stdout is not None
@@ -64,11 +70,20 @@ async def run_demo(shards: int, seconds: float, event_rate: float) -> int:
         supervisor = await trio.lowlevel.open_process(
             [sys.executable, "-m", "supervisor", "--shards", "auto"], env=env
         )
-        with trio.move_on_after(seconds if seconds > 0 else float("inf")):
-            await supervisor.wait()
-        if supervisor.returncode is None:
-            supervisor.send_signal(signal.SIGTERM)
-            await supervisor.wait()
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop_on_signal)
+                with trio.move_on_after(seconds if seconds > 0 else float("inf")):
+                    await supervisor.wait()
+                nursery.cancel_scope.cancel()
+            if supervisor.returncode is None:
+                supervisor.send_signal(signal.SIGTERM)  # ignored by a supervisor already draining on SIGINT
+                await supervisor.wait()
         async with httpx.AsyncClient() as http:
             ledger = (await http.get(addresses["control_url"] + "/ledger")).json()["gateway"]
         counters = ledger["counters"]

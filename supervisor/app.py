@@ -27,6 +27,7 @@ import trio
 
 from workers import logs
 from workers.config import ShardAssignment, WorkerConfig
+from workers.dependencies import Dependency
 from workers.exit_status import ExitStatus
 from workers.gateway_bot import GatewayBot, GatewayBotError, fetch_gateway_bot
 from workers.identify import (
@@ -38,10 +39,12 @@ from workers.identify import (
 from workers.metric_labels import MULTIPROC_DIR_ENV
 from workers.settings import KNOWN_VARIABLES, Settings
 
+from .dependencies import needed_dependencies, wait_for_dependencies
 from .errors import SupervisorError
 from .metrics import HealthState, mark_worker_dead, prepare_multiprocess_dir, serve_metrics
 from .planning import MS_PER_S, ShardRange, check_session_budget, plan_workers
 from .processes import SessionBook, WorkerSlot
+from .progress import StartProgress
 from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
 from .shard_status import ShardBoard, publish_build_info
@@ -56,6 +59,11 @@ BUDGET_RESET_MARGIN_S: Final = 1.0
 BUDGET_REFRESH_S: Final = 900.0
 BUDGET_RETRY_S: Final = 60.0
 BUDGET_WATCH_S: Final = 1.0
+#: How often the start's progress is looked at (the lines themselves are paced by `StartProgress`).
+PROGRESS_POLL_S: Final = 0.5
+#: While it waits for RabbitMQ or Redis, the supervisor asks systemd for this much more start time, every
+#: half of it, so a slow broker after a reboot does not fail the unit's start (TimeoutStartSec).
+START_EXTEND_S: Final = 60.0
 
 
 class Supervisor:
@@ -72,6 +80,9 @@ class Supervisor:
         self._rolling = False
         self._nursery: trio.Nursery | None = None
         self.board = ShardBoard(self.slots)
+        #: The dependency the supervisor is waiting for before it spawns workers (None: not waiting).
+        self._waiting_for: Dependency | None = None
+        self._progress: StartProgress | None = None
 
     # -- health ----------------------------------------------------------------------------------------------
 
@@ -81,8 +92,11 @@ class Supervisor:
     def health(self) -> HealthState:
         return HealthState(
             live=not self._crash_loop,
-            ready=self.shard_total > 0 and self.ready_shards() == self.shard_total,
+            ready=self._waiting_for is None
+            and self.shard_total > 0
+            and self.ready_shards() == self.shard_total,
             detail={
+                "waiting_for": self._waiting_for,
                 "shards": self.shard_total,
                 "ready_shards": self.ready_shards(),
                 "workers": [slot.statistics() for slot in self.slots],
@@ -161,15 +175,68 @@ class Supervisor:
                 "max_concurrency": info.max_concurrency,
             },
         )
+        self._progress = StartProgress(len(shard_ids), info.max_concurrency)
         book = SessionBook() if settings.shard_store_type == "memory" else None
-        async with (
-            self._own_ratelimit_segment(),
-            self._open_gate(info.max_concurrency) as gate,
-        ):
-            await self._spend_budget_check(gate, info, shard_ids)
-            async with trio.open_nursery() as nursery:
-                await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
+        # The metrics and health endpoint and the systemd watchdog run from here on, so /readyz answers (not
+        # ready, and why) while the supervisor waits for RabbitMQ or Redis.
+        refused: SupervisorError | None = None
+        async with trio.open_nursery() as outer:
+            if settings.prometheus_address:
+                await outer.start(
+                    functools.partial(serve_metrics, directory=metrics_dir, shards=self.board.rows),
+                    settings.prometheus_address,
+                    settings.prometheus_endpoint,
+                    self.health,
+                )
+            outer.start_soon(self._watchdog)
+            try:
+                if await self._wait_for_dependencies():
+                    async with (
+                        self._own_ratelimit_segment(),
+                        self._open_gate(info.max_concurrency) as gate,
+                    ):
+                        await self._spend_budget_check(gate, info, shard_ids)
+                        async with trio.open_nursery() as nursery:
+                            await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
+            except SupervisorError as exc:
+                refused = exc  # raised below, outside the nursery, bare (not in an ExceptionGroup)
+            outer.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
         return self.status
+
+    async def _wait_for_dependencies(self) -> bool:
+        """Wait until RabbitMQ and Redis (those the settings use) answer, before anything connects to them
+        (why here: `workers.dependencies`). False when SIGTERM or SIGINT came first: then the supervisor
+        stops, cleanly, having started nothing."""
+        needed = needed_dependencies(self.settings)
+        if not needed:
+            return True
+
+        def on_wait(dependency: Dependency | None) -> None:
+            self._waiting_for = dependency
+            if dependency is not None:
+                self.notifier.status(f"waiting for {dependency} at {logs.redact_url(needed[dependency])}")
+
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        LOGGER.info("supervisor.stopping", extra={"signal": signal.Signals(signum).name})
+                        self._stop.set()
+                        nursery.cancel_scope.cancel()
+
+                async def extend_start() -> None:
+                    while True:
+                        self.notifier.extend_timeout(START_EXTEND_S)
+                        await trio.sleep(START_EXTEND_S / 2)
+
+                nursery.start_soon(stop_on_signal)
+                nursery.start_soon(extend_start)
+                await wait_for_dependencies(needed, on_wait)
+                nursery.cancel_scope.cancel()
+        return not self._stop.is_set()
 
     async def _spend_budget_check(
         self, gate: BudgetedIdentifyGate, info: GatewayBot, shard_ids: tuple[int, ...]
@@ -247,13 +314,6 @@ class Supervisor:
         self._nursery = nursery
         nursery.start_soon(self._refresh_budget, gate, info.reset_after_ms / MS_PER_S)
         nursery.start_soon(self._watch_budget, gate)
-        if settings.prometheus_address:
-            await nursery.start(
-                functools.partial(serve_metrics, directory=metrics_dir, shards=self.board.rows),
-                settings.prometheus_address,
-                settings.prometheus_endpoint,
-                self.health,
-            )
         # The workers' settings, token included, travel over their control channels: their environment is
         # the supervisor's without any setting, so no secret is readable in a worker's /proc/PID/environ.
         worker_env = {
@@ -286,7 +346,7 @@ class Supervisor:
         if settings.broker_type == "stdio":
             nursery.start_soon(route_stdin_commands, self.slots, shard_count)
         nursery.start_soon(self._report_status)
-        nursery.start_soon(self._watchdog)
+        nursery.start_soon(self._report_progress)
         await self._control_loop(nursery)
 
     @contextlib.asynccontextmanager
@@ -334,10 +394,10 @@ class Supervisor:
 
     async def _control_loop(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            for slot in self.slots:
-                await slot.connected.wait()
-            self.notifier.ready()
-            LOGGER.info("supervisor.ready", extra={"workers": len(self.slots)})
+            if await self._wait_workers_connected():
+                self.notifier.ready()
+                # Not "supervisor.ready": that line waits for the shards (`_report_progress`).
+                LOGGER.info("supervisor.workers_started", extra={"workers": len(self.slots)})
             async with trio.open_nursery() as waiting:
 
                 async def stop_requested() -> None:
@@ -354,6 +414,21 @@ class Supervisor:
                 waiting.cancel_scope.cancel()
             await self._drain(signals)
             nursery.cancel_scope.cancel()
+
+    async def _wait_workers_connected(self) -> bool:
+        """Wait for every worker's Hello; False if the supervisor must stop first (workers that die before
+        they say Hello, every time, are a crash loop too)."""
+        async with trio.open_nursery() as nursery:
+
+            async def stop_requested() -> None:
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_requested)
+            for slot in self.slots:
+                await slot.connected.wait()
+            nursery.cancel_scope.cancel()
+        return not self._stop.is_set()
 
     async def _drain(self, signals: Any) -> None:
         """Stop every worker gracefully within the deadline; a second SIGINT kills at once."""
@@ -419,6 +494,26 @@ class Supervisor:
             )
             await trio.sleep(STATUS_PERIOD_S)
 
+    async def _report_progress(self) -> None:
+        """`N/M shards ready` lines while the start goes on, then one `supervisor.ready` (see
+        `supervisor.progress`)."""
+        progress = self._progress
+        while progress is not None and not progress.done:
+            line = progress.observe(self.ready_shards(), trio.current_time())
+            if line is not None and line.done:
+                LOGGER.info("supervisor.ready", extra={"progress": "all shards ready", "shards": line.total})
+            elif line is not None:
+                LOGGER.info(
+                    "supervisor.progress",
+                    extra={
+                        "progress": f"{line.ready}/{line.total} shards ready",
+                        "ready": line.ready,
+                        "shards": line.total,
+                        "eta_s": line.eta_s,
+                    },
+                )
+            await trio.sleep(PROGRESS_POLL_S)
+
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_interval_s()
         if interval is None:
@@ -430,7 +525,9 @@ class Supervisor:
 
 async def run_supervisor(settings: Settings, environ: dict[str, str]) -> int:
     try:
-        return await Supervisor(settings, environ).run()
+        status = await Supervisor(settings, environ).run()
     except SupervisorError as exc:
         LOGGER.error("supervisor.failed", extra={"error": str(exc)})
-        return exc.status
+        status = exc.status
+    LOGGER.info("supervisor.stopped", extra={"status": int(status), "exit": ExitStatus(status).name.lower()})
+    return status

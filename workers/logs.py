@@ -148,7 +148,11 @@ def configure_logging(level: str = "info", log_format: LogFormat = "auto") -> No
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # Chatty libraries stay at warning unless we debug.
+    # Chatty libraries stay at warning unless we debug. The AMQP library's own errors during a broker outage
+    # (a dozen ERROR lines with tracebacks per drop, from reconnect internals) say nothing the publish pump's
+    # two lines (`publish.broker_unavailable`, `publish.broker_recovered`) do not: only critical ones pass.
     if root.level > logging.DEBUG:
-        for name in ("aio_pika", "aiormq", "trio-websocket", "httpx", "httpcore"):
+        for name in ("trio-websocket", "httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        for name in ("aio_pika", "aiormq"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -32,12 +32,13 @@ from typing import Final
 import trio
 
 from . import logs
-from .amqp_bridge import Amqp, open_amqp
+from .amqp_bridge import Amqp, AmqpConnectError, open_amqp
 from .command_consumer import consume_amqp_commands
 from .commands import GatewayCommand, read_stdin_commands
 from .config import WorkerConfig, standalone_config
 from .control import SupervisorGone, SupervisorLink, control_fd_from_env, open_supervisor_link
 from .control_messages import ShardStatistics
+from .dependencies import open_when_up
 from .errors import CommandRejected, ConfigError, FatalCloseCode
 from .exit_status import ExitStatus
 from .gateway_bot import GatewayBotError, fetch_gateway_bot
@@ -99,7 +100,9 @@ async def _open_store(config: WorkerConfig, link: SupervisorLink | None) -> Asyn
 async def _open_broker(config: WorkerConfig) -> AsyncIterator[tuple[Publisher, Amqp | None]]:
     """The configured event sink, and the AMQP connection when there is one (commands use it too)."""
     if config.settings.broker_type == "amqp":
-        async with open_amqp(config.settings.amqp_url) as amqp:
+        url = config.settings.amqp_url
+        # A broker that is not up yet is waited for, not a crash (workers.dependencies).
+        async with open_when_up("amqp", url, lambda: open_amqp(url), (AmqpConnectError,)) as amqp:
             yield (
                 AmqpPublisher(
                     amqp,
@@ -160,25 +163,77 @@ async def run_worker(
         link.stats = shard_stats
     status: int = ExitStatus.ERROR  # unless the shards run and stop (the supervisor may vanish first)
     capacity = pump_capacity or max(PUMP_MIN_CAPACITY, PUMP_EVENTS_PER_SHARD * len(config.shard_ids))
-    async with (
-        _open_store(config, link) as store,
-        _open_broker(config) as (sink, amqp),
-        open_worker_rest_proxy(config, amqp, supervised=link is not None) as rest,
-    ):
-        gate: IdentifyGate = (
-            link
-            if link is not None
-            else InMemoryIdentifyGate(max_concurrency, IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S)
-        )
-        async with open_publish_pump(publisher or sink, capacity=capacity, on_confirmed=on_confirmed) as pump:
-            for shard_id in config.shard_ids:
-                runners[shard_id] = ShardRunner(
-                    config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
+    async with _open_stop_request() as stop:
+        with stop.startup:
+            async with (
+                _open_store(config, link) as store,
+                _open_broker(config) as (sink, amqp),
+                open_worker_rest_proxy(config, amqp, supervised=link is not None) as rest,
+            ):
+                gate: IdentifyGate = (
+                    link
+                    if link is not None
+                    else InMemoryIdentifyGate(max_concurrency, IDENTIFY_INTERVAL_S + IDENTIFY_MARGIN_S)
                 )
-            status = await _run_shards(config, runners, pump, amqp, rest, task_status, link, feed)
+                async with open_publish_pump(
+                    publisher or sink, capacity=capacity, on_confirmed=on_confirmed
+                ) as pump:
+                    for shard_id in config.shard_ids:
+                        runners[shard_id] = ShardRunner(
+                            config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
+                        )
+                    status = await _run_shards(
+                        config, runners, pump, amqp, rest, stop, task_status, link, feed
+                    )
+        if stop.startup.cancelled_caught:
+            status = ExitStatus.OK  # stopped while waiting for the broker: nothing ran, nothing to drain
     if feed is not None:
         feed.update()  # the events the pump confirmed while it drained
     return status
+
+
+class _StopRequest:
+    """SIGTERM or SIGINT, received for the whole life of `run_worker`.
+
+    The first signal stops the worker: before its shards run it cancels `startup` (a worker still waiting for
+    the broker just exits), afterwards it sets `requested` and `_run_shards` drains. Later signals are only
+    noted: a terminal's Ctrl-C reaches every process of the group, so a worker that is already draining on
+    SIGINT then gets the supervisor's SIGTERM, which must not kill it half-way (code -15). The supervisor's
+    own deadline (SIGKILL after `SHUTDOWN_TIMEOUT`) still bounds the drain.
+    """
+
+    def __init__(self) -> None:
+        self.startup = trio.CancelScope()
+        self.requested = trio.Event()
+        self.running = False
+
+    async def listen(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if self.requested.is_set():
+                LOGGER.debug("worker.already_stopping", extra={"signal": name})
+                continue
+            LOGGER.info("worker.stopping", extra={"signal": name})
+            self.requested.set()
+            if not self.running:
+                self.startup.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _open_stop_request() -> AsyncIterator[_StopRequest]:
+    """SIGTERM and SIGINT go to a `_StopRequest` for the duration of the block."""
+    failure: Exception | None = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as listener:
+            stop = _StopRequest()
+            listener.start_soon(stop.listen, signals)
+            try:
+                yield stop
+            except Exception as exc:
+                failure = exc  # re-raised below, outside the nursery, bare (not in an ExceptionGroup)
+            listener.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 def _register_secrets(config: WorkerConfig) -> None:
@@ -196,77 +251,76 @@ async def _run_shards(
     pump: PublishPump,
     amqp: Amqp | None,
     rest: WorkerRestProxy,
+    stop: _StopRequest,
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
     link: SupervisorLink | None = None,
     feed: ShardMetricsFeed | None = None,
 ) -> int:
-    """Run the shards, the command source and the REST proxy until a signal or a fatal close code.
+    """Run the shards, the command source and the REST proxy until `stop` or a fatal close code.
 
-    On a signal: stop the shards and drain the REST proxy, and give the pump until the same deadline
+    On a stop: stop the shards and drain the REST proxy, and give the pump until the same deadline
     (`GRACEFUL_STOP_S - SESSION_SAVE_S` after the signal) to drain once this returns.
     """
     status: int = ExitStatus.OK
     stopping = False
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            shards_done = trio.Event()
-            rest_done = trio.Event()
+    stop.running = True  # from here on a signal drains (below) instead of cancelling the start-up
+    async with trio.open_nursery() as nursery:
+        shards_done = trio.Event()
+        rest_done = trio.Event()
 
-            async def run_shards() -> None:
-                nonlocal status
-                try:
-                    async with trio.open_nursery() as shards:
-                        for runner in runners.values():
-                            shards.start_soon(runner.run)
-                except* FatalCloseCode as group:
-                    codes = [exc.code for exc in group.exceptions if isinstance(exc, FatalCloseCode)]
-                    LOGGER.error("worker.fatal_close_code", extra={"codes": codes})
-                    status = ExitStatus.FATAL
-                shards_done.set()
-                if not stopping:  # a fatal close code: no drain
-                    nursery.cancel_scope.cancel()
-
-            async def run_rest_proxy(
-                *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
-            ) -> None:
-                try:
-                    await rest.serve(task_status=task_status)
-                finally:
-                    rest_done.set()
-
-            nursery.start_soon(run_shards)
-            nursery.start_soon(watch_event_loop, count_stall if metrics_enabled() else _ignore_stall)
-            if feed is not None:
-                nursery.start_soon(feed.run)
-            if metrics_enabled() and rest.limiter is not None and rest.proxy is not None:
-                nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
-            if amqp is not None:
-                await nursery.start(consume_amqp_commands, amqp, config, runners)
-            elif config.settings.broker_type == "stdio":
-                nursery.start_soon(_consume_stdin, config, runners, link)
-            port = await nursery.start(run_rest_proxy)
-            if port is not None:
-                LOGGER.info("worker.proxy_http", extra={"port": port})
-            task_status.started(runners)
-            async for signum in signals:
-                LOGGER.info("worker.stopping", extra={"signal": signal.Signals(signum).name})
-                stopping = True
-                drain_deadline = trio.current_time() + GRACEFUL_STOP_S - SESSION_SAVE_S
-                pump.limit_drain(drain_deadline)
-                rest.stop(PROXY_GRACE_S)
-                with trio.move_on_at(drain_deadline) as drain:
-                    async with trio.open_nursery() as stoppers:
-                        for runner in runners.values():
-                            stoppers.start_soon(runner.stop)
-                    await shards_done.wait()
-                    await rest_done.wait()
-                if drain.cancelled_caught:
-                    LOGGER.warning(
-                        "worker.stop_timeout",
-                        extra={"shards_stopped": shards_done.is_set(), "proxy_drained": rest_done.is_set()},
-                    )
+        async def run_shards() -> None:
+            nonlocal status
+            try:
+                async with trio.open_nursery() as shards:
+                    for runner in runners.values():
+                        shards.start_soon(runner.run)
+            except* FatalCloseCode as group:
+                codes = [exc.code for exc in group.exceptions if isinstance(exc, FatalCloseCode)]
+                LOGGER.error("worker.fatal_close_code", extra={"codes": codes})
+                status = ExitStatus.FATAL
+            shards_done.set()
+            if not stopping:  # a fatal close code: no drain
                 nursery.cancel_scope.cancel()
-                break
+
+        async def run_rest_proxy(
+            *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            try:
+                await rest.serve(task_status=task_status)
+            finally:
+                rest_done.set()
+
+        nursery.start_soon(run_shards)
+        nursery.start_soon(watch_event_loop, count_stall if metrics_enabled() else _ignore_stall)
+        if feed is not None:
+            nursery.start_soon(feed.run)
+        if metrics_enabled() and rest.limiter is not None and rest.proxy is not None:
+            nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
+        if amqp is not None:
+            await nursery.start(consume_amqp_commands, amqp, config, runners)
+        elif config.settings.broker_type == "stdio":
+            nursery.start_soon(_consume_stdin, config, runners, link)
+        port = await nursery.start(run_rest_proxy)
+        if port is not None:
+            LOGGER.info("worker.proxy_http", extra={"port": port})
+        task_status.started(runners)
+        await stop.requested.wait()
+        stopping = True
+        drain_deadline = trio.current_time() + GRACEFUL_STOP_S - SESSION_SAVE_S
+        pump.limit_drain(drain_deadline)
+        rest.stop(PROXY_GRACE_S)
+        with trio.move_on_at(drain_deadline) as drain:
+            async with trio.open_nursery() as stoppers:
+                for runner in runners.values():
+                    stoppers.start_soon(runner.stop)
+            await shards_done.wait()
+            await rest_done.wait()
+        if drain.cancelled_caught:
+            LOGGER.warning(
+                "worker.stop_timeout",
+                extra={"shards_stopped": shards_done.is_set(), "proxy_drained": rest_done.is_set()},
+            )
+        nursery.cancel_scope.cancel()
     return status
 
 

@@ -36,6 +36,7 @@ from .metric_labels import (
 
 __all__ = [
     "BUILD_INFO",
+    "DEPENDENCY_UP",
     "EVENTS_PUBLISHED",
     "EVENTS_RECEIVED",
     "HEARTBEAT_LATENCY",
@@ -135,6 +136,16 @@ PROXY_RESPONSES: Final = Counter(
 )
 PROXY_ERRORS: Final = Counter(
     "discord_rest_proxy_errors_total", "REST proxy requests that failed, by kind.", ["kind"]
+)
+
+# -- dependencies (workers.dependencies: the supervisor and each worker wait for them at start) ----------
+
+# livemin: 0 while any live process waits for the dependency, 1 once every process that uses it connected.
+DEPENDENCY_UP: Final = Gauge(
+    "discord_dependency_up",
+    "Whether RabbitMQ (amqp) or Redis (redis) accepted this host's connection at start (0 while waiting).",
+    ["dependency"],
+    multiprocess_mode="livemin",
 )
 
 # -- supervisor --------------------------------------------------------------------------------------------

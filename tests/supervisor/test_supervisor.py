@@ -3,6 +3,7 @@ restarts without identifies, signals, systemd notify, metrics and health, exit s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -138,6 +139,15 @@ async def test_start_kill_worker_rolling_restart_and_drain(tmp_path: Path) -> No
             assert list(shm_dir.iterdir()) == []  # removed by its owner
     text = log.read_text()
     assert DEFAULT_TOKEN not in text
+    # Progress: `N/M shards ready` lines, one `supervisor.ready` (all shards ready) after the first of them,
+    # and a last line with the exit status.
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.count("supervisor.ready") == 1
+    first_progress = names.index("supervisor.progress")
+    assert names.index("worker.started") < first_progress < names.index("supervisor.ready")
+    assert events[first_progress]["progress"].endswith("/4 shards ready")
+    assert events[-1]["event"] == "supervisor.stopped" and events[-1]["status"] == 0
 
 
 async def test_fatal_close_code_stops_everything_with_status_3(tmp_path: Path) -> None:
@@ -157,18 +167,38 @@ async def test_fatal_close_code_stops_everything_with_status_3(tmp_path: Path) -
 
 
 async def test_crash_loop_stops_with_status_1(tmp_path: Path) -> None:
+    """Workers that die at once, every time (here: a sitecustomize that exits 1 in any worker process; an
+    unreachable broker no longer crashes them, they wait for it), end the supervisor with status 1."""
     log = tmp_path / "supervisor.log"
+    crashing = tmp_path / "crashing"
+    crashing.mkdir()
+    (crashing / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('SUPERVISOR_CONTROL_FD'):\n    os._exit(1)\n"
+    )
     with trio.fail_after(TIMEOUT_S):
         async with open_simulator(gateway(shard_count=1)) as sim:
-            closed = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
-            async with supervisor(sim, log, BROKER_TYPE="amqp", AMQP_URL=closed, RESTART_MAX="2") as (
-                process,
-                _,
-            ):
+            async with supervisor(sim, log, PYTHONPATH=str(crashing), RESTART_MAX="2") as (process, _):
                 with trio.fail_after(60):
                     await process.wait()
             assert process.returncode == 1
             assert "crash_loop" in log.read_text()
+
+
+async def test_a_start_the_daily_budget_does_not_cover_is_refused_with_status_1(tmp_path: Path) -> None:
+    """A refusal decided after the metrics endpoint is up (F13) is one error line and status 1, not a
+    traceback."""
+    log = tmp_path / "supervisor.log"
+    with trio.fail_after(TIMEOUT_S):
+        async with open_simulator(gateway(shard_count=2)) as sim:
+            await sim.gateway.control("session_start", {"remaining": 1, "reset_after_ms": 60_000})
+            async with supervisor(sim, log) as (process, _):
+                with trio.fail_after(60):
+                    await process.wait()
+    text = log.read_text()
+    assert process.returncode == 1, text[-3000:]
+    events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events][-2:] == ["supervisor.failed", "supervisor.stopped"]
+    assert "Traceback" not in text and "worker.started" not in text
 
 
 async def test_systemd_notify_and_watchdog(tmp_path: Path) -> None:

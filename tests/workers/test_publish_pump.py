@@ -133,7 +133,40 @@ async def test_failed_batches_retry_with_backoff_and_confirm_in_batch_order(
     assert trackers[0].committed == 4
     stats = pump.statistics()
     assert (stats.failures, stats.last_error, stats.published) == (2, "PublishError('call 2 failed')", 4)
-    assert [r.message for r in caplog.records] == ["publish.retry", "publish.retry"]
+    # Each failure that follows an accepted publish starts an outage; the next accepted one ends it.
+    assert [r.message for r in caplog.records] == [
+        "publish.broker_unavailable",
+        "publish.broker_recovered",
+        "publish.broker_unavailable",
+        "publish.broker_recovered",
+    ]
+
+
+async def test_an_outage_is_one_warning_when_it_starts_and_one_when_it_is_over(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four batches in flight retrying for 20 s (dozens of failed publishes) log two lines at warning."""
+
+    class OutagePublisher(FakePublisher):
+        async def publish(self, batch: Sequence[OutboundEvent]) -> None:
+            self.always_fail = 1.0 <= trio.current_time() < 21.0
+            await super().publish(batch)
+
+    publisher, recorder = OutagePublisher(latency_s=0.01), Recorder()
+    with caplog.at_level(logging.DEBUG, logger="workers.publish.pump"), trio.fail_after(100):
+        async with open_publish_pump(
+            publisher, capacity=1000, max_batch=2, max_delay_s=0, on_confirmed=recorder, retry_max_s=1.0
+        ) as pump:
+            for seq in range(1, 401):
+                assert pump.try_put(ev(seq))
+                await trio.sleep(0.1)
+    assert pump.statistics().published == 400
+    failures = pump.statistics().failures
+    assert failures > 40
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.message for r in warnings] == ["publish.broker_unavailable", "publish.broker_recovered"]
+    assert warnings[1].failed_attempts == failures and 19.0 <= warnings[1].outage_s <= 21.0
+    assert sum(r.message == "publish.retry" for r in caplog.records) == failures - 1
 
 
 async def test_try_put_refuses_when_full_and_wait_drained_below(autojump_clock: trio.abc.Clock) -> None:

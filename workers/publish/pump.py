@@ -11,6 +11,10 @@ Rules this module implements (DESIGN 3.4, 5):
   replayed by Discord, and may reach consumers twice (they dedupe on ``(shard_id, session_id, seq)``).
 - ``on_confirmed`` runs in batch order, even when a later batch is accepted first, so whatever it updates sees
   events in the order they were put.
+- A broker outage is two log lines, not one per retry: ``publish.broker_unavailable`` (warning) at the first
+  failed publish, ``publish.broker_recovered`` (with the outage's length and failed attempts) at the first
+  accepted one after it; the retries between them are debug lines. With several batches in flight every one
+  of them fails and retries, so a per-retry warning was dozens of lines a second that said the same thing.
 """
 
 from __future__ import annotations
@@ -176,6 +180,8 @@ class PublishPump:
         self._batches = 0
         self._failures = 0
         self._last_error: str | None = None
+        self._outage_since: float | None = None
+        self._outage_failures = 0
         self._closing = False
         self._drain_deadline = math.inf
         self._batcher_wakeup = trio.Event()  # a first event, a full batch, or closing
@@ -267,14 +273,10 @@ class PublishPump:
                     await self._publisher.publish(batch.events)
                     break
                 except PublishError as exc:
-                    self._failures += 1
-                    self._last_error = repr(exc)
-                    log.warning(
-                        "publish.retry",
-                        extra={"batch": batch.number, "events": len(batch.events), "error": repr(exc)},
-                    )
+                    self._on_failure(batch, exc)
                     await trio.sleep(delay)
                     delay = min(delay * 2, self._retry_max_s)
+            self._on_success()
             batch.done = True
             reported = False
             while self._unreported and self._unreported[0].done:
@@ -289,6 +291,28 @@ class PublishPump:
                 self._released = trio.Event()
         finally:
             self._window.release()
+
+    def _on_failure(self, batch: _Batch, exc: PublishError) -> None:
+        self._failures += 1
+        self._outage_failures += 1
+        self._last_error = repr(exc)
+        extra = {"batch": batch.number, "events": len(batch.events), "error": repr(exc)}
+        if self._outage_since is None:
+            self._outage_since = trio.current_time()
+            log.warning("publish.broker_unavailable", extra={**extra, "retrying": True})
+        else:
+            log.debug("publish.retry", extra=extra)
+
+    def _on_success(self) -> None:
+        if self._outage_since is None:
+            return
+        outage_s = trio.current_time() - self._outage_since
+        log.warning(
+            "publish.broker_recovered",
+            extra={"outage_s": round(outage_s, 3), "failed_attempts": self._outage_failures},
+        )
+        self._outage_since = None
+        self._outage_failures = 0
 
     def _close(self) -> None:
         self._closing = True
