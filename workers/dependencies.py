@@ -30,6 +30,7 @@ from typing import Final, Literal, TypeVar
 import trio
 
 from .logs import redact_url
+from .telemetry import metrics_enabled
 
 __all__ = [
     "DEPENDENCIES",
@@ -92,6 +93,8 @@ class DependencyWait:
 
 
 def _set_gauge(dependency: Dependency, up: bool) -> None:
+    if not metrics_enabled():  # no metrics directory: nothing would read it (metric_defs's import note)
+        return
     from . import metric_defs
 
     metric_defs.DEPENDENCY_UP.labels(dependency=dependency).set(1 if up else 0)
