@@ -101,8 +101,11 @@ def install_constraints(stage: Stage, context: Path) -> Path:
     assert workdir is not None, "the builder stage sets WORKDIR (the build context lands there)"
     installs = [shlex.split(item.flags()[1]) for item in stage.all("RUN") if " install " in item.text]
     assert len(installs) == 1, f"the builder stage runs one pip install, not {len(installs)}"
-    (argv,) = installs
-    assert argv[0].endswith("/pip") and argv[1] == "install", f"expected `.../pip install`, got {argv}"
+    (command,) = installs
+    # The command may set the optional CA bundle (the pip_cert build secret) first: `if ...; fi && pip ...`.
+    starts = [i for i, arg in enumerate(command[:-1]) if arg.endswith("/pip") and command[i + 1] == "install"]
+    assert len(starts) == 1, f"expected one `.../pip install`, got {command}"
+    argv = command[starts[0] :]
     options = [argv[i + 1] for i, arg in enumerate(argv) if arg in ("--constraint", "-c")]
     assert len(options) == 1, f"the image installs with one constraints file (requirements/), not {options}"
     (constraints,) = options
