@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tomllib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Final
 
 import orjson
@@ -43,6 +45,8 @@ __all__ = [
     "split_address",
 ]
 
+#: pyproject.toml's `[project.scripts]` name for `python -m supervisor`.
+CONSOLE_SCRIPT: Final = "trio-shard-gateway"
 #: Variable prefixes we own: an unknown variable with one of them is probably a typo and gets a warning.
 OWN_PREFIXES: Final = (
     "DISCORD_",
@@ -163,7 +167,8 @@ _NOT_GIVEN: Final = None
 def build_parser() -> argparse.ArgumentParser:
     """The command line of DESIGN 3.1. Settings flags default to "not given", so only given flags count."""
     parser = argparse.ArgumentParser(
-        prog="python -m supervisor",
+        # The console script's name when run as `trio-shard-gateway`, else the module's.
+        prog=CONSOLE_SCRIPT if Path(sys.argv[0]).name == CONSOLE_SCRIPT else "python -m supervisor",
         description="Run every gateway shard of a Discord bot across one worker process per core. Settings "
         "come from defaults < a TOML file (--config) < the environment < these flags; see --print-config.",
     )

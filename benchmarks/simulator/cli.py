@@ -12,11 +12,12 @@ import inspect
 import json
 import logging
 import signal
-import sys
 from collections.abc import Sequence
 from typing import Any, Final, get_args
 
 import trio
+
+from workers.logs import configure_logging
 
 from . import config as config_module
 from .app import open_simulator
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         for field in dataclasses.fields(cls):
             _add_field(group, cls, field, section_docs, f"{section}.{field.name}")
     parser.add_argument("--log-level", default="info", help="logging level for stderr (default: info)")
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="log lines as the gateway writes them (default: auto, JSON unless stderr is a terminal)",
+    )
     return parser
 
 
@@ -154,11 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    # The same formats as the supervisor and the workers, so a demo's stderr reads as one log.
+    configure_logging(args.log_level, args.log_format)
     trio.run(_serve, config)
     return 0
 

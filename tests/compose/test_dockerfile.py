@@ -194,7 +194,7 @@ def test_the_console_script_is_the_supervisor(
     )
     assert (completed.returncode, completed.stdout, completed.stderr) == (0, "configuration OK\n", "")
     usage = subprocess.run([str(script), "--help"], env=env, capture_output=True, text=True, timeout=60)
-    assert usage.returncode == 0 and usage.stdout.startswith("usage: "), usage.stderr
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: trio-shard-gateway "), usage.stderr
 
 
 def test_check_config_accepts_the_compose_configuration(
