@@ -18,6 +18,8 @@ from typing import Final
 
 import pytest
 
+from benchmarks.children import free_port
+
 START_TIMEOUT_S: Final = 10.0
 USER, PASSWORD = "gateway", "acl-Pa55word-7f3"
 DEFAULT_PASSWORD: Final = "default-Pa55word-7f3"
@@ -28,13 +30,6 @@ needs_redis_server = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 def make_certificates(folder: Path) -> None:
     """A self-signed CA (`ca.pem`), and a server (`server.pem`, for 127.0.0.1) and a client certificate
     (`client.pem`) signed by it, with their keys."""
@@ -42,11 +37,18 @@ def make_certificates(folder: Path) -> None:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder, timeout=30)
 
+    # The extensions a strict verifier wants (Python 3.13 sets VERIFY_X509_STRICT by default): a CA marked
+    # as one, with key usage; leaf certificates with key identifiers and their own usages.
     openssl(
         "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-keyout", "ca.key", "-out", "ca.pem",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "-addext", "subjectKeyIdentifier=hash", "-keyout", "ca.key", "-out", "ca.pem",
     )  # fmt: skip
-    (folder / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    (folder / "san.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    )
     for name in ("server", "client"):
         openssl(
             "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
