@@ -29,6 +29,7 @@ from workers.metric_labels import MULTIPROC_DIR_ENV
 from workers.setting_formats import parse_address
 from workers.settings import (
     KNOWN_VARIABLES,
+    SETTING_BY_VARIABLE,
     SETTINGS,
     LoadedSettings,
     TextLayer,
@@ -63,7 +64,6 @@ OWN_PREFIXES: Final = (
 )
 #: Variables with one of our prefixes that the supervisor reads outside its settings.
 READ_ELSEWHERE: Final = frozenset({MULTIPROC_DIR_ENV})
-_BY_SPELLING: Final = {name: row for row in SETTINGS for name in row.spellings}
 _ALTERNATE_TOML_KIND: Final[dict[str, TomlKind]] = {"DISCORD_TOKEN_FILE": "str", "DISCORD_RAW_INTENTS": "int"}
 
 
@@ -142,7 +142,7 @@ def _file_layer(path: str) -> TextLayer:
                 "a known setting: the keys are the environment variables in lower case, such as "
                 f"discord_shard_count (in {path})",
             )
-        kind = _ALTERNATE_TOML_KIND.get(env) or _BY_SPELLING[env].toml
+        kind = _ALTERNATE_TOML_KIND.get(env) or SETTING_BY_VARIABLE[env].toml
         text = _toml_text(kind, toml_key, value)
         if text.strip():
             values[env] = (toml_key, text)

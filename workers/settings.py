@@ -58,6 +58,7 @@ from .setting_formats import (
 __all__ = [
     "KNOWN_VARIABLES",
     "SETTINGS",
+    "SETTING_BY_VARIABLE",
     "BrokerType",
     "Compression",
     "Encoding",
@@ -408,9 +409,10 @@ def _rows() -> tuple[Setting, ...]:
 
 #: The table, in declaration order.
 SETTINGS: Final = _rows()
-_BY_SPELLING: Final = {name: row for row in SETTINGS for name in row.spellings}
+#: Each spelling we read (primary and alternate) -> its row.
+SETTING_BY_VARIABLE: Final = {name: row for row in SETTINGS for name in row.spellings}
 #: Every spelling we read, primary and alternate.
-KNOWN_VARIABLES: Final = frozenset(_BY_SPELLING)
+KNOWN_VARIABLES: Final = frozenset(SETTING_BY_VARIABLE)
 
 
 # -- layers and resolution ---------------------------------------------------------------------------------
