@@ -110,7 +110,12 @@ class RedisAddress:
             raise ValueError(f"the database of {redacted!r} must be a number")
         tls_query = {name: query.pop(name) for name in _TLS_PARAMETERS & query.keys()}
         if query:
-            raise ValueError(f"unknown query parameters {sorted(query)} in {redacted!r}")
+            # Only names that look like parameters are echoed: a password holding an unencoded `?` puts its
+            # tail here, and this message may reach a log.
+            named = sorted(name for name in query if name.replace("_", "").isalnum() and name.isascii())
+            escape = "in a password, write ? # @ / : as %3F %23 %40 %2F %3A"
+            hint = "" if len(named) == len(query) else f" ({escape})"
+            raise ValueError(f"unknown query parameters {named or ''}{hint}".rstrip())
         if tls_query and scheme != "rediss":
             raise ValueError(f"{sorted(tls_query)} need a rediss:// URL, got {redacted!r}")
         return cls(

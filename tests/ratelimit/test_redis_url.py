@@ -43,6 +43,8 @@ def test_unix_sockets_take_the_database_from_the_query() -> None:
         (f"http://:{SECRET}@h/0", "redis://, rediss:// or unix://"),
         (f"redis://:{SECRET}@h/0?ssl_ca_cert=/ca.pem&password={SECRET}", "unknown query parameters"),
         (f"redis://:{SECRET}@h/0?ssl_ca_certs=/ca.pem", "need a rediss:// URL"),
+        # An unencoded `?` in the password: its tail parses as a query parameter and must not be echoed.
+        (f"redis://user:?{SECRET}@host/", "unknown query parameters .*in a password, write \\?"),
         (f"rediss://:{SECRET}@h/0?ssl_cert_reqs=sometimes", "ssl_cert_reqs"),
         (f"redis://:{SECRET}@h/db", "must be a number"),
         (f"unix://:{SECRET}@", "socket's path"),
