@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
@@ -39,6 +40,7 @@ from workers.identify import (
 from workers.metric_labels import MULTIPROC_DIR_ENV
 from workers.settings import KNOWN_VARIABLES, Settings
 
+from .cluster import ClusterNode
 from .dependencies import needed_dependencies, wait_for_dependencies
 from .errors import SupervisorError
 from .metrics import HealthState, mark_worker_dead, prepare_multiprocess_dir, serve_metrics
@@ -83,6 +85,12 @@ class Supervisor:
         #: The dependency the supervisor is waiting for before it spawns workers (None: not waiting).
         self._waiting_for: Dependency | None = None
         self._progress: StartProgress | None = None
+        #: Cluster mode: this supervisor as a node of the cluster (None with CLUSTER_MODE=off).
+        self._cluster: ClusterNode | None = None
+        #: Cluster mode: the worker slot of each group this node runs.
+        self._groups: dict[int, WorkerSlot] = {}
+        #: Cluster mode: what each group's worker is started with (shard count, /gateway/bot, gate, env).
+        self._cluster_plan: tuple[int, GatewayBot, BudgetedIdentifyGate, dict[str, str]] | None = None
 
     # -- health ----------------------------------------------------------------------------------------------
 
@@ -90,17 +98,32 @@ class Supervisor:
         return sum(slot.ready_shards() for slot in self.slots)
 
     def health(self) -> HealthState:
+        node = self._cluster
+        if node is not None:
+            self.shard_total = len(node.owned_shards())
+            # A node may own no group (more nodes than groups): it is ready once it has watched the cluster.
+            has_shards = node.settled.is_set()
+        else:
+            has_shards = self.shard_total > 0
+        detail: dict[str, Any] = {
+            "waiting_for": self._waiting_for,
+            "shards": self.shard_total,
+            "ready_shards": self.ready_shards(),
+            "workers": [slot.statistics() for slot in self.slots],
+        }
+        if node is not None:
+            stats = node.statistics()
+            detail["cluster"] = {
+                "node": stats.node,
+                "nodes": stats.nodes,
+                "redis": "connected" if stats.connected else "unreachable",
+                "groups": list(stats.groups),
+                "shards": list(stats.shards),
+            }
         return HealthState(
             live=not self._crash_loop,
-            ready=self._waiting_for is None
-            and self.shard_total > 0
-            and self.ready_shards() == self.shard_total,
-            detail={
-                "waiting_for": self._waiting_for,
-                "shards": self.shard_total,
-                "ready_shards": self.ready_shards(),
-                "workers": [slot.statistics() for slot in self.slots],
-            },
+            ready=self._waiting_for is None and has_shards and self.ready_shards() == self.shard_total,
+            detail=detail,
         )
 
     # -- worker exits ----------------------------------------------------------------------------------------
@@ -160,22 +183,25 @@ class Supervisor:
             info = await fetch_gateway_bot(settings.api_url, settings.token)
         except GatewayBotError as exc:
             raise SupervisorError(str(exc), ExitStatus.FATAL if exc.refused else ExitStatus.ERROR) from exc
+        cluster = settings.cluster_mode == "redis"
         shard_count = settings.shards or info.shards
         shard_ids = settings.shard_ids or tuple(range(shard_count))
         if max(shard_ids) >= shard_count:
             raise SupervisorError(f"shard ids go up to {max(shard_ids)} but there are {shard_count} shards")
-        self.shard_total = len(shard_ids)
-        plan = plan_workers(shard_ids, settings.workers, len(os.sched_getaffinity(0)) or 1)
-        LOGGER.info(
-            "supervisor.plan",
-            extra={
-                "shards": shard_count,
-                "running": len(shard_ids),
-                "workers": len(plan),
-                "max_concurrency": info.max_concurrency,
-            },
-        )
-        self._progress = StartProgress(len(shard_ids), info.max_concurrency)
+        plan: list[ShardRange] = []
+        if not cluster:  # in cluster mode the plan is the cluster's, read from Redis once it is reachable
+            self.shard_total = len(shard_ids)
+            plan = plan_workers(shard_ids, settings.workers, len(os.sched_getaffinity(0)) or 1)
+            LOGGER.info(
+                "supervisor.plan",
+                extra={
+                    "shards": shard_count,
+                    "running": len(shard_ids),
+                    "workers": len(plan),
+                    "max_concurrency": info.max_concurrency,
+                },
+            )
+            self._progress = StartProgress(len(shard_ids), info.max_concurrency)
         book = SessionBook() if settings.shard_store_type == "memory" else None
         # The metrics and health endpoint and the systemd watchdog run from here on, so /readyz answers (not
         # ready, and why) while the supervisor waits for RabbitMQ or Redis.
@@ -195,9 +221,12 @@ class Supervisor:
                         self._own_ratelimit_segment(),
                         self._open_gate(info.max_concurrency) as gate,
                     ):
-                        await self._spend_budget_check(gate, info, shard_ids)
-                        async with trio.open_nursery() as nursery:
-                            await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
+                        if cluster:
+                            await self._serve_cluster(gate, info, shard_count, metrics_dir)
+                        else:
+                            await self._spend_budget_check(gate, info, shard_ids)
+                            async with trio.open_nursery() as nursery:
+                                await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
             except SupervisorError as exc:
                 refused = exc  # raised below, outside the nursery, bare (not in an ExceptionGroup)
             outer.cancel_scope.cancel()
@@ -314,14 +343,7 @@ class Supervisor:
         self._nursery = nursery
         nursery.start_soon(self._refresh_budget, gate, info.reset_after_ms / MS_PER_S)
         nursery.start_soon(self._watch_budget, gate)
-        # The workers' settings, token included, travel over their control channels: their environment is
-        # the supervisor's without any setting, so no secret is readable in a worker's /proc/PID/environ.
-        worker_env = {
-            name: value
-            for name, value in child_environment(self.environ).items()
-            if name not in KNOWN_VARIABLES
-        }
-        worker_env[MULTIPROC_DIR_ENV] = str(metrics_dir)
+        worker_env = self._worker_environment(metrics_dir)
         for worker_range in plan:
             ids = worker_range.shard_ids
             assignment = ShardAssignment(
@@ -348,6 +370,121 @@ class Supervisor:
         nursery.start_soon(self._report_status)
         nursery.start_soon(self._report_progress)
         await self._control_loop(nursery)
+
+    def _worker_environment(self, metrics_dir: Path) -> dict[str, str]:
+        """The workers' settings, token included, travel over their control channels: their environment is
+        the supervisor's without any setting, so no secret is readable in a worker's /proc/PID/environ."""
+        worker_env = {
+            name: value
+            for name, value in child_environment(self.environ).items()
+            if name not in KNOWN_VARIABLES
+        }
+        worker_env[MULTIPROC_DIR_ENV] = str(metrics_dir)
+        return worker_env
+
+    # -- cluster mode ----------------------------------------------------------------------------------------
+
+    async def _serve_cluster(
+        self, gate: BudgetedIdentifyGate, info: GatewayBot, shard_count: int, metrics_dir: Path
+    ) -> None:
+        """Join the cluster (its plan, from Redis), then run the groups this node holds until stopped."""
+        from ratelimit.redis_client import open_redis_client
+        from ratelimit.resp import RedisError
+
+        from .cluster import ClusterNode, ClusterStore
+        from .cluster_plan import plan_cluster
+
+        settings = self.settings
+        node_id = settings.cluster_node_id or f"{socket.gethostname()}-{os.getpid()}"
+        workers = settings.workers or len(os.sched_getaffinity(0)) or 1
+        async with open_redis_client(settings.redis_url, max_connections=2) as client:
+            store = ClusterStore(client, settings.shard_store_prefix, node_id)
+            try:
+                stored = await store.stored_plan()
+                if (
+                    stored is not None
+                    and settings.shards is not None
+                    and stored.shard_count != settings.shards
+                ):
+                    raise SupervisorError(
+                        f"--shards (DISCORD_SHARD_COUNT): the cluster under prefix "
+                        f"{settings.shard_store_prefix!r} runs {stored.shard_count} shards, this node was "
+                        f"given {settings.shards} (leave it auto, or use another SHARD_STORE_PREFIX)",
+                        ExitStatus.CONFIG,
+                    )
+                plan = stored or await store.join(plan_cluster(shard_count))
+            except (RedisError, ValueError) as exc:
+                raise SupervisorError(f"cluster plan in Redis: {exc}") from exc
+            LOGGER.info(
+                "cluster.joined",
+                extra={
+                    "node": node_id,
+                    "shards": plan.shard_count,
+                    "groups": plan.groups,
+                    "workers": workers,
+                    "lease_ttl_s": settings.cluster_lease_ttl_s,
+                },
+            )
+            await self._spend_budget_check(gate, info, tuple(range(plan.shard_count)))
+            self._cluster_plan = (plan.shard_count, info, gate, self._worker_environment(metrics_dir))
+            node = ClusterNode(store, plan, workers=workers, ttl_s=settings.cluster_lease_ttl_s, runner=self)
+            self._cluster = node
+            self.board.node = node_id
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._refresh_budget, gate, info.reset_after_ms / MS_PER_S)
+                nursery.start_soon(self._watch_budget, gate)
+                await nursery.start(node.run)
+                if settings.broker_type == "stdio":
+                    nursery.start_soon(route_stdin_commands, self.slots, plan.shard_count)
+                nursery.start_soon(self._report_status)
+                await self._control_loop(nursery)
+
+    async def start_group(self, group: int, shard_ids: tuple[int, ...]) -> None:
+        """`GroupRunner`: run a worker for a group whose lease this node has just taken."""
+        assert self._nursery is not None and self._cluster is not None and self._cluster_plan is not None
+        shard_count, info, gate, worker_env = self._cluster_plan
+        assignment = ShardAssignment(
+            shard_ids,
+            shard_count,
+            gateway_url=info.url,
+            max_concurrency=info.max_concurrency,
+            ratelimit_fallback_share=max(1, len(self._groups) + 1),
+            leased=True,
+        )
+        slot = WorkerSlot(
+            group,
+            shard_ids,
+            config=WorkerConfig(self.settings, assignment),
+            environment=worker_env.copy,
+            gate=gate,
+            book=None,
+            on_exit=self._on_worker_exit,
+            lease=self._cluster.wait_lease,
+        )
+        self._groups[group] = slot
+        self.slots.append(slot)
+        await self._nursery.start(slot.run)
+
+    async def stop_group(self, group: int) -> None:
+        """`GroupRunner`: stop a group's worker gracefully (resumable closes, sessions flushed) and wait for
+        its exit; killed after SHUTDOWN_TIMEOUT."""
+        slot = self._groups.pop(group, None)
+        if slot is None:
+            return
+        await slot.stop(signal.SIGTERM)
+        with trio.move_on_after(self.settings.shutdown_timeout_s) as deadline:
+            while slot.process is not None and slot.process.returncode is None:
+                await slot.process.wait()
+        if deadline.cancelled_caught:
+            LOGGER.warning("cluster.worker_killed", extra={"group": group})
+            slot.signal(signal.SIGKILL)
+        if slot in self.slots:
+            self.slots.remove(slot)
+
+    def group_ready(self, group: int) -> bool:
+        slot = self._groups.get(group)
+        return slot is not None and slot.ready_shards() == len(slot.shard_ids)
 
     @contextlib.asynccontextmanager
     async def _own_ratelimit_segment(self) -> AsyncIterator[None]:
@@ -431,9 +568,13 @@ class Supervisor:
         return not self._stop.is_set()
 
     async def _drain(self, signals: Any) -> None:
-        """Stop every worker gracefully within the deadline; a second SIGINT kills at once."""
+        """Stop every worker gracefully within the deadline; a second SIGINT kills at once. A cluster node
+        first leaves the cluster and hands its groups over (their leases released once their sessions are
+        saved), so other nodes RESUME them."""
         self._stop.set()
         self.notifier.stopping()
+        if self._cluster is not None:
+            await self._cluster.leave(self.settings.shutdown_timeout_s)
         for slot in self.slots:
             await slot.stop(signal.SIGTERM)
         with trio.move_on_after(self.settings.shutdown_timeout_s) as deadline:

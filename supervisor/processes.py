@@ -15,6 +15,7 @@ everything, since no restart can succeed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -31,6 +32,7 @@ from workers.config import WorkerConfig
 from workers.control_messages import (
     CONTROL_FD_ENV,
     Configure,
+    ConnectRequest,
     ControlMessage,
     ControlMessageError,
     Heartbeat,
@@ -80,6 +82,7 @@ class WorkerSlot:
         gate: IdentifyGate,
         book: SessionBook | None,
         on_exit: Callable[[WorkerSlot, int | None], float | None],
+        lease: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.index = index
         self.shard_ids = shard_ids
@@ -88,6 +91,8 @@ class WorkerSlot:
         self._gate = gate
         self._book = book
         self._on_exit = on_exit
+        #: Cluster mode: returns once this node holds a shard's lease (answers `ConnectRequest`).
+        self._lease = lease
         self.process: trio.Process | None = None
         self.pid: int | None = None
         self.started_at = 0.0
@@ -145,6 +150,12 @@ class WorkerSlot:
                 return
             self.restarts += 1
             await trio.sleep(delay)
+            if self._stop_requested():
+                return  # stopped while waiting to restart (cluster mode: the group was handed over)
+
+    def _stop_requested(self) -> bool:
+        # A method, not the attribute, so type checkers don't assume `stop()` cannot run during a sleep.
+        return self.stopping
 
     async def stop(self, sig: int = signal.SIGTERM) -> None:
         """Ask the worker to stop (SIGTERM: resumable closes, flushed sessions); `run` then returns."""
@@ -237,7 +248,11 @@ class WorkerSlot:
             self.last_heartbeat = trio.current_time()
             self.connected.set()
         elif isinstance(message, IdentifyRequest):
-            nursery.start_soon(self._grant, message.id, message.shard, reply)
+            permit = functools.partial(self._gate.wait_for_permit, message.shard)
+            nursery.start_soon(self._grant, message.id, permit, reply)
+        elif isinstance(message, ConnectRequest):
+            lease = self._lease or _no_lease
+            nursery.start_soon(self._grant, message.id, functools.partial(lease, message.shard), reply)
         elif isinstance(message, IdentifyCancel):
             scope = self._identify_scopes.pop(message.id, None)
             if scope is not None:
@@ -250,11 +265,18 @@ class WorkerSlot:
         else:
             LOGGER.debug("worker.control_ignored", extra={"worker": self.index, "kind": message.TYPE})
 
-    async def _grant(self, request_id: int, shard_id: int, reply: Any) -> None:
+    async def _grant(self, request_id: int, wait: Callable[[], Awaitable[None]], reply: Any) -> None:
+        """Answer request `request_id` with a Permit once `wait` returns (an identify permit, or a lease in
+        cluster mode); an `IdentifyCancel` of the same id cancels it."""
         with trio.CancelScope() as scope:
             self._identify_scopes[request_id] = scope
             try:
-                await self._gate.wait_for_permit(shard_id)
+                await wait()
             finally:
                 self._identify_scopes.pop(request_id, None)
             await reply(Permit(request_id))
+
+
+async def _no_lease(_shard: int) -> None:
+    """Outside cluster mode every connection may go ahead."""
+    await trio.lowlevel.checkpoint()

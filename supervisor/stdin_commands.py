@@ -37,7 +37,6 @@ async def route_stdin_commands(
 ) -> None:
     """Forward each command line of `stream` (default: a duplicate of stdin) to its shard's worker, until
     end of file. Bad lines are logged (`command.rejected`) and skipped."""
-    owners = {shard: slot for slot in slots for shard in slot.shard_ids}
     if stream is None:
         try:
             stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
@@ -49,7 +48,8 @@ async def route_stdin_commands(
             if isinstance(item, CommandRejected):
                 LOGGER.warning("command.rejected", extra={"reason": item.reason})
                 continue
-            slot = owners.get(item.shard_id)
+            # Looked up per command: in cluster mode the node's slots come and go with its leases.
+            slot = next((slot for slot in slots if item.shard_id in slot.shard_ids), None)
             if slot is None:
                 LOGGER.warning("command.not_here", extra={"shard": item.shard_id})
             elif not await slot.send_command(ShardCommand(item.shard_id, item.op, item.d)):

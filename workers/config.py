@@ -31,6 +31,9 @@ class ShardAssignment:
     max_concurrency: int = 0
     #: Worker processes on this host: while Redis is unreachable each paces 1/share of the global limit.
     ratelimit_fallback_share: int = 1
+    #: Cluster mode: every connection (IDENTIFY or RESUME) waits for the supervisor's word that this node
+    #: still holds the shard's lease (`SupervisorLink.wait_for_lease`).
+    leased: bool = False
 
     def __post_init__(self) -> None:
         if not self.shard_ids or max(self.shard_ids) >= self.shard_count or min(self.shard_ids) < 0:

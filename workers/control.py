@@ -28,6 +28,7 @@ from .config import WorkerConfig
 from .control_messages import (
     CONTROL_FD_ENV,
     Configure,
+    ConnectRequest,
     ControlMessage,
     ControlMessageError,
     Heartbeat,
@@ -106,6 +107,12 @@ class SupervisorLink:
         request_id = next(self._ids)
         await self._request(IdentifyRequest(request_id, shard_id))
 
+    async def wait_for_lease(self, shard_id: int) -> None:
+        """Cluster mode: return once the supervisor says this node holds `shard_id`'s lease (before every
+        connection, so a node that lost the lease never reconnects the shard)."""
+        request_id = next(self._ids)
+        await self._request(ConnectRequest(request_id, shard_id))
+
     # -- SessionStore ----------------------------------------------------------------------------------
 
     async def load(self, shard_id: int) -> StoredSession | None:
@@ -132,7 +139,7 @@ class SupervisorLink:
 
     # -- plumbing --------------------------------------------------------------------------------------
 
-    async def _request(self, message: IdentifyRequest | SessionLoad) -> ControlMessage:
+    async def _request(self, message: IdentifyRequest | ConnectRequest | SessionLoad) -> ControlMessage:
         request_id = message.id
         send, receive = trio.open_memory_channel[ControlMessage](1)
         self._waiting[request_id] = send
@@ -143,7 +150,7 @@ class SupervisorLink:
         except trio.EndOfChannel:
             raise SupervisorGone from None
         except BaseException:
-            if isinstance(message, IdentifyRequest) and not self.gone.is_set():
+            if isinstance(message, IdentifyRequest | ConnectRequest) and not self.gone.is_set():
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                     await self.send(IdentifyCancel(request_id))
             raise

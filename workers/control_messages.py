@@ -7,7 +7,8 @@ Design note. The supervisor starts each worker with one end of a Unix socketpair
     Hello(pid)                                    Configure(config)        first, answering Hello
     Heartbeat(shards: {id: ShardStatistics})      Permit(id)
     IdentifyRequest(id, shard)                    SessionReply(id, session | None)
-    IdentifyCancel(id)                            ShardCommand(shard, op, d)  from its stdin
+    ConnectRequest(id, shard)  (cluster mode)     ShardCommand(shard, op, d)  from its stdin
+    IdentifyCancel(id)  (cancels either request)
     SessionLoad(id, shard)
     SessionsUpdate(save: {shard: StoredSession}, delete: (shard, ...))
 
@@ -38,6 +39,7 @@ __all__ = [
     "CONTROL_FD_ENV",
     "MAX_LINE_BYTES",
     "Configure",
+    "ConnectRequest",
     "ControlMessage",
     "ControlMessageError",
     "Heartbeat",
@@ -114,6 +116,16 @@ class IdentifyRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """Cluster mode: may `shard` open a connection now? Answered by `Permit` while this node holds the
+    shard's lease; cancelled, like an identify request, by `IdentifyCancel(id)`."""
+
+    TYPE: ClassVar[str] = "connect"
+    id: int
+    shard: int
+
+
+@dataclass(frozen=True, slots=True)
 class IdentifyCancel:
     TYPE: ClassVar[str] = "identify_cancel"
     id: int
@@ -167,6 +179,7 @@ ControlMessage: TypeAlias = (
     Hello
     | Heartbeat
     | IdentifyRequest
+    | ConnectRequest
     | IdentifyCancel
     | SessionLoad
     | SessionsUpdate
@@ -226,6 +239,7 @@ _DECODERS: Final[dict[str, Callable[[dict[str, Any]], ControlMessage]]] = {
     "hello": lambda b: Hello(int(b["pid"])),
     "heartbeat": lambda b: Heartbeat({int(k): ShardStatistics(**v) for k, v in b["shards"].items()}),
     "identify": lambda b: IdentifyRequest(int(b["id"]), int(b["shard"])),
+    "connect": lambda b: ConnectRequest(int(b["id"]), int(b["shard"])),
     "identify_cancel": lambda b: IdentifyCancel(int(b["id"])),
     "session_load": lambda b: SessionLoad(int(b["id"]), int(b["shard"])),
     "sessions": lambda b: SessionsUpdate(

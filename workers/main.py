@@ -178,9 +178,16 @@ async def run_worker(
                 async with open_publish_pump(
                     publisher or sink, capacity=capacity, on_confirmed=on_confirmed
                 ) as pump:
+                    lease = link.wait_for_lease if link is not None and config.assignment.leased else None
                     for shard_id in config.shard_ids:
                         runners[shard_id] = ShardRunner(
-                            config, shard_id, gate=gate, store=store, pump=pump, gateway_url=gateway_url
+                            config,
+                            shard_id,
+                            gate=gate,
+                            store=store,
+                            pump=pump,
+                            gateway_url=gateway_url,
+                            lease=lease,
                         )
                     status = await _run_shards(
                         config, runners, pump, amqp, rest, stop, task_status, link, feed

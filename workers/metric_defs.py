@@ -36,6 +36,12 @@ from .metric_labels import (
 
 __all__ = [
     "BUILD_INFO",
+    "CLUSTER_HANDOVERS",
+    "CLUSTER_LEASE_FAILURES",
+    "CLUSTER_LEASE_RENEWALS",
+    "CLUSTER_NODES",
+    "CLUSTER_SHARDS_OWNED",
+    "CLUSTER_TAKEOVERS",
     "DEPENDENCY_UP",
     "EVENTS_PUBLISHED",
     "EVENTS_RECEIVED",
@@ -179,6 +185,32 @@ IDENTIFY_WAITING: Final = Gauge(
     "Shards waiting for an IDENTIFY permit (for long only when the daily budget is spent).",
     multiprocess_mode="livemax",
 )
+CLUSTER_NODES: Final = Gauge(
+    "discord_cluster_nodes",
+    "Live nodes of the cluster this node last saw in Redis (CLUSTER_MODE=redis).",
+    multiprocess_mode="livemax",
+)
+CLUSTER_SHARDS_OWNED: Final = Gauge(
+    "discord_cluster_shards_owned",
+    "Shards whose lease this node holds.",
+    multiprocess_mode="livemax",
+)
+CLUSTER_LEASE_RENEWALS: Final = Counter(
+    "discord_cluster_lease_renewals_total", "Successful syncs with Redis (each renews every lease held)."
+)
+CLUSTER_LEASE_FAILURES: Final = Counter(
+    "discord_cluster_lease_failures_total", "Syncs with Redis that failed (Redis unreachable or too slow)."
+)
+CLUSTER_HANDOVERS: Final = Counter(
+    "discord_cluster_handovers_total",
+    "Shard groups this node handed over (stopped and released for another node) or took by hand-over.",
+    ["direction"],
+)
+CLUSTER_TAKEOVERS: Final = Counter(
+    "discord_cluster_takeovers_total",
+    "Shard groups this node took from a node whose lease expired (failover), or lost to another node.",
+    ["direction"],
+)
 BUILD_INFO: Final = Gauge(
     "discord_gateway_build_info",
     "Always 1; the labels name the running version and Python.",
@@ -193,6 +225,9 @@ for _cause in WORKER_RESTART_CAUSES:
     WORKER_RESTARTS.labels(cause=_cause)
 for _reason in RECONNECT_REASONS:
     RECONNECTS.labels(reason=_reason)
+for _direction in ("in", "out"):
+    CLUSTER_HANDOVERS.labels(direction=_direction)
+    CLUSTER_TAKEOVERS.labels(direction=_direction)
 for _reason in get_args(WaitReason):
     RATELIMIT_WAITS.labels(reason=_reason)
 

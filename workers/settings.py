@@ -84,6 +84,7 @@ Compression = Literal["zlib-stream", "zstd-stream", "none"]
 #: `null` drops every event after decoding it (benchmarks).
 BrokerType = Literal["stdio", "amqp", "null"]
 StoreType = Literal["memory", "redis"]
+ClusterMode = Literal["off", "redis"]
 Encoding = Literal["spectacles", "msgpack", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 #: The ratelimit backends a deployment may name; `memory` (one process) is for tests and embedding only.
@@ -283,6 +284,30 @@ class Settings:
     )
     shard_store_prefix: str = setting(
         "gateway", "SHARD_STORE_PREFIX", parse_word, "prefix of every Redis key of this bot"
+    )
+    cluster_mode: ClusterMode = setting(
+        "off",
+        "CLUSTER_MODE",
+        choice_parser(ClusterMode),
+        "`redis`: every supervisor with the same `REDIS_URL` and `SHARD_STORE_PREFIX` is a node of one "
+        "cluster that spreads the shards and fails over (implies `SHARD_STORE_TYPE=redis`)",
+        processes=_SUPERVISOR,
+    )
+    cluster_node_id: str | None = setting(
+        None,
+        "CLUSTER_NODE_ID",
+        parse_word,
+        "this node's name in the cluster; unique per running supervisor",
+        readme_default="hostname-pid",
+        processes=_SUPERVISOR,
+    )
+    cluster_lease_ttl_s: float = setting(
+        10.0,
+        "CLUSTER_LEASE_TTL",
+        _DURATION,
+        "how long a node's shard leases outlive its last renewal: the failover time after a node dies",
+        toml="duration",
+        processes=_SUPERVISOR,
     )
     redis_url: str = setting(
         "redis://127.0.0.1:6379",
@@ -504,10 +529,40 @@ def resolve(layers: Iterable[TextLayer], *, config_path: str | None = None) -> L
                 break
         else:
             sources[row.env] = Source("default", row.env)
-    loaded = LoadedSettings(Settings(**values), sources, config_path)
+    loaded = _check_cluster(LoadedSettings(Settings(**values), sources, config_path))
     if loaded.settings.shards is not None:
         loaded.check_shard_count(loaded.settings.shards)
     return loaded
+
+
+#: The shortest `CLUSTER_LEASE_TTL`: a node renews every fifth of it, and a renewal is one Redis round trip.
+MIN_LEASE_TTL_S: Final = 2.0
+
+
+def _check_cluster(loaded: LoadedSettings) -> LoadedSettings:
+    """`CLUSTER_MODE=redis` keeps sessions in Redis (an explicit `memory` store is an error) and decides which
+    shards each node runs (an explicit `--shard-ids` is an error)."""
+    settings = loaded.settings
+    if settings.cluster_mode == "off":
+        return loaded
+    if settings.shard_ids is not None:
+        raise ConfigError(
+            loaded.name_of("DISCORD_SHARD_IDS"),
+            "unset with CLUSTER_MODE=redis (the cluster decides which shards each node runs)",
+        )
+    if settings.shard_store_type != "redis":
+        if loaded.sources["SHARD_STORE_TYPE"].kind != "default":
+            raise ConfigError(
+                loaded.name_of("SHARD_STORE_TYPE"),
+                "redis with CLUSTER_MODE=redis (another node must be able to RESUME these sessions)",
+            )
+        settings = dataclasses.replace(settings, shard_store_type="redis")
+    if settings.cluster_lease_ttl_s < MIN_LEASE_TTL_S:
+        raise ConfigError(
+            loaded.name_of("CLUSTER_LEASE_TTL"),
+            f"at least {MIN_LEASE_TTL_S:g}s, got {settings.cluster_lease_ttl_s:g}s",
+        )
+    return dataclasses.replace(loaded, settings=settings)
 
 
 def load_from_environment(environ: Mapping[str, str]) -> Settings:

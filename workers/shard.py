@@ -97,6 +97,7 @@ class ShardRunner:
         store: SessionStore,
         pump: PublishPump,
         gateway_url: str,
+        lease: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.shard_id = shard_id
@@ -104,6 +105,9 @@ class ShardRunner:
         self._store = store
         self._pump = pump
         self._gateway_url = gateway_url
+        #: Cluster mode: awaited before every connection; returns while this node holds the shard's lease.
+        self._lease = lease
+        self._lease_wait = trio.CancelScope()
         self.protocol: ShardProtocol | None = None
         self.committed: CommittedSeq | None = None
         self._saved_seq = -1
@@ -142,6 +146,7 @@ class ShardRunner:
     async def stop(self) -> None:
         """Graceful stop: close the connection with a resumable code and let `run` return (session kept)."""
         self._stopping = True
+        self._lease_wait.cancel()
         ws = self._ws
         if ws is not None:
             await _close(ws, RESUMABLE_CLOSE_CODE)
@@ -203,6 +208,12 @@ class ShardRunner:
                 await trio.sleep(delay)
             if self._pump.free_slots <= 0:
                 await self._pump.wait_drained_below(self._pump.capacity // 2)
+            if self._lease is not None:
+                self._lease_wait = trio.CancelScope()  # stop() cancels the wait (a scope is entered once)
+                with self._lease_wait:
+                    await self._lease(self.shard_id)
+                if self._stop_requested():
+                    return
             event = await self._run_connection(self.protocol)
             if self._stop_requested():
                 return

@@ -75,6 +75,9 @@ VALID: list[tuple[str, str, str, Any]] = [
     ("SHARD_STORE_PREFIX", "bot1", "shard_store_prefix", "bot1"),
     ("REDIS_URL", "rediss://:pw@redis:6380/2", "redis_url", "rediss://:pw@redis:6380/2"),
     ("REDIS_POOL_SIZE", "12", "redis_pool_size", 12),
+    ("CLUSTER_MODE", "redis", "cluster_mode", "redis"),
+    ("CLUSTER_NODE_ID", "host-a.example", "cluster_node_id", "host-a.example"),
+    ("CLUSTER_LEASE_TTL", "15s", "cluster_lease_ttl_s", 15.0),
     ("RATELIMIT_BACKEND", "redis", "ratelimit_backend", "redis"),
     ("RATELIMIT_SHM_DIR", "/run/trio-shard-gateway/", "ratelimit_shm_dir", "/run/trio-shard-gateway"),
     ("PROXY_HTTP_SECRET", " 0123456789abcdef-proxy ", "proxy_http_secret", "0123456789abcdef-proxy"),
@@ -125,6 +128,9 @@ INVALID: list[tuple[str, str]] = [
     ("REDIS_URL", "redis://r/0?ssl_ca_cert=/ca.pem"),
     ("REDIS_URL", "rediss://r/0?ssl_ca_certs=/nonexistent/ca.pem"),
     ("REDIS_POOL_SIZE", "0"),
+    ("CLUSTER_MODE", "etcd"),
+    ("CLUSTER_NODE_ID", "two words"),
+    ("CLUSTER_LEASE_TTL", "0s"),
     ("RATELIMIT_BACKEND", "memory"),
     ("RATELIMIT_SHM_DIR", "relative/dir"),
     ("PROXY_HTTP_SECRET", "short"),
@@ -638,3 +644,26 @@ def test_defaults() -> None:
     assert (settings.shutdown_timeout_s, settings.restart_max, settings.restart_window_s) == (25.0, 5, 60.0)
     assert settings.identify_reserve == 10
     assert "token=" not in repr(Settings(token=TOKEN)) and TOKEN not in repr(Settings(token=TOKEN))
+
+
+# -- cluster mode --------------------------------------------------------------------------------------------
+
+
+def test_cluster_mode_keeps_sessions_in_redis() -> None:
+    settings = load_settings([], {"DISCORD_TOKEN": "abc.def", "CLUSTER_MODE": "redis"}).settings
+    assert settings.shard_store_type == "redis"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "key"),
+    [
+        ([], {"SHARD_STORE_TYPE": "memory"}, "SHARD_STORE_TYPE"),
+        (["--shard-ids", "0-3"], {}, "--shard-ids"),
+        ([], {"DISCORD_SHARD_IDS": "0-3"}, "DISCORD_SHARD_IDS"),
+        ([], {"CLUSTER_LEASE_TTL": "1500ms"}, "CLUSTER_LEASE_TTL"),
+    ],
+)
+def test_cluster_mode_refuses_what_contradicts_it(argv: list[str], environ: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(argv, {"DISCORD_TOKEN": "abc.def", "CLUSTER_MODE": "redis", **environ})
+    assert caught.value.key == key
