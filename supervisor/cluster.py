@@ -6,9 +6,11 @@ Design note.
   (`supervisor.cluster_plan`); a later node with another explicit `--shards` is refused (exit 2). A group of
   contiguous shards is the unit of a lease and of a worker process: a node runs one worker per group it owns.
 - Leases. ``{prefix}:cluster:lease:<group>`` holds ``"<node> <fence>"`` with a PX expiry timed by the Redis
-  server's clock. A fence is a number from one counter (INCR), issued at each acquisition and remembered per
-  group in ``{prefix}:cluster:fences``: a lease is renewed, re-asserted or released only by the holder of its
-  current fence, so a node that was away cannot renew a lease that has since changed hands.
+  server's clock. A fence is a number from one counter (INCR), issued at each acquisition; the group's last
+  ``"<node> <fence>"`` is remembered in ``{prefix}:cluster:fences``. A lease is renewed, re-asserted or
+  released only by the holder of its current fence, so a node that was away cannot renew a lease that has
+  since changed hands; a re-assertion after Redis restarted empty also lifts the counter above the fence,
+  so fences keep growing.
 - The sync, every `ttl / 5`, is one Lua call: register this node (a ZSET scored by its expiry in server
   time), forget dead nodes, renew every lease this node holds, re-assert a held lease that Redis no longer has
   (Redis restarted empty, or it expired during an outage and nobody took it) when its fence is still the
@@ -86,9 +88,9 @@ if not plan then
   plan = ARGV[5]
 end
 local owners = {}
-for i = 5, #KEYS do
-  local group = tostring(i - 5)
-  local fence = ARGV[i + 1]
+for i = 6, #KEYS do
+  local group = tostring(i - 6)
+  local fence = ARGV[i]
   local value = redis.call('GET', KEYS[i])
   if fence ~= '' then
     local mine = me .. ' ' .. fence
@@ -96,9 +98,12 @@ for i = 5, #KEYS do
       redis.call('PEXPIRE', KEYS[i], ttl)
     elseif not value then
       local last = redis.call('HGET', KEYS[3], group)
-      if (not last) or last == fence then
+      if (not last) or last == mine then
         redis.call('SET', KEYS[i], mine, 'PX', ttl)
-        redis.call('HSET', KEYS[3], group, fence)
+        redis.call('HSET', KEYS[3], group, mine)
+        if tonumber(redis.call('GET', KEYS[5]) or '0') < tonumber(fence) then
+          redis.call('SET', KEYS[5], fence)
+        end
         value = mine
       end
     end
@@ -119,7 +124,7 @@ for i = 3, #KEYS do
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local fence = redis.call('INCR', KEYS[1])
     redis.call('SET', KEYS[i], ARGV[1] .. ' ' .. fence, 'PX', ARGV[2])
-    redis.call('HSET', KEYS[2], ARGV[i], fence)
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[1] .. ' ' .. fence)
     out[#out + 1] = fence
   else
     out[#out + 1] = 0
@@ -181,7 +186,7 @@ class ClusterStore:
     async def sync(
         self, plan: ClusterPlan, workers: int, ttl_ms: int, held: Mapping[int, int], *, leaving: bool
     ) -> SyncResult:
-        keys: list[Arg] = [self.nodes_key, self.weights_key, self.fences_key, self.plan_key]
+        keys: list[Arg] = [self.nodes_key, self.weights_key, self.fences_key, self.plan_key, self.fence_key]
         keys += [self.lease_key(group) for group in range(plan.groups)]
         args: list[Arg] = [self.node_id, workers, ttl_ms, "1" if leaving else "0", plan.to_text()]
         args += [str(held[group]) if group in held else "" for group in range(plan.groups)]
