@@ -56,6 +56,7 @@ __all__ = [
     "ClusterStatistics",
     "ClusterStore",
     "GroupRunner",
+    "LeaseStore",
     "SyncResult",
 ]
 
@@ -230,6 +231,20 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+class LeaseStore(Protocol):
+    """What a node needs of the cluster's shared state: `ClusterStore` in Redis (tests keep it in memory)."""
+
+    node_id: str
+
+    async def sync(
+        self, plan: ClusterPlan, workers: int, ttl_ms: int, held: Mapping[int, int], *, leaving: bool
+    ) -> SyncResult: ...
+
+    async def acquire(self, groups: Sequence[int], ttl_ms: int) -> dict[int, int]: ...
+
+    async def release(self, group: int, fence: int) -> bool: ...
+
+
 class GroupRunner(Protocol):
     """What the node asks of its supervisor: run, stop and report on the worker of one group."""
 
@@ -273,7 +288,7 @@ class ClusterNode:
 
     def __init__(
         self,
-        store: ClusterStore,
+        store: LeaseStore,
         plan: ClusterPlan,
         *,
         workers: int,
