@@ -19,8 +19,8 @@ import trio
 
 from benchmarks.children import free_port, worker_env
 from benchmarks.simulator import open_simulator
+from benchmarks.tcp_forwarder import TcpForwarder
 from tests.supervisor.test_supervisor import gateway, ready, supervisor, wait_until
-from tests.tcp_forwarder import TcpForwarder
 
 TIMEOUT_S = 120
 #: Longer than the crash-loop cap used to take to end the supervisor (about 3 s) on this loaded machine.

@@ -17,7 +17,7 @@ import trio
 
 from benchmarks.children import free_port, worker_env
 from benchmarks.simulator import GatewayConfig, SimulatorConfig, open_simulator
-from tests.tcp_forwarder import TcpForwarder
+from benchmarks.tcp_forwarder import TcpForwarder
 
 TIMEOUT_S = 120
 #: Long enough for several of aio-pika's reconnect attempts (one a second) to fail during the outage.

@@ -1,6 +1,9 @@
 """A TCP forwarder on loopback in front of the machine's real RabbitMQ or Redis: a dependency that is "not up
 yet" (nothing listens on the port until `serve` runs) or that goes away (`cut`), without stopping the shared
-server other tests use."""
+server other tests use. A cluster node whose `REDIS_URL` goes through one is the node that a partition cuts
+off from Redis while the others still reach it (`benchmarks.cluster_nodes`).
+
+Tests and benchmarks both use it; it imports nothing from `tests`."""
 
 from __future__ import annotations
 
@@ -42,10 +45,13 @@ class TcpForwarder:
         with trio.CancelScope() as scope:
             self._open.add(scope)
             try:
-                async with client, await trio.open_tcp_stream("127.0.0.1", self.target_port) as server:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(_pump, client, server, nursery.cancel_scope)
-                        nursery.start_soon(_pump, server, client, nursery.cancel_scope)
+                async with (
+                    client,
+                    await trio.open_tcp_stream("127.0.0.1", self.target_port) as server,
+                    trio.open_nursery() as nursery,
+                ):
+                    nursery.start_soon(_pump, client, server, nursery.cancel_scope)
+                    nursery.start_soon(_pump, server, client, nursery.cancel_scope)
             finally:
                 self._open.discard(scope)
 
