@@ -19,6 +19,11 @@ Ledger maxima (counters holding the largest value seen, zeroed by `reset_maxima`
 (payloads in one connection's 60 s window), `heartbeat_gap_max_ms` (between two heartbeats of one connection),
 `payload_max_bytes` (one client payload, oversized ones included). Faults that starve the client of HELLO or
 READY count `hello_withheld` per connection and `ready_withheld` per ignored IDENTIFY/RESUME.
+
+Shard overlap (gateway_ledger.py): a connection serves its shard from READY/RESUMED until it ends (closed by
+either side, dropped, blackholed, taken over by a RESUME elsewhere); starting to serve a shard another
+connection still serves is the rule `shard_served_twice`, counted in `shard_overlaps`, its duration in
+`shard_overlap_s`. A RESUME on a new connection drops the old one before RESUMED (`sessions_taken_over`).
 """
 
 from __future__ import annotations
@@ -151,6 +156,7 @@ class GatewaySimulator(GatewayState):
         except ConnectionEnded:
             pass
         finally:
+            self.ledger.serving_ended(conn)
             self.connections.discard(conn)
             if conn.session is not None:
                 conn.session.detach(conn)

@@ -100,6 +100,7 @@ async def _close(state: GatewayState, conn: GatewayConnection, body: dict[str, A
 
 
 async def _drop(state: GatewayState, conn: GatewayConnection, body: dict[str, Any]) -> None:
+    state.ledger.serving_ended(conn)
     conn.blackholed = True
     state.ledger.close(conn.shard_id, None, "server")
     await conn.ws.abort(reset=True)
@@ -107,6 +108,8 @@ async def _drop(state: GatewayState, conn: GatewayConnection, body: dict[str, An
 
 
 async def _blackhole(state: GatewayState, conn: GatewayConnection, body: dict[str, Any]) -> None:
+    # A dead connection to the client, who will leave it: it no longer serves its shard.
+    state.ledger.serving_ended(conn)
     conn.blackholed = True
     if conn.session is not None:
         conn.session.detach(conn)

@@ -8,7 +8,14 @@ the token and closes every connection with 4004 [identify_budget]. A second IDEN
 
 RESUME: one not sent to READY's `resume_gateway_url` is recorded [resume_not_on_resume_url]; one for an
 unknown, expired or unreplayable session gets op 9 false; a seq beyond the session's closes 4007. A session
-resumed on a new connection drops its old one, as Discord does.
+resumed on a new connection drops its old one, as Discord does: the old socket is closed without a close
+frame (the client sees 1006, a lost connection it would RESUME from; counted in `sessions_taken_over`), and
+this happens before the new connection is sent RESUMED, with no checkpoint in between, so a hand-over by
+RESUME never has two connections serving the shard.
+
+A connection serves its shard from READY or RESUMED until it ends; one that starts serving a shard another
+connection still serves (two IDENTIFYs of one shard) is recorded [shard_served_twice] and counted in
+`shard_overlaps` (gateway_ledger.py).
 """
 
 from __future__ import annotations
@@ -117,6 +124,7 @@ async def on_identify(state: GatewayState, conn: GatewayConnection, data: Any) -
     conn.identified = True
     conn.session = session
     session.attach(conn)
+    state.ledger.serving_started(conn, shard_id, shard_count, session.session_id)
     conn.streaming = True
     ready = ready_payload(session.session_id, state.resume_gateway_url, [shard_id, shard_count], guild_ids)
     session.append(b"READY", orjson.dumps(ready))
@@ -180,9 +188,9 @@ async def on_resume(state: GatewayState, conn: GatewayConnection, data: Any) -> 
         return
     previous = session.connection
     if previous is not None and previous is not conn:
-        # The same session resumed on a new connection: Discord drops the old one.
-        previous.cancel_scope.cancel()
-        session.detach(previous)
+        # The same session resumed on a new connection: Discord drops the old one, before RESUMED goes out.
+        assert isinstance(previous, GatewayConnection)  # sessions are attached only to these
+        state.drop_taken_over(previous)
     upto = session.last_seq
     record(True, "", upto - seq_value)
     session.resumes += 1
@@ -190,6 +198,7 @@ async def on_resume(state: GatewayState, conn: GatewayConnection, data: Any) -> 
     conn.session = session
     conn.sent_seq = seq_value
     session.attach(conn)
+    state.ledger.serving_started(conn, session.shard_id, session.shard_count, session.session_id)
     conn.send_dispatches_upto(upto)
     conn.send_payload({"op": 0, "t": "RESUMED", "s": None, "d": {"_trace": ["gateway-sim"]}})
     conn.streaming = True

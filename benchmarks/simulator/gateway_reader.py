@@ -56,6 +56,7 @@ async def read_loop(state: GatewayState, conn: GatewayConnection) -> None:
             await state.server_close(conn, 4002, "Payload too large.")
             return
         except ConnectionEnded as ended:
+            state.ledger.serving_ended(conn)
             if not ended.reply:
                 _client_closed(state, conn, ended.code)
             return

@@ -6,9 +6,10 @@ rates, the live sessions and connections and the faults waiting for the next con
 functions of it; `GatewaySimulator` (gateway.py) is the state plus the listeners that serve it.
 
 The server's moves: close a connection with a code (the codes in `SESSION_ENDING_CODES` end its session),
-send op 9 after Discord's delay, drop a connection the client has not closed `SERVER_CLOSE_AFTER_S` after
-op 7/op 9, and reset the token when the identify budget is spent. Timers run in the gateway's nursery, not
-the connection's: a connection's reader may be what they close.
+drop a connection whose session a RESUME took over (`drop_taken_over`), send op 9 after Discord's delay,
+drop a connection the client has not closed `SERVER_CLOSE_AFTER_S` after op 7/op 9, and reset the token
+when the identify budget is spent. Timers run in the gateway's nursery, not the connection's: a
+connection's reader may be what they close.
 """
 
 from __future__ import annotations
@@ -87,12 +88,33 @@ class GatewayState:
         self.nursery.start_soon(function, *args)
 
     async def server_close(self, conn: GatewayConnection, code: int, reason: str) -> None:
+        self.ledger.serving_ended(conn)
         self.ledger.close(conn.shard_id, code, "server")
         if conn.session is not None and code in SESSION_ENDING_CODES:
             conn.session.invalidate()
         conn.blackholed = True  # stop the writer before the close frame goes out
         await conn.ws.close(code, reason)
         conn.cancel_scope.cancel()
+
+    def drop_taken_over(self, conn: GatewayConnection) -> None:
+        """A RESUME on another connection took `conn`'s session: drop `conn` now, without a checkpoint, so it
+        has stopped serving and its socket is closed before the new connection is sent RESUMED.
+
+        No close frame, as when Discord drops the old socket on a takeover: the client sees 1006 (abnormal
+        closure), which clients treat as a lost connection to RESUME from, not as an ended session.
+        Recorded as a server close with code None (like the `drop` fault) and counted in
+        `sessions_taken_over`.
+        """
+        self.ledger.serving_ended(conn)
+        self.ledger.close(conn.shard_id, None, "server")
+        self.ledger.count("sessions_taken_over")
+        conn.blackholed = True  # the writer sends nothing more, not even what is queued
+        if conn.session is not None:
+            conn.session.detach(conn)
+        # Cancel first: the connection's reader then ends on the cancellation, not on the closed socket (which
+        # would read as the client leaving).
+        conn.cancel_scope.cancel()
+        conn.ws.abort_now()
 
     async def invalid_session_later(self, conn: GatewayConnection) -> None:
         await trio.sleep(self.gw.invalid_session_delay_s)

@@ -201,6 +201,12 @@ class ServerWebSocket:
                         pass
         await self.abort(reset=False)
 
+    def abort_now(self) -> None:
+        """Close the TCP connection at once, without a closing handshake or a checkpoint: the kernel sends
+        what is already written, then FIN (RST if the client's data lies unread). The client sees 1006."""
+        self.closed = True
+        self._stream.socket.close()
+
     async def abort(self, *, reset: bool = False) -> None:
         """Close the TCP connection now, without a closing handshake; `reset` sends an RST."""
         self.closed = True
