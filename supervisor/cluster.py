@@ -386,15 +386,18 @@ class ClusterNode:
         now = trio.current_time()
         if now - state.connected_since < self.ttl_s:
             return  # still observing: owners re-assert their leases first
-        if not self.settled.is_set():
-            self.settled.set()
-            LOGGER.info("cluster.settled", extra={"node": self.node_id, "nodes": len(result.nodes)})
         owners = result.owners()
         live = {node.node_id for node in result.nodes}
         ready = {group for group in state.held if self._runner.group_ready(group)}
         step = next_step(self.node_id, result.nodes, owners, self.plan.groups, ready)
         if step.acquire:
             await self._acquire(step.acquire, live)
+        if not self.settled.is_set():  # watched one TTL and took its first share
+            self.settled.set()
+            LOGGER.info(
+                "cluster.settled",
+                extra={"node": self.node_id, "nodes": len(result.nodes), "groups": list(self.owned_groups())},
+            )
         if step.release is not None and state.releasing is None:
             state.releasing = step.release
             nursery.start_soon(self._rebalance, step.release)
