@@ -42,18 +42,21 @@ class TcpForwarder:
             await client.aclose()
             return
         self.connections += 1
-        with trio.CancelScope() as scope:
-            self._open.add(scope)
-            try:
-                async with (
-                    client,
-                    await trio.open_tcp_stream("127.0.0.1", self.target_port) as server,
-                    trio.open_nursery() as nursery,
-                ):
-                    nursery.start_soon(_pump, client, server, nursery.cancel_scope)
-                    nursery.start_soon(_pump, server, client, nursery.cancel_scope)
-            finally:
-                self._open.discard(scope)
+        async with client:
+            with trio.CancelScope() as scope:
+                self._open.add(scope)
+                try:
+                    try:
+                        server = await trio.open_tcp_stream("127.0.0.1", self.target_port)
+                    except OSError:
+                        # The server behind is down (a Redis outage): the client sees its connection closed,
+                        # as it would see it refused without the forwarder, and the forwarder goes on serving.
+                        return
+                    async with server, trio.open_nursery() as nursery:
+                        nursery.start_soon(_pump, client, server, nursery.cancel_scope)
+                        nursery.start_soon(_pump, server, client, nursery.cancel_scope)
+                finally:
+                    self._open.discard(scope)
 
 
 async def _pump(source: trio.SocketStream, sink: trio.SocketStream, both: trio.CancelScope) -> None:
