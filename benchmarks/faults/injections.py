@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import httpx
 import trio
@@ -28,6 +28,7 @@ from benchmarks.faults.system import (
     HEARTBEAT_INTERVAL_MS,
     INVALID_REQUEST_LIMIT,
     POLL_S,
+    Observed,
     Settings,
     System,
 )
@@ -87,12 +88,16 @@ CRASH_LOOP_WATCH_S: Final = 3.0
 OUTAGE_BOUND_S: Final = 15.0
 
 
+#: The system a fault runs on: the single supervisor's `System` or the cluster's.
+S = TypeVar("S", bound=Observed)
+
+
 @dataclass(slots=True)
-class Fault:
+class Fault(Generic[S]):
     """One injection: what it does, how many shard reconnections recovery means, and its bound."""
 
     name: str
-    inject: Callable[[System], Awaitable[int]]
+    inject: Callable[[S], Awaitable[int]]
     #: True when every affected shard could RESUME (then 0 identifies is the criterion).
     resumable: bool
     bound_s: float
@@ -102,6 +107,9 @@ class Fault:
     #: A fatal close code (F5): the supervisor must stop everything with EXIT_FATAL and never reconnect.
     #: It runs last, since nothing runs after it.
     fatal: bool = False
+    #: What the fault does once the system recovered, before the firehose settles and the consumer drains
+    #: (heal a partition, wait for a node's exit): part of the fault, judged with it, not timed.
+    finish: Callable[[S], Awaitable[None]] | None = None
 
 
 # -- the faults --------------------------------------------------------------------------------
@@ -536,8 +544,8 @@ async def identify_budget_exhausted(system: System) -> int:
     return shards
 
 
-def faults_for(settings: Settings) -> list[Fault]:
-    everything = [
+def faults_for(settings: Settings) -> list[Fault[System]]:
+    everything: list[Fault[System]] = [
         Fault("worker_kill9", kill_worker, True, 3.0 + CONSUMER_SLACK_S, "F1"),
         Fault("rolling_restart", rolling_restart, True, 60.0, "F2"),
         Fault("op7_storm", gateway_action("reconnect"), True, 10.0, "F3"),
@@ -596,6 +604,6 @@ def faults_for(settings: Settings) -> list[Fault]:
     return [fault for fault in everything if fault.name in settings.faults]
 
 
-def in_running_order(faults: list[Fault]) -> list[Fault]:
+def in_running_order(faults: list[Fault[S]]) -> list[Fault[S]]:
     """Fatal faults last (stable otherwise): nothing runs after one."""
     return sorted(faults, key=lambda fault: fault.fatal)

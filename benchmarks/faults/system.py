@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import httpx
 import trio
@@ -137,11 +137,7 @@ class System:
 
     def consumed(self) -> dict[str, Any]:
         """The consumer's latest snapshot (empty before its first)."""
-        try:
-            value: dict[str, Any] = json.loads(self.state_path.read_text())
-        except (OSError, ValueError):
-            return {"sessions": {}, "duplicates": 0, "last_new_at": {}, "received": 0}
-        return value
+        return read_consumed(self.state_path)
 
     async def health(self) -> dict[str, Any]:
         body: dict[str, Any] = (await self.http.get(self.metrics_url + "/healthz")).json()
@@ -176,6 +172,35 @@ class System:
     def check_alive(self) -> None:
         for child in (self.sim.child, self.supervisor.running(), self.consumer):
             child.check_alive()
+
+
+def read_consumed(state_path: Path) -> dict[str, Any]:
+    """The consumer's latest snapshot at `state_path` (empty before its first)."""
+    try:
+        value: dict[str, Any] = json.loads(state_path.read_text())
+    except (OSError, ValueError):
+        return {"sessions": {}, "duplicates": 0, "last_new_at": {}, "received": 0}
+    return value
+
+
+def redis_server(port: int, log_dir: Path, name: str = "redis-server") -> Restartable:
+    """A redis-server of the suite's own on `port`, without persistence (a restart is empty, as after a
+    failover to a cold replica); its logs are `<name>-<n>.log`, one per start."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchmarkError("no redis-server on PATH (the suite runs one of its own)")
+    url = f"redis://127.0.0.1:{port}"
+    starts = 0
+
+    async def start_redis(stack: contextlib.AsyncExitStack) -> ChildProcess:
+        nonlocal starts
+        starts += 1
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        child = await stack.enter_async_context(open_child(f"{name}-{starts}", argv, log_dir=log_dir))
+        await wait_redis_ready(url, child)
+        return child
+
+    return Restartable(name, start_redis)
 
 
 def simulator_args(settings: Settings) -> list[str]:
@@ -217,24 +242,11 @@ async def open_system(
     state_path.unlink(missing_ok=True)
     port, redis_port, proxy_port = free_port(), free_port(), free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}"
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchmarkError("no redis-server on PATH (the suite runs one of its own)")
-    starts = 0
-
-    async def start_redis(stack: contextlib.AsyncExitStack) -> ChildProcess:
-        nonlocal starts
-        starts += 1
-        argv = [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        child = await stack.enter_async_context(open_child(f"redis-server-{starts}", argv, log_dir=log_dir))
-        await wait_redis_ready(redis_url, child)
-        return child
-
+    redis = redis_server(redis_port, log_dir)
     async with contextlib.AsyncExitStack() as stack:
         sim = await stack.enter_async_context(
             open_simulator_process(simulator_args(settings), log_dir=log_dir)
         )
-        redis = Restartable("redis-server", start_redis)
         stack.push_async_callback(redis.close)
         await redis.open()
         consumer = await stack.enter_async_context(
@@ -293,6 +305,31 @@ async def open_system(
 
 # -- accounting --------------------------------------------------------------------------------
 
+#: The simulator's rule for two connections serving one shard at once, and its counter.
+OVERLAP_RULE: Final = "shard_served_twice"
+OVERLAP_COUNTER: Final = "shard_overlaps"
+
+
+class Observed(Protocol):
+    """What the accounting and the runner read of a system under test: the single supervisor's `System` or
+    the cluster's (`benchmarks.faults.cluster.ClusterSystem`)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def sim(self) -> SimulatorProcess: ...
+
+    @property
+    def progress(self) -> Progress: ...
+
+    @property
+    def notes(self) -> dict[str, Any]: ...
+
+    def consumed(self) -> dict[str, Any]: ...
+
+    def check_alive(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Tally:
@@ -305,6 +342,8 @@ class Tally:
     missing: dict[str, int]
     #: Discord rules the simulator saw broken, by rule (cumulative).
     rules_broken: dict[str, int] = field(default_factory=dict)
+    #: Times a connection began to serve a shard another connection still served (cumulative).
+    overlaps: int = 0
 
     def rules_broken_since(self, before: Tally) -> dict[str, int]:
         return {
@@ -341,17 +380,27 @@ def tally(ledger: dict[str, Any], consumed: dict[str, Any]) -> Tally:
             missing[session_id] = gone
             lost += gone
     counters = ledger["counters"]
+    rules_broken = dict(ledger.get("rules_broken", {}))
     return Tally(
         lost,
         int(consumed.get("duplicates", 0)),
         int(counters.get("identifies_accepted", 0)),
         int(counters.get("resumes_ok", 0)),
         missing,
-        dict(ledger.get("rules_broken", {})),
+        rules_broken,
+        overlaps(counters, rules_broken),
     )
 
 
-async def drain(system: System) -> Tally:
+def overlaps(counters: dict[str, Any], rules_broken: dict[str, int]) -> int:
+    """Two connections serving one shard at once: the simulator's `shard_overlaps` counter, or where a
+    simulator predates it, its `shard_served_twice` violations (0 where it has neither)."""
+    if OVERLAP_COUNTER in counters:
+        return int(counters[OVERLAP_COUNTER])
+    return int(rules_broken.get(OVERLAP_RULE, 0))
+
+
+async def drain(system: Observed) -> Tally:
     """Stop the firehose and wait until the consumer holds every seq of every current session (or stops
     making progress for DRAIN_TIMEOUT_S); returns the tally then."""
     await system.sim.set_event_rate(0)
@@ -372,7 +421,7 @@ async def drain(system: System) -> Tally:
 
 
 async def wait_recovered(
-    system: System, before: Tally, affected: int, fault_at: float, bound_s: float
+    system: Observed, before: Tally, affected: int, fault_at: float, bound_s: float
 ) -> float | None:
     """Seconds from `fault_at` (wall) until `affected` shards came back and the consumer saw new events
     from every shard after that; None if that took longer than 3 * bound_s + 10 s."""
