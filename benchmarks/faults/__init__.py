@@ -22,6 +22,23 @@ close_4014_fatal (the supervisor must exit 3; the suite starts a new one after e
 `--smoke` runs worker_kill9, op7_storm, corrupt, oversized_command and close_4010_fatal. `--soak MINUTES`
 is a different run: see `benchmarks.faults.soak`.
 
+Cluster phase (`benchmarks.faults.cluster`), after the faults above, on a system of its own: the simulator,
+another redis-server of the suite's own, a TCP forwarder in front of it, the consumer on another exchange,
+and 3 cluster nodes (`CLUSTER_MODE=redis` supervisors in process groups of their own, `--workers 1` each,
+`BROKER_TYPE=amqp`) with `CLUSTER_LEASE_TTL=5s` (not the default 10 s: a failover waits one TTL, and a node
+watches Redis one TTL before it takes a group, so the TTL sets most of the phase's run time). Before each
+fault the suite restores the population (3 nodes; 2 for node_join) and waits until every shard runs exactly
+once, READY, with every node at its quota of groups (not measured). The faults, each with 0 lost and 0
+IDENTIFYs: node_kill9 (SIGKILL of a node's whole process group; its shards RESUME on the others: the
+ledger's `failover_s`, from the first close of its connections to the last of their RESUMEs, at most TTL
++ 5 s), node_sigterm (the node hands its groups over and exits 0: `handover_s`, `exit_status`), node_join
+(a new node takes its share by RESUME), redis_outage_cluster (the suite's Redis stopped, 30 s; 10 s with
+`--quick`, 5 s with `--smoke`, and restarted empty: no shard reconnects, no shard moves, no shard on two
+nodes in any node's `/healthz` meanwhile), node_partitioned_from_redis (the forwarder cuts one node's Redis
+connections while the others reach Redis: they take its shards by RESUME within TTL + 5 s; then the
+partition heals and the node gets its share back). `--only` selects from both phases; a phase with no
+fault selected does not start. `--smoke` runs no cluster fault unless `--only` names one.
+
 Figures per fault (`faults.<name>.*`):
 - `lost`: dispatches the simulator produced that the consumer never received. For the session a shard is
   on at the end (the one it resumed or identified last), every seq 1..last_seq counts; for a session that
@@ -35,13 +52,17 @@ Figures per fault (`faults.<name>.*`):
   (RESUMED or READY, counted from its ledger) *and* the consumer had received a new event from every shard
   after that. For the outages it counts from the start of the outage; for the fatal code it is the time
   to the supervisor's exit; for the permit holder it includes the wait for the bucket.
+- `overlaps`: times a connection began to serve a shard that another connection still served (the
+  simulator's `shard_overlaps`, rule `shard_served_twice`): two hosts running one shard. Bound 0, every
+  fault.
 - rest_invalid_mix adds `invalid_peak`, `invalid_limit`, `invalid_peak_fraction`, `bans`, `429s` (by
   the simulator's category), `simulator_by_status` and `proxy_answers`.
 
 Pass: 0 lost; 0 identifies where a resume was possible (at most one per affected shard where it was not);
-`recover_s` within the fault's bound (F1: 3 s for the resume plus 1 s for the consumer; the others are in
-`faults_for`); plus the REST and fatal criteria above. `faults.passed` / `faults.total`; the exit status
-is 1 on any FAIL. The RabbitMQ outage stops the machine's shared broker: do not run it beside other users.
+0 overlaps; `recover_s` within the fault's bound (F1: 3 s for the resume plus 1 s for the consumer; the
+others are in `faults_for` and `cluster_faults_for`); plus the REST, fatal and cluster criteria above.
+`faults.passed` / `faults.total`; the exit status is 1 on any FAIL. The RabbitMQ outage stops the machine's
+shared broker: do not run it beside other users.
 """
 
 from benchmarks.faults.suite import DESCRIPTION, add_arguments, run

@@ -13,9 +13,10 @@ from typing import Any, Final
 
 import trio
 
-from benchmarks.faults.injections import faults_for, in_running_order
+from benchmarks.faults.cluster import ClusterSystem, cluster_faults_for, run_cluster_suite
+from benchmarks.faults.injections import Fault, faults_for, in_running_order
 from benchmarks.faults.runner import FaultResult, run_suite
-from benchmarks.faults.system import SETTINGS
+from benchmarks.faults.system import SETTINGS, Settings, System
 from benchmarks.harness import ROOT, Progress, add_amqp_url_argument, machine_info, write_results
 
 __all__ = ["DESCRIPTION", "add_arguments", "format_table", "run"]
@@ -24,25 +25,49 @@ DESCRIPTION: Final = "events lost, duplicates, identifies and recovery under inj
 
 
 def format_table(results: list[FaultResult], errors: dict[str, str]) -> str:
+    width = max([23, *(len(name) for name in (*(r.name for r in results), *errors))])
     lines = [
-        f"{'fault':<23} {'anchor':<10} {'lost':>5} {'dups':>6} {'ident':>5} {'resum':>5} "
+        f"{'fault':<{width}} {'anchor':<11} {'lost':>5} {'dups':>6} {'ident':>5} {'resum':>5} {'ovl':>3} "
         f"{'recover_s':>9} {'bound':>6}  verdict"
     ]
     for r in results:
         recover = "-" if r.recover_s is None else f"{r.recover_s:.2f}"
         verdict = "PASS" if r.passed else "FAIL (" + "; ".join(r.reasons) + ")"
         lines.append(
-            f"{r.name:<23} {r.anchor:<10} {r.lost:>5} {r.duplicates:>6} {r.identifies:>5} {r.resumes:>5} "
-            f"{recover:>9} {r.bound_s:>6g}  {verdict}"
+            f"{r.name:<{width}} {r.anchor:<11} {r.lost:>5} {r.duplicates:>6} {r.identifies:>5} "
+            f"{r.resumes:>5} {r.overlaps:>3} {recover:>9} {r.bound_s:>6g}  {verdict}"
         )
     for name, message in errors.items():
-        lines.append(f"{name:<23} ERROR {message.splitlines()[0] if message else ''}")
+        lines.append(f"{name:<{width}} ERROR {message.splitlines()[0] if message else ''}")
     return "\n".join(lines)
+
+
+def chosen_faults(
+    settings: Settings, only: str | None
+) -> tuple[list[Fault[System]], list[Fault[ClusterSystem]]]:
+    """The faults of the single-supervisor system and of the cluster phase that this run injects: `--only`
+    (in its order, fatal faults last), else the settings' (every fault, or the smoke ones)."""
+    cluster = cluster_faults_for(settings)
+    if not only:
+        single = faults_for(settings)
+        if settings.faults is not None:
+            cluster = [fault for fault in cluster if fault.name in settings.faults]
+        return in_running_order(single), cluster
+    wanted = [name.strip() for name in only.split(",") if name.strip()]
+    known = {fault.name: fault for fault in faults_for(SETTINGS["full"])}
+    known_cluster = {fault.name: fault for fault in cluster}
+    unknown = [name for name in wanted if name not in known and name not in known_cluster]
+    if unknown:
+        raise SystemExit(
+            f"--only: unknown faults {', '.join(unknown)} (known: {', '.join([*known, *known_cluster])})"
+        )
+    single = in_running_order([known[name] for name in wanted if name in known])
+    return single, [known_cluster[name] for name in wanted if name in known_cluster]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="every fault, short windows (under 15 minutes)")
+    size.add_argument("--quick", action="store_true", help="every fault, short windows (under 20 minutes)")
     size.add_argument("--smoke", action="store_true", help="five cheap faults, for tests (under a minute)")
     parser.add_argument(
         "--json",
@@ -66,23 +91,26 @@ def run(args: argparse.Namespace) -> int:
 
         return run_soak(args, SETTINGS["quick"])
     settings = SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
-    faults = faults_for(settings)
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",") if name.strip()]
-        known = {fault.name: fault for fault in faults_for(SETTINGS["full"])}
-        unknown = [name for name in wanted if name not in known]
-        if unknown:
-            raise SystemExit(f"--only: unknown faults {', '.join(unknown)} (known: {', '.join(known)})")
-        faults = [known[name] for name in wanted]
+    single, cluster = chosen_faults(settings, args.only)
     json_path: Path = args.json
     log_dir: Path = args.logs or json_path.parent / "faults-logs"
     progress = Progress()
     machine = machine_info()
-    progress.say(f"fault suite ({settings.name}): {len(faults)} faults; logs in {log_dir}")
-    faults = in_running_order(faults)
-    results, errors = trio.run(run_suite, settings, faults, log_dir, progress, args.amqp_url)
+    progress.say(
+        f"fault suite ({settings.name}): {len(single)} faults, then {len(cluster)} on a cluster; "
+        f"logs in {log_dir}"
+    )
+    results: list[FaultResult] = []
+    errors: dict[str, str] = {}
+    if single:
+        results, errors = trio.run(run_suite, settings, single, log_dir, progress, args.amqp_url)
+    if cluster:
+        progress.say(f"cluster phase: {', '.join(fault.name for fault in cluster)}")
+        more, more_errors = trio.run(run_cluster_suite, settings, cluster, log_dir, progress, args.amqp_url)
+        results += more
+        errors.update(more_errors)
     passed = sum(1 for r in results if r.passed)
-    total = len(faults)
+    total = len(single) + len(cluster)
     figures: dict[str, Any] = {
         r.name: {
             "lost": r.lost,
@@ -90,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             "identifies": r.identifies,
             "resumes": r.resumes,
             "recover_s": r.recover_s,
+            "overlaps": r.overlaps,
             "passed": r.passed,
             **{key: value for key, value in r.detail.items() if key != "missing_by_session"},
         }

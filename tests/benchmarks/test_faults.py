@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.faults.cluster import CLUSTER_FAULTS, failover_s
 from benchmarks.faults.soak import (
     MIN_JUDGED_WINDOW_S,
     Sample,
@@ -26,6 +27,7 @@ from benchmarks.faults.soak import (
     soak_reasons,
     warmup_s,
 )
+from benchmarks.faults.suite import chosen_faults
 from benchmarks.faults.system import SETTINGS, tally
 from benchmarks.harness import ROOT
 
@@ -115,6 +117,53 @@ def test_a_given_up_session_stays_superseded_when_the_newest_one_ends() -> None:
     result = tally(ledger, consumed)
     assert result.missing == {"given-up": 1}
     assert result.lost == 1
+
+
+def test_overlaps_come_from_the_counter_or_else_the_violations() -> None:
+    ledger: dict[str, Any] = {"counters": {"shard_overlaps": 2}, "sessions": {}, "rules_broken": {}}
+    assert tally(ledger, {"sessions": {}}).overlaps == 2
+    ledger = {"counters": {}, "sessions": {}, "rules_broken": {"shard_served_twice": 3}}
+    assert tally(ledger, {"sessions": {}}).overlaps == 3
+    ledger = {"counters": {}, "sessions": {}}
+    assert tally(ledger, {"sessions": {}}).overlaps == 0
+
+
+def close_record(at: float, shard: int, by: str = "client") -> dict[str, Any]:
+    return {"at": at, "shard": shard, "code": None, "by": by}
+
+
+def resume_record(at: float, shard: int, ok: bool = True) -> dict[str, Any]:
+    return {"at": at, "shard": shard, "ok": ok}
+
+
+def test_failover_runs_from_the_first_close_to_the_last_shards_first_resume() -> None:
+    ledger = {
+        "closes": [close_record(1.0, 2), close_record(10.0, 2), close_record(10.01, 3), close_record(11, 0)],
+        "resumes": [
+            resume_record(2.0, 2),  # before the marks: an earlier fault's
+            resume_record(13.0, 2, ok=False),
+            resume_record(14.0, 2),
+            resume_record(15.5, 3),
+            resume_record(16.0, 2),  # shard 2 again (a hand-over later): its first RESUME counts
+            resume_record(17.0, 0),  # not the node's shard
+        ],
+    }
+    assert failover_s(ledger, (2, 3), (1, 1)) == 5.5
+    # A shard not resumed yet, or no close seen: no figure.
+    assert failover_s(ledger, (2, 3, 4), (1, 1)) is None
+    assert failover_s({"closes": [], "resumes": ledger["resumes"]}, (2, 3), (0, 1)) is None
+
+
+def test_only_picks_faults_from_both_phases_and_smoke_runs_no_cluster_fault() -> None:
+    single, cluster = chosen_faults(SETTINGS["quick"], "node_kill9,close_4010_fatal,worker_kill9")
+    assert [f.name for f in single] == ["worker_kill9", "close_4010_fatal"]  # fatal faults last
+    assert [f.name for f in cluster] == ["node_kill9"]
+    single, cluster = chosen_faults(SETTINGS["smoke"], None)
+    assert cluster == [] and len(single) == len(SETTINGS["smoke"].faults or ())
+    _, cluster = chosen_faults(SETTINGS["full"], None)
+    assert tuple(f.name for f in cluster) == CLUSTER_FAULTS
+    with pytest.raises(SystemExit, match="unknown faults node_kill8"):
+        chosen_faults(SETTINGS["quick"], "node_kill8")
 
 
 # -- soak: the pure figures and verdicts, and a short run end to end --------------------------------------
