@@ -2,7 +2,7 @@
 
 Each suite is a module with `DESCRIPTION`, `add_arguments(parser)` and `run(args) -> int` (the exit status),
 registered in `SUITES` by module name (its module docstring is its `--help`). A new suite (startup,
-ratelimit, proxy, scaling, all) is one module and one line here. The simulator on its own is
+ratelimit, proxy, scaling, cluster, all) is one module and one line here. The simulator on its own is
 `python -m benchmarks.simulator`.
 """
 
@@ -21,6 +21,7 @@ SUITES: Final = {
     "ratelimit": "benchmarks.ratelimit",
     "proxy": "benchmarks.proxy",
     "scaling": "benchmarks.scaling",
+    "cluster": "benchmarks.cluster",
     "faults": "benchmarks.faults",
     "all": "benchmarks.all",
 }

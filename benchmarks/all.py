@@ -7,8 +7,8 @@ with its name, and kept with its table in `DIR/<suite>.log`. Then:
 
 - `DIR/results.json`: `machine` (CPU model and count, memory, kernel, Python, the git commit and whether
   the tree was dirty, the date), `suites` (each one's status, exit status, time and, when it failed, why),
-  and each suite's own results under its name (without its `machine`; `startup`, `proxy` and `scaling`,
-  whose figures already sit under their own name, are lifted one level, so the issue's key
+  and each suite's own results under its name (without its `machine`; `startup`, `proxy`, `cluster` and
+  `scaling`, whose figures already sit under their own name, are lifted one level, so the issue's key
   `proxy.http.added_p50_ms` is the path `proxy` / `http` / `added_p50_ms`), plus `verdicts`: every
   suite's target verdicts under full dotted names.
 - `DIR/report.md`: tables of our figures beside the peers' (`benchmarks.report`) and the plots.
@@ -42,9 +42,9 @@ from benchmarks.targets import flatten
 
 DESCRIPTION: Final = "every suite, then results.json, report.md and plots in one folder"
 #: In the order they run: the cheap and independent first, the one that loads every CPU last.
-SUITE_ORDER: Final = ("gateway", "startup", "ratelimit", "proxy", "scaling")
+SUITE_ORDER: Final = ("gateway", "startup", "ratelimit", "proxy", "cluster", "scaling")
 #: Suites whose results file holds its figures under the suite's own name.
-SELF_NAMED: Final = frozenset({"startup", "proxy", "scaling"})
+SELF_NAMED: Final = frozenset({"startup", "proxy", "cluster", "scaling"})
 #: Seconds each suite may run, by size (quick: each measured at 1-4 minutes on a 2-CPU machine).
 TIMEOUT_S: Final = {"smoke": 240.0, "quick": 420.0, "full": 2400.0}
 STOP_GRACE_S: Final = 15.0

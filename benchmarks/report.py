@@ -1,8 +1,8 @@
 """`report.md` of `python -m benchmarks all`: our figures beside the peers', from the merged results.
 
 Each section reads its suite's node of `results.json`: the suite's own JSON without `machine`, where the
-suites whose figures sit under their own name (`startup`, `proxy`, `scaling`) have that level lifted, so
-`results["proxy"]["http"]["added_p50_ms"]` is the issue's `proxy.http.added_p50_ms`.
+suites whose figures sit under their own name (`startup`, `proxy`, `cluster`, `scaling`) have that level
+lifted, so `results["proxy"]["http"]["added_p50_ms"]` is the issue's `proxy.http.added_p50_ms`.
 
 Pure: it reads the merged results (`benchmarks.all`'s `results.json`) and returns Markdown, so tests can
 feed it canned results. A suite that failed or a figure that is missing shows as `-` and the suite's
@@ -71,8 +71,19 @@ SUITE_TITLES: Final = {
     "startup": "Start-up: all shards READY against Discord's identify bound",
     "ratelimit": "Ratelimit engine against discord.py's and hikari's own limiters",
     "proxy": "REST proxy overhead",
+    "cluster": "Cluster mode: a dead node's shards resumed on the others",
     "scaling": "Multi-core scaling",
 }
+#: (row label, key) of the cluster suite's figures.
+CLUSTER_ROWS: Final = (
+    ("failover s (node SIGKILL to its last shard RESUMED), median", "failover_s"),
+    ("IDENTIFYs per failover", "identifies_per_failover"),
+    ("RESUMEs per failover", "resumes_per_failover"),
+    ("two connections serving one shard", "overlaps"),
+    ("lease TTL s", "lease_ttl_s"),
+    ("nodes", "nodes"),
+    ("shards", "shards"),
+)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -202,6 +213,15 @@ def proxy_section(suite: Mapping[str, Any]) -> str:
     return table(["path", "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "requests/s", "target"], rows)
 
 
+def cluster_section(suite: Mapping[str, Any]) -> str:
+    if suite.get("failover_s") is None and not suite.get("runs", {}).get("samples"):
+        return "_not measured_"
+    rows = [[label, cell(suite.get(key)), _verdict(suite, f"cluster.{key}")] for label, key in CLUSTER_ROWS]
+    samples = lookup(suite, "runs.failover_samples_s") or []
+    rows.insert(1, ["failover s, each sample", ", ".join(cell(value) for value in samples) or "-", ""])
+    return table(["figure", "value", "target"], rows)
+
+
 def scaling_section(suite: Mapping[str, Any]) -> str:
     node = suite
     per_s: Mapping[str, Any] = node.get("events_per_s", {})
@@ -246,6 +266,7 @@ SECTIONS: Final = {
     "startup": startup_section,
     "ratelimit": ratelimit_section,
     "proxy": proxy_section,
+    "cluster": cluster_section,
     "scaling": scaling_section,
 }
 
