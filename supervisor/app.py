@@ -227,8 +227,10 @@ class Supervisor:
                             await self._spend_budget_check(gate, info, shard_ids)
                             async with trio.open_nursery() as nursery:
                                 await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
-            except SupervisorError as exc:
-                refused = exc  # raised below, outside the nursery, bare (not in an ExceptionGroup)
+            except* SupervisorError as group:
+                # Raised below, outside the nursery, bare: the refusals of cluster mode (and of the budget
+                # check) come through the Redis identify gate's nursery, inside an ExceptionGroup.
+                refused = _first_leaf(group)
             outer.cancel_scope.cancel()
         if refused is not None:
             raise refused
@@ -662,6 +664,15 @@ class Supervisor:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
+
+
+def _first_leaf(group: BaseExceptionGroup[SupervisorError]) -> SupervisorError:
+    """The first SupervisorError of a (possibly nested) exception group."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, SupervisorError)
+    return first
 
 
 async def run_supervisor(settings: Settings, environ: dict[str, str]) -> int:
