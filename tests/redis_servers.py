@@ -1,5 +1,6 @@
-"""redis-server processes of a test's own, on free loopback ports: one with TLS, a unix socket and ACL users,
-and a 3-node Redis Cluster. Debian's redis-server (7.0) is built with TLS; `openssl` makes the certificates.
+"""redis-server processes of a test's own, on free loopback ports: a plain one (no persistence: a restart
+on the same port is a Redis that restarted empty), one with TLS, a unix socket and ACL users, and a 3-node
+Redis Cluster. Debian's redis-server (7.0) is built with TLS; `openssl` makes the certificates.
 
 Each opener is a context manager that stops what it started (SIGTERM, then SIGKILL) whatever happens.
 """
@@ -89,6 +90,16 @@ def _listening(port: int | None, socket_path: Path | None) -> bool:
         return socket_path.exists()
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port or 0)) == 0
+
+
+@contextlib.contextmanager
+def open_plain_redis(folder: Path, port: int | None = None) -> Iterator[int]:
+    """Plain TCP on `port` (default: a free one), no password, nothing saved; yields the port once it listens.
+    Leaving stops it; entering again with the same port is the same Redis restarted empty."""
+    port = port or free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    with _running(argv, folder, port):
+        yield port
 
 
 @dataclass(frozen=True)
