@@ -22,8 +22,12 @@ import yaml
 ROOT: Final = Path(__file__).resolve().parents[2]
 COMPOSE_DIR: Final = ROOT / "compose"
 COMPOSE_FILE: Final = COMPOSE_DIR / "compose.yaml"
+#: Cluster mode: two nodes (README, "Several hosts").
+CLUSTER_FILE: Final = COMPOSE_DIR / "cluster.yaml"
 DOCKERFILE: Final = COMPOSE_DIR / "Dockerfile"
 UNIT_FILE: Final = COMPOSE_DIR / "supervisor.service"
+#: Cluster mode under systemd: a template, one instance per node.
+TEMPLATE_UNIT_FILE: Final = COMPOSE_DIR / "supervisor@.service"
 EXAMPLE_ENV: Final = COMPOSE_DIR / "example.env"
 BENCH_ENV: Final = COMPOSE_DIR / "bench.env"
 
@@ -98,9 +102,10 @@ def parse_env_file(path: Path) -> dict[str, str]:
     return values
 
 
-def load_compose(env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """compose.yaml as loaded (YAML merge keys resolved); interpolated with `env` unless it is None."""
-    document = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+def load_compose(env: Mapping[str, str] | None = None, path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    """A compose file (compose.yaml unless `path` names another) as loaded (YAML merge keys resolved);
+    interpolated with `env` unless it is None."""
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert isinstance(document, dict)
     return document if env is None else interpolate(document, env)
 
