@@ -97,17 +97,19 @@ class Supervisor:
     def ready_shards(self) -> int:
         return sum(slot.ready_shards() for slot in self.slots)
 
+    def running_shards(self) -> int:
+        """The shards this supervisor runs: its plan's, or in cluster mode those whose lease it holds."""
+        node = self._cluster
+        return len(node.owned_shards()) if node is not None else self.shard_total
+
     def health(self) -> HealthState:
         node = self._cluster
-        if node is not None:
-            self.shard_total = len(node.owned_shards())
-            # A node may own no group (more nodes than groups): it is ready once it has watched the cluster.
-            has_shards = node.settled.is_set()
-        else:
-            has_shards = self.shard_total > 0
+        total = self.running_shards()
+        # A node may own no group (more nodes than groups): it is ready once it has watched the cluster.
+        has_shards = node.settled.is_set() if node is not None else total > 0
         detail: dict[str, Any] = {
             "waiting_for": self._waiting_for,
-            "shards": self.shard_total,
+            "shards": total,
             "ready_shards": self.ready_shards(),
             "workers": [slot.statistics() for slot in self.slots],
         }
@@ -122,7 +124,7 @@ class Supervisor:
             }
         return HealthState(
             live=not self._crash_loop,
-            ready=self._waiting_for is None and has_shards and self.ready_shards() == self.shard_total,
+            ready=self._waiting_for is None and has_shards and self.ready_shards() == total,
             detail=detail,
         )
 
@@ -343,8 +345,6 @@ class Supervisor:
     ) -> None:
         settings = self.settings
         self._nursery = nursery
-        nursery.start_soon(self._refresh_budget, gate, info.reset_after_ms / MS_PER_S)
-        nursery.start_soon(self._watch_budget, gate)
         worker_env = self._worker_environment(metrics_dir)
         for worker_range in plan:
             ids = worker_range.shard_ids
@@ -367,10 +367,19 @@ class Supervisor:
             )
             self.slots.append(slot)
             await nursery.start(slot.run)
-        if settings.broker_type == "stdio":
+        await self._supervise(nursery, gate, info, shard_count)
+
+    async def _supervise(
+        self, nursery: trio.Nursery, gate: BudgetedIdentifyGate, info: GatewayBot, shard_count: int
+    ) -> None:
+        """Beside the workers (a plan's slots, or a cluster node's): the daily budget's refresh and watch,
+        stdin commands, status and progress; then the signal loop until the supervisor stops."""
+        nursery.start_soon(self._refresh_budget, gate, info.reset_after_ms / MS_PER_S)
+        nursery.start_soon(self._watch_budget, gate)
+        if self.settings.broker_type == "stdio":
             nursery.start_soon(route_stdin_commands, self.slots, shard_count)
         nursery.start_soon(self._report_status)
-        nursery.start_soon(self._report_progress)
+        nursery.start_soon(self._report_progress)  # returns at once without a plan's progress (cluster mode)
         await self._control_loop(nursery)
 
     def _worker_environment(self, metrics_dir: Path) -> dict[str, str]:
@@ -434,13 +443,8 @@ class Supervisor:
             self.board.node = node_id
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._refresh_budget, gate, info.reset_after_ms / MS_PER_S)
-                nursery.start_soon(self._watch_budget, gate)
                 await nursery.start(node.run)
-                if settings.broker_type == "stdio":
-                    nursery.start_soon(route_stdin_commands, self.slots, plan.shard_count)
-                nursery.start_soon(self._report_status)
-                await self._control_loop(nursery)
+                await self._supervise(nursery, gate, info, plan.shard_count)
 
     async def start_group(self, group: int, shard_ids: tuple[int, ...]) -> None:
         """`GroupRunner`: run a worker for a group whose lease this node has just taken."""
@@ -633,7 +637,7 @@ class Supervisor:
                 sum(1 for slot in self.slots if slot.process and slot.process.returncode is None)
             )
             self.notifier.status(
-                f"{self.ready_shards()}/{self.shard_total} shards ready, {len(self.slots)} workers"
+                f"{self.ready_shards()}/{self.running_shards()} shards ready, {len(self.slots)} workers"
             )
             await trio.sleep(STATUS_PERIOD_S)
 
