@@ -42,6 +42,8 @@ BUCKET_TIME_SCALE: Final = 0.2
 MESSAGE_INTERVAL_S: Final = 5.0 * BUCKET_TIME_SCALE / MESSAGE_LIMIT
 SEQUENTIAL: Final = 10
 CONCURRENT: Final = 10
+#: Runs of the discord.py burst, each against a fresh simulator, until one draws avoidable 429s.
+DISCORDPY_BURST_ATTEMPTS: Final = 3
 
 
 async def run_peer(script: str, *args: str, timeout: float) -> dict[str, Any]:
@@ -295,13 +297,28 @@ async def test_discordpy_rest_sequential_honoured_concurrent_draws_avoidable_429
 
     Sequential creates draw no 429: discord.py sleeps the whole `Reset-After` inside the request that
     brought `Remaining: 0` (so the phase takes a window longer than hikari's). A concurrent burst draws
-    *avoidable* 429s (6 in every run seen here): the first answer back (Remaining 4, Reset-After 0.2 s:
+    *avoidable* 429s (6 in most runs seen here): the first answer back (Remaining 4, Reset-After 0.2 s:
     on a sliding bucket, the time until that answer's slot frees) starts discord.py's refresh sleep; when
     it ends discord.py assumes a fixed window and releases `limit - outgoing` waiters at once though one
     slot has freed, and the requests that got 429 all retry together after the same `retry_after`. It
     logs each 429 it gets ("responded with 429"), and the ledger calls every one avoidable (the client
     had the headers that said the bucket was empty) and none first-contact, global or shared.
+
+    Whether the released waiters collide depends on how fast the simulator answers: on a starved machine
+    the answers come back spread out enough that a burst can draw none (seen once in CI, on Python 3.13).
+    So the burst runs up to `ATTEMPTS` times, each against a fresh simulator; every run must be clean
+    (only 200s and avoidable 429s, each one logged), and at least one must draw avoidable 429s.
     """
+    drawn: list[int] = []
+    for _ in range(DISCORDPY_BURST_ATTEMPTS):
+        drawn.append(await _discordpy_rest_run())
+        if drawn[-1] > 0:
+            break
+    assert drawn[-1] > 0, f"discord.py drew no avoidable 429 in {drawn} concurrent bursts (fixed upstream?)"
+
+
+async def _discordpy_rest_run() -> int:
+    """One discord.py REST run, checked; returns the avoidable 429s its concurrent burst drew."""
     async with open_simulator(rest_config()) as sim:
         result = await run_peer(
             "discordpy_rest.py",
@@ -329,10 +346,10 @@ async def test_discordpy_rest_sequential_honoured_concurrent_draws_avoidable_429
     burst = by_channel[BURST_CHANNEL]
     assert burst["200"] == 1 + CONCURRENT
     avoidable = burst["avoidable"]
-    assert avoidable > 0, "discord.py drew no avoidable 429 in a concurrent burst (fixed upstream?)"
-    assert set(burst) == {"200", "avoidable"}
-    assert snapshot["by_category"]["avoidable"] == avoidable
+    assert set(burst) <= {"200", "avoidable"}
+    assert snapshot["by_category"].get("avoidable", 0) == avoidable
     assert sum(snapshot["by_category"].values()) == avoidable
     assert result["rate_limited_logs"] == avoidable
     # Sequential: still honoured, at the cost of one extra window spent asleep after the last request.
     assert result["sequential"]["elapsed_s"] >= min_elapsed_s(SEQUENTIAL) - 0.1
+    return avoidable
