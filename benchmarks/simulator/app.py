@@ -5,8 +5,9 @@ addresses are readable (ports 0 are resolved), whose ledgers can be inspected di
 be injected in-process or over HTTP (`/_sim/...`) from another process.
 
 Control endpoint (on the REST port):
-- `GET  /_sim/ledger`                 both ledgers as JSON (`{"gateway": ..., "rest": ...}`)
-- `POST /_sim/ledger/reset`           clear both ledgers' records (sessions and buckets are kept)
+- `GET  /_sim/ledger`                 the ledgers as JSON (`{"gateway": ..., "rest": ..., "guilds": ...}`;
+                                      `guilds` is the guild-stream ledger, guild_ledger.py)
+- `POST /_sim/ledger/reset`           clear the ledgers' records (sessions and buckets are kept)
 - `GET  /_sim/state`                  live sessions and connections
 - `POST /_sim/gateway/<action>`       gateway faults and settings (see `GatewaySimulator.control`)
 - `POST /_sim/rest/<action>`          REST faults and settings (see `RestSimulator.control`)
@@ -80,8 +81,12 @@ class Simulator:
         self.rest = rest
 
     def ledger(self) -> dict[str, Any]:
-        """A JSON-ready snapshot of both ledgers."""
-        return {"gateway": self.gateway.ledger.snapshot(), "rest": self.rest.ledger.snapshot()}
+        """A JSON-ready snapshot of the ledgers: gateway, REST and the guild stream's."""
+        return {
+            "gateway": self.gateway.ledger.snapshot(),
+            "rest": self.rest.ledger.snapshot(),
+            "guilds": self.gateway.guild_ledger.snapshot(),
+        }
 
     async def handle_http(self, request: HttpRequest) -> HttpResponse:
         if request.path.startswith(CONTROL_PREFIX):
@@ -104,6 +109,7 @@ class Simulator:
             if request.method == "POST" and route == "ledger/reset":
                 self.gateway.ledger.reset()
                 self.rest.ledger.reset()
+                self.gateway.guild_ledger.reset()
                 return _json_response(200, {"ok": True})
             section, _, action = route.partition("/")
             if request.method == "POST" and section == "gateway" and action:

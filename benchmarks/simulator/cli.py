@@ -53,7 +53,8 @@ def _flag(name: str) -> str:
 
 def _add_field(group: Any, cls: type, field: dataclasses.Field[Any], docs: dict[str, str], dest: str) -> None:
     default = field.default if field.default is not dataclasses.MISSING else None
-    help_text = docs[field.name]  # every setting is documented in config.py (a test checks it)
+    # Every setting is documented in config.py (a test checks it); argparse %-formats help strings.
+    help_text = docs[field.name].replace("%", "%%")
     metavar = field.name.upper()
     annotation = str(field.type)
     if annotation == "bool":

@@ -26,8 +26,10 @@ IDENTIFY_INTERVAL_S: Final = 5.0
 class GatewayConfig:
     """How the simulated gateway behaves."""
 
-    #: Recommended shard count returned by `GET /gateway/bot`.
+    #: Recommended shard count returned by `GET /gateway/bot` (control action `recommended_shards` sets it).
     shard_count: int = 4
+    #: IDENTIFYs with a shard count below this close with 4011 (0 = no minimum); RESUMEs are not affected.
+    min_shard_count: int = 0
     #: `session_start_limit.max_concurrency`: identify buckets per 5 s.
     max_concurrency: int = 1
     #: `session_start_limit.total`: the daily identify budget.
@@ -40,8 +42,16 @@ class GatewayConfig:
     heartbeat_interval_ms: int = 41_250
     #: Dispatches per second per connected session in the firehose (0 = only READY and GUILD_CREATEs).
     event_rate: float = 0.0
-    #: Guilds per shard, announced in READY and sent as GUILD_CREATEs.
+    #: Guilds per shard, announced in READY and sent as GUILD_CREATEs (unused in guild-stream mode).
     guilds_per_shard: int = 2
+    #: Guild-stream mode when > 0: the bot has this many guilds, whatever the shard count; shard (id, count)
+    #: holds those with `(guild_id >> 22) % count == id`, and sessions of every shard count see one stream.
+    guild_count: int = 0
+    #: Guild-stream mode: MESSAGE_CREATEs per second for the whole bot, each delivered to every live session
+    #: whose shard holds its guild (the per-session firehose, `event_rate`, is off in this mode).
+    guild_event_rate: float = 0.0
+    #: Guild-stream mode: event records the guild ledger keeps for its `records` list (counters are exact).
+    guild_ledger_records: int = 10_000
     #: Probability that a firehose event is a large GUILD_CREATE.
     large_guild_probability: float = 0.0
     #: Size of a large GUILD_CREATE in bytes (before compression).

@@ -4,6 +4,10 @@ The firehose must be cheap to produce (the simulator shares the machine with the
 session draws from a small pool of pre-serialised `d` bodies and only formats the envelope with its own
 sequence number. Guild ids are chosen so that `(guild_id >> 22) % shard_count == shard_id`, the routing rule
 clients rely on.
+
+Guild-stream mode (`GatewayConfig.guild_count`) has one guild set for the bot instead (`bot_guild_ids`):
+their `guild_id >> 22` are consecutive integers, so every shard count spreads them evenly, and the guilds of
+shard (id, count) are a stride of the list (`guilds_of_shard`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ DISCORD_EPOCH_MS: Final = 1_420_070_400_000
 #: Relative weights of the firehose's event types.
 FIREHOSE_MIX: Final = (("MESSAGE_CREATE", 6), ("PRESENCE_UPDATE", 3), ("TYPING_START", 1))
 POOL_SIZE: Final = 24
+#: `guild_id >> 22` of the first guild of `bot_guild_ids` (a 2020 creation time, a multiple of 720720).
+BOT_GUILD_TIMESTAMP: Final = (1_600_000_000_000 - DISCORD_EPOCH_MS) // 720_720 * 720_720
 WORDS: Final = [
     "shard",
     "gateway",
@@ -65,6 +71,29 @@ def guild_ids_for_shard(shard_id: int, shard_count: int, count: int) -> list[int
         ids.append((timestamp << 22) | (len(ids) + 1))
         step += 1
     return ids
+
+
+def bot_guild_ids(count: int) -> list[int]:
+    """The bot's `count` guilds in guild-stream mode, independent of any shard count.
+
+    Guild i has `guild_id >> 22 == BOT_GUILD_TIMESTAMP + i`; that base is a multiple of 720720 (every count
+    from 1 to 16 divides it), so for those shard counts guild i is on shard `i % shard_count`.
+    """
+    return [((BOT_GUILD_TIMESTAMP + index) << 22) | ((index + 1) & 0x3FFFFF) for index in range(count)]
+
+
+def guilds_of_shard(guild_ids: list[int], shard_id: int, shard_count: int) -> list[int]:
+    """The guilds of `bot_guild_ids(...)` that Discord's routing places on `shard_id` of `shard_count`."""
+    if not guild_ids:
+        return []
+    start = (shard_id - (guild_ids[0] >> 22)) % shard_count
+    return guild_ids[start::shard_count]
+
+
+def message_create_templates(seed: int, count: int = POOL_SIZE) -> list[dict[str, Any]]:
+    """`count` MESSAGE_CREATE bodies (0.5-2 KB) from `seed`; callers set `id`, `guild_id`, `channel_id`."""
+    rng = random.Random(seed * 1_000_003 - 1)
+    return [_event_body("MESSAGE_CREATE", 0, rng) for _ in range(count)]
 
 
 def bot_user() -> dict[str, Any]:

@@ -13,16 +13,20 @@ The gateway in modules, each one idea:
 - gateway_reader.py: the client's payloads (opcodes, sizes, the send rate, heartbeats, member requests);
 - gateway_identify.py: IDENTIFY and RESUME (tokens, shards, intents, the identify limits, replay);
 - gateway_control.py: the control actions (faults and settings);
-- gateway_ledger.py: what happened, and every rule broken (the rule name in the ledger).
+- gateway_ledger.py: what happened, and every rule broken (the rule name in the ledger);
+- guild_stream.py and guild_ledger.py: guild-stream mode (`GatewayConfig.guild_count`), one bot-wide stream
+  of guild events that every generation of shards sees, its generator task (started here, with the
+  listeners) and its ledger.
 
 Ledger maxima (counters holding the largest value seen, zeroed by `reset_maxima`): `send_window_max`
 (payloads in one connection's 60 s window), `heartbeat_gap_max_ms` (between two heartbeats of one connection),
 `payload_max_bytes` (one client payload, oversized ones included). Faults that starve the client of HELLO or
 READY count `hello_withheld` per connection and `ready_withheld` per ignored IDENTIFY/RESUME.
 
-Shard overlap (gateway_ledger.py): a connection serves its shard from READY/RESUMED until it ends (closed by
-either side, dropped, blackholed, taken over by a RESUME elsewhere); starting to serve a shard another
-connection still serves is the rule `shard_served_twice`, counted in `shard_overlaps`, its duration in
+Shard overlap (gateway_ledger.py): a connection serves its shard (id and shard count) from READY/RESUMED until
+it ends (closed by either side, dropped, blackholed, taken over by a RESUME elsewhere); starting to serve a
+shard another connection still serves is the rule `shard_served_twice` (shard 0 of 4 and shard 0 of 8 are
+two shards, so two generations running at once do not overlap), counted in `shard_overlaps`, its duration in
 `shard_overlap_s`. A RESUME on a new connection drops the old one before RESUMED (`sessions_taken_over`).
 """
 
@@ -59,6 +63,7 @@ class GatewaySimulator(GatewayState):
             "connections": [
                 {
                     "shard": conn.shard_id,
+                    "shard_count": conn.shard_count,
                     "session_id": conn.session.session_id if conn.session else None,
                     "identified": conn.identified,
                     "blackholed": conn.blackholed,
@@ -68,11 +73,20 @@ class GatewaySimulator(GatewayState):
                 for conn in self.connections
             ],
             "sessions": {
-                sid: {"shard": s.shard_id, "state": s.state, "last_seq": s.last_seq}
+                sid: {
+                    "shard": s.shard_id,
+                    "shard_count": s.shard_count,
+                    "state": s.state,
+                    "last_seq": s.last_seq,
+                }
                 for sid, s in self.sessions.items()
             },
             "identify": self.gateway_bot_info()["session_start_limit"],
             "event_rate": self.rates.event_rate,
+            "guild_count": len(self.guild_stream.guild_ids),
+            "guild_event_rate": self.guild_stream.rate,
+            "recommended_shards": self.recommended_shards,
+            "min_shard_count": self.min_shard_count,
         }
 
     # -- serving --------------------------------------------------------------------------------------
@@ -87,6 +101,8 @@ class GatewaySimulator(GatewayState):
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._reap_sessions)
+            if self.guild_stream.active:
+                nursery.start_soon(self.guild_stream.run)
             nursery.start_soon(trio.serve_listeners, self._make_handler(False), main)
             nursery.start_soon(trio.serve_listeners, self._make_handler(True), resume)
             task_status.started((main[0].socket.getsockname()[1], resume[0].socket.getsockname()[1]))
@@ -110,6 +126,7 @@ class GatewaySimulator(GatewayState):
                         self.ledger.count("sessions_expired")
                     session.invalidate()
                     del self.sessions[session_id]
+                    self.guild_stream.discard(session)
 
     async def _serve_connection(self, ws: ServerWebSocket, via_resume_port: bool) -> None:
         try:

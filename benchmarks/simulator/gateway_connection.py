@@ -32,6 +32,8 @@ class GatewayConnection:
         self.compressor: TransportCompressor | None = None
         self.session: Session | None = None
         self.shard_id: int | None = None
+        #: The shard count of `shard_id` (two generations of a bot run shard 0 of 4 and shard 0 of 8 at once).
+        self.shard_count: int | None = None
         self.sent_seq = 0
         self.streaming = False
         self.identified = False

@@ -1,10 +1,17 @@
 """IDENTIFY and RESUME: how a connection gets a session (anchors/gateway.md section 1).
 
-IDENTIFY: a bad token closes 4004, a bad `shard` 4010, too many guilds per shard 4011, invalid intents
-4013, unapproved privileged intents 4014; one IDENTIFY per `shard_id % max_concurrency` per 5 s across all
+IDENTIFY: a bad token closes 4004, a bad `shard` 4010, a shard count below the minimum (`min_shard_count`,
+counted in `identifies_below_min_shard_count`) or too many guilds per shard 4011, invalid intents 4013,
+unapproved privileged intents 4014; one IDENTIFY per `shard_id % max_concurrency` per 5 s across all
 connections, else op 9 false after a delay [identify_rate]; the daily budget, which when exceeded resets
 the token and closes every connection with 4004 [identify_budget]. A second IDENTIFY or RESUME closes 4005
 [second_identify].
+
+The minimum shard count refuses new sessions only: a RESUME of an existing session of fewer shards works,
+as on Discord. In guild-stream mode (guild_stream.py) a session holds its shard's share of the bot's guild
+set under its own shard count, and the guild stream feeds it instead of a per-session firehose. The identify
+window's key is `shard_id % max_concurrency` whatever the shard count, as on Discord: shard 0 of 4 and shard
+0 of 8 share a key.
 
 RESUME: one not sent to READY's `resume_gateway_url` is recorded [resume_not_on_resume_url]; one for an
 unknown, expired or unreplayable session gets op 9 false; a seq beyond the session's closes 4007. A session
@@ -13,8 +20,9 @@ frame (the client sees 1006, a lost connection it would RESUME from; counted in 
 this happens before the new connection is sent RESUMED, with no checkpoint in between, so a hand-over by
 RESUME never has two connections serving the shard.
 
-A connection serves its shard from READY or RESUMED until it ends; one that starts serving a shard another
-connection still serves (two IDENTIFYs of one shard) is recorded [shard_served_twice] and counted in
+A connection serves its shard (shard id and shard count) from READY or RESUMED until it ends; one that starts
+serving a shard another connection still serves (two IDENTIFYs of one shard of one shard count; shard 0 of 4
+and shard 0 of 8 are two shards) is recorded [shard_served_twice] and counted in
 `shard_overlaps` (gateway_ledger.py).
 """
 
@@ -66,7 +74,19 @@ async def on_identify(state: GatewayState, conn: GatewayConnection, data: Any) -
         return
     shard_id, shard_count = shard
     conn.shard_id = shard_id
-    if math.ceil(total_guilds / shard_count) > state.gw.max_guilds_per_shard:
+    conn.shard_count = shard_count
+    if shard_count < state.min_shard_count:
+        state.ledger.count("identifies_below_min_shard_count")
+        await state.server_close(conn, 4011, "Sharding required.")
+        return
+    stream = state.guild_stream
+    if stream.active:
+        guild_ids = stream.guilds_for_shard(shard_id, shard_count)
+        guilds_on_shard = len(guild_ids)
+    else:
+        guilds_on_shard = math.ceil(total_guilds / shard_count)
+        guild_ids = []
+    if guilds_on_shard > state.gw.max_guilds_per_shard:
         await state.server_close(conn, 4011, "Sharding required.")
         return
     intents = data.get("intents")
@@ -105,7 +125,8 @@ async def on_identify(state: GatewayState, conn: GatewayConnection, data: Any) -
         )
         state.start_soon(state.invalid_session_later, conn)
         return
-    guild_ids = guild_ids_for_shard(shard_id, shard_count, math.ceil(total_guilds / shard_count))
+    if not stream.active:
+        guild_ids = guild_ids_for_shard(shard_id, shard_count, guilds_on_shard)
     session = Session.create(token, (shard_id, shard_count), guild_ids, state.gw.replay_buffer)
     state.ledger.identify(
         IdentifyRecord(
@@ -132,7 +153,10 @@ async def on_identify(state: GatewayState, conn: GatewayConnection, data: Any) -
         session.append(b"GUILD_CREATE", body)
     state.ledger.events_by_type["READY"] += 1
     state.ledger.events_by_type["GUILD_CREATE"] += len(guild_ids)
-    state.start_soon(session.run_firehose, state.rates, state.config.seed)
+    if stream.active:
+        stream.add(session)  # the bot-wide guild stream feeds it; no per-session firehose
+    else:
+        state.start_soon(session.run_firehose, state.rates, state.config.seed)
 
 
 async def on_resume(state: GatewayState, conn: GatewayConnection, data: Any) -> None:
@@ -175,6 +199,7 @@ async def on_resume(state: GatewayState, conn: GatewayConnection, data: Any) -> 
         conn.send_payload({"op": 9, "d": False})
         return
     conn.shard_id = session.shard_id
+    conn.shard_count = session.shard_count
     if seq_value > session.last_seq:
         record(False, "invalid_seq")
         session.invalidate()

@@ -9,7 +9,8 @@ sums (`MAXIMA`): how close clients came to a limit, zeroed by `reset_maxima` so 
 Shard overlap (cluster mode moves shards between hosts; two hosts must never run one shard at once): a
 connection serves shard S of C from the moment it is sent READY or RESUMED (`serving_started`) until it is
 closed, dropped, blackholed or gone (`serving_ended`). A connection that starts serving (S, C) while another
-one still does is the violation `shard_served_twice` (detail: both sessions) and counts in `shard_overlaps`;
+one still does is the violation `shard_served_twice` (detail: both sessions) and counts in `shard_overlaps`
+(shard 0 of 4 and shard 0 of 8, two generations of a bot during a reshard, are two shards, not an overlap);
 `shard_overlap_s` (in the snapshot's counters, a float) is the time during which some shard had two or more
 connections, ongoing overlaps included. Like every counter, each is absent until it is non-zero (read them
 with `.get(name, 0)`). What is being served survives `reset`, like live sessions; an overlap in progress then

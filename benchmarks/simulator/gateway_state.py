@@ -1,7 +1,9 @@
 """What every part of the simulated gateway shares, and the server's own moves on a connection.
 
 `GatewayState` holds the configuration, the token registry, the ledger, the identify limiter, the firehose
-rates, the live sessions and connections and the faults waiting for the next connections. The reader
+rates, the guild stream and its ledger (guild-stream mode, guild_stream.py), the live sessions and
+connections, the settings changed at run time (the recommended and minimum shard counts) and the faults
+waiting for the next connections. The reader
 (gateway_reader.py), IDENTIFY/RESUME (gateway_identify.py) and the control actions (gateway_control.py) are
 functions of it; `GatewaySimulator` (gateway.py) is the state plus the listeners that serve it.
 
@@ -20,8 +22,11 @@ from typing import Any, Final
 import trio
 
 from .config import SimulatorConfig
+from .events import bot_guild_ids
 from .gateway_connection import GatewayConnection
 from .gateway_ledger import GatewayLedger
+from .guild_ledger import GuildLedger
+from .guild_stream import GuildStream
 from .sessions import FirehoseRates, IdentifyLimiter, Session
 from .tokens import TokenRegistry
 
@@ -56,6 +61,18 @@ class GatewayState:
         self.rates = FirehoseRates(
             self.gw.event_rate, self.gw.large_guild_probability, self.gw.large_guild_bytes
         )
+        self.guild_ledger = GuildLedger(self.gw.guild_ledger_records)
+        self.guild_stream = GuildStream(
+            bot_guild_ids(self.gw.guild_count),
+            self.gw.guild_event_rate,
+            self.guild_ledger,
+            self.gw.session_ttl_s,
+            config.seed,
+        )
+        #: `GET /gateway/bot`'s `shards` (control action `recommended_shards`).
+        self.recommended_shards = self.gw.shard_count
+        #: IDENTIFYs with fewer shards close with 4011 (control action `min_shard_count`).
+        self.min_shard_count = self.gw.min_shard_count
         self.sessions: dict[str, Session] = {}
         self.connections: set[GatewayConnection] = set()
         self.gateway_url = ""
@@ -73,7 +90,7 @@ class GatewayState:
         """The body of `GET /gateway/bot`."""
         return {
             "url": self.gateway_url,
-            "shards": self.gw.shard_count,
+            "shards": self.recommended_shards,
             "session_start_limit": {
                 "total": self.identify.total,
                 "remaining": self.identify.remaining,

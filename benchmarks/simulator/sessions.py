@@ -4,7 +4,8 @@ A session is created by a successful IDENTIFY and owns the shard's dispatch stre
 replay buffer RESUME reads from, and the firehose task that keeps producing events while the client is
 disconnected (as Discord does; that is what makes a lost-event test meaningful). It expires `session_ttl_s`
 after its last connection went away, or at once when invalidated (op 9 false, 4007, 4009, a client close
-with 1000/1001).
+with 1000/1001). In guild-stream mode (guild_stream.py) no session runs a firehose: the bot-wide guild
+stream appends to the sessions instead.
 
 Identify rules (anchors/gateway.md C2, C3): one IDENTIFY per `shard_id % max_concurrency` key per 5 s,
 across every connection of the token, and a daily budget that resets the token when spent.

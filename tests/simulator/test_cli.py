@@ -66,6 +66,12 @@ def test_flags_build_the_config() -> None:
             "0.5",
             "--seed",
             "7",
+            "--guild-count",
+            "64",
+            "--guild-event-rate",
+            "2.5",
+            "--min-shard-count",
+            "4",
         ]
     )
     config = config_from_args(args)
@@ -77,6 +83,8 @@ def test_flags_build_the_config() -> None:
     assert config.rest.global_limit == 500
     assert config.rest.bucket_time_scale == 0.5
     assert config.seed == 7
+    assert (config.gateway.guild_count, config.gateway.guild_event_rate) == (64, 2.5)
+    assert config.gateway.min_shard_count == 4
     assert config_from_args(build_parser().parse_args([])) == SimulatorConfig()
 
 

@@ -16,17 +16,14 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from benchmarks.simulator import DEFAULT_TOKEN, GatewayConfig, Simulator, SimulatorConfig, open_simulator
-from benchmarks.simulator import sessions as sim_sessions
 
 from .gateway_client import GatewayTestClient, open_gateway_client
 
 TIMEOUT_S = 20
 
 
-@pytest.fixture(autouse=True)
-def no_identify_interval(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two IDENTIFYs of one shard back to back, without waiting out Discord's 5 s per identify key."""
-    monkeypatch.setattr(sim_sessions, "IDENTIFY_INTERVAL_S", 0.0)
+# Two IDENTIFYs of one shard back to back, without waiting out Discord's 5 s per identify key.
+pytestmark = pytest.mark.usefixtures("no_identify_interval")
 
 
 @asynccontextmanager
@@ -150,4 +147,40 @@ async def test_serving_survives_a_ledger_reset() -> None:
                     await second.close()
                 await first.close()
             assert sim.gateway.ledger.rules_broken() == {"shard_served_twice": 1}
+            assert counters(sim)["shard_overlaps"] == 1
+
+
+async def test_one_shard_id_of_two_shard_counts_is_two_shards() -> None:
+    """Two generations of a bot at once (a live reshard): shard 0 of 2 and shard 0 of 4 do not overlap, two
+    connections on shard 0 of 4 do; control actions tell the generations apart by `shard_count`."""
+    with trio.fail_after(TIMEOUT_S):
+        async with simulator() as sim:
+            url = sim.addresses.gateway_url
+            async with (
+                open_gateway_client(url) as old,
+                open_gateway_client(url) as new,
+                open_gateway_client(url) as twin,
+            ):
+                await old.ready(DEFAULT_TOKEN, (0, 2))
+                await new.ready(DEFAULT_TOKEN, (0, 4))
+                assert counters(sim).get("shard_overlaps", 0) == 0
+                assert not sim.gateway.ledger.rules_broken()
+                await twin.ready(DEFAULT_TOKEN, (0, 4))
+                assert counters(sim)["shard_overlaps"] == 1
+                (violation,) = sim.gateway.ledger.violations
+                assert violation.rule == "shard_served_twice" and "shard 0/4" in violation.detail
+                # `shard_count` narrows a connection action to one generation.
+                asked = await sim.gateway.control("request_heartbeat", {"shard_count": 2})
+                assert asked == {"connections": 1}
+                assert (await old.recv_until(lambda p: p["op"] == 1))[0]["op"] == 1
+                closed = await sim.gateway.control("close", {"shards": [0], "shard_count": 4, "code": 4000})
+                assert closed == {"connections": 2}
+                assert await closed_code(new) == 4000 and await closed_code(twin) == 4000
+                with pytest.raises(ValueError, match="shard_count"):
+                    await sim.gateway.control("drop", {"shard_count": 0})
+                expired = await sim.gateway.control("expire_sessions", {"shard_count": 2})
+                assert expired == {"sessions": 1}
+                (session,) = (s for s in sim.gateway.sessions.values() if s.shard_count == 2)
+                assert session.invalid
+                await old.close()
             assert counters(sim)["shard_overlaps"] == 1
