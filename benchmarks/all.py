@@ -1,4 +1,4 @@
-"""Every benchmark suite and one report: `python -m benchmarks all [--quick] [--out DIR]`.
+"""Every benchmark suite and one report: `python -m benchmarks all [--quick] [--out DIR] [--strict]`.
 
 Runs the suites one after another, each as its own process (`python -m benchmarks <suite> --json
 DIR/<suite>.json --logs DIR/<suite>-logs [--quick]`), so a crash or a hang in one (killed after its
@@ -10,19 +10,27 @@ with its name, and kept with its table in `DIR/<suite>.log`. Then:
   and each suite's own results under its name (without its `machine`; `startup`, `proxy`, `cluster` and
   `scaling`, whose figures already sit under their own name, are lifted one level, so the issue's key
   `proxy.http.added_p50_ms` is the path `proxy` / `http` / `added_p50_ms`), plus `verdicts`: every
-  suite's target verdicts under full dotted names.
+  suite's target verdicts under full dotted names, and `verdict_notes`: why a verdict is SKIP or ERROR
+  where a suite or `all` says. Every target of every suite run is there: each suite module's
+  `target_keys(size)` lists its targets without running it, and a target with no verdict in the suite's
+  results (the suite crashed, timed out or wrote no results file) is ERROR, so a failed suite is counted,
+  never left out. A SKIP (the scaling target on a machine with too few CPUs to mean anything) is not a
+  PASS and not a failure.
 - `DIR/report.md`: tables of our figures beside the peers' (`benchmarks.report`) and the plots.
 - `DIR/*.png`: the plots (`benchmarks.plots`; matplotlib, the `bench` extra: without it the report keeps
   its tables and says why the plots are missing).
 
 A suite fails when it exits non-zero, writes no results, or runs past its timeout; `all` still writes
-everything else, marks it failed in both files, and exits 1.
+everything else, marks it failed in both files, and exits 1. The last lines say the verdict counts and
+the keys that FAIL or ERROR. Targets are informational: otherwise the exit status is 0, unless `--strict`
+is given, when it is 3 (STRICT_EXIT_STATUS) if any verdict is FAIL or ERROR (SKIP does not count).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -38,7 +46,13 @@ import trio
 
 from benchmarks.children import stop_process
 from benchmarks.harness import LOG_TAIL_CHARS, ROOT, Progress, machine_info, write_results
-from benchmarks.targets import flatten
+from benchmarks.targets import (
+    STRICT_EXIT_STATUS,
+    add_strict_argument,
+    flatten,
+    strict_status,
+    verdict_summary,
+)
 
 DESCRIPTION: Final = "every suite, then results.json, report.md and plots in one folder"
 #: In the order they run: the cheap and independent first, the one that loads every CPU last.
@@ -192,17 +206,44 @@ def load_suite(name: str, path: Path) -> dict[str, Any] | None:
     return data
 
 
-def merged_verdicts(results: dict[str, Any], names: Sequence[str]) -> dict[str, str]:
-    """Every suite's verdicts under full dotted names (`gateway.events_per_cpu_s.zlib.null`)."""
+def full_key(name: str, key: str) -> str:
+    """A suite's figure key under its full dotted name (`gateway.events_per_cpu_s.zlib.null`)."""
+    return key if key.startswith(name + ".") else f"{name}.{key}"
+
+
+def expected_targets(name: str, size: str) -> list[str]:
+    """The full keys of every target suite `name` judges at `size` with the options `all` gives it (its
+    module's `target_keys`), known without running it."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    return [full_key(name, key) for key in module.target_keys(size)]
+
+
+def merged_verdicts(
+    results: dict[str, Any], names: Sequence[str], size: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Every suite's verdicts under full dotted names, and their notes. Each target in
+    `expected_targets` with no verdict in the suite's results (no results: it crashed, timed out or wrote
+    none) is ERROR, with the reason as its note."""
     out: dict[str, str] = {}
+    notes: dict[str, str] = {}
     for name in names:
         suite = results.get(name)
-        if not isinstance(suite, dict):
-            continue
-        for key, verdict in flatten(suite.get("verdicts", {})):
-            full = key if key.startswith(name + ".") else f"{name}.{key}"
-            out[full] = str(verdict)
-    return out
+        suite = suite if isinstance(suite, dict) else {}
+        for key, verdict in flatten(suite.get("verdicts") or {}):
+            out[full_key(name, key)] = str(verdict)
+        for key, note in flatten(suite.get("verdict_notes") or {}):
+            notes[full_key(name, key)] = str(note)
+        status = results.get("suites", {}).get(name, {})
+        if status.get("status") == "failed":
+            error = (status.get("error") or "no reason given").strip()
+            reason = f"the {name} suite failed: {error.splitlines()[0] if error else 'no reason given'}"
+        else:
+            reason = f"the {name} suite's results have no verdict on it"
+        for key in expected_targets(name, size):
+            if key not in out:
+                out[key] = "ERROR"
+                notes[key] = reason
+    return out, notes
 
 
 def build_results(
@@ -219,7 +260,7 @@ def build_results(
         results[outcome.name] = suite
         if suite is None and outcome.status == "ok":
             results["suites"][outcome.name].update(status="failed", error="its results file is unreadable")
-    results["verdicts"] = merged_verdicts(results, [o.name for o in outcomes])
+    results["verdicts"], results["verdict_notes"] = merged_verdicts(results, [o.name for o in outcomes], size)
     results["elapsed_s"] = round(elapsed_s, 1)
     return results
 
@@ -273,6 +314,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds each suite may run (default: by size)",
     )
+    add_strict_argument(parser)
+
+
+def exit_status(results: dict[str, Any], strict: bool) -> int:
+    """1 when a suite failed; else, with `strict`, STRICT_EXIT_STATUS when any verdict is FAIL or ERROR;
+    else 0."""
+    failed = any(status.get("status") != "ok" for status in results.get("suites", {}).values())
+    return strict_status(1 if failed else 0, results.get("verdicts", {}), strict)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,5 +349,9 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out_dir / 'results.json'}, {out_dir / 'report.md'} and {len(plots)} plots"
         f"{'; FAILED: ' + ', '.join(failed) if failed else ''}"
     )
+    progress.say(verdict_summary(results["verdicts"]))
     print(out_dir / "report.md")
-    return 1 if failed else 0
+    status = exit_status(results, args.strict)
+    if status == STRICT_EXIT_STATUS:
+        progress.say(f"--strict: exit status {STRICT_EXIT_STATUS} (a target's verdict is FAIL or ERROR)")
+    return status

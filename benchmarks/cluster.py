@@ -21,8 +21,9 @@ over by RESUME) and the cluster balances again before the next sample; that is n
 - `lease_ttl_s`, `nodes`, `shards`: the configuration.
 
 Results: `cluster.{failover_s, identifies_per_failover, resumes_per_failover, overlaps, lease_ttl_s, nodes,
-shards}`, plus `targets`, `verdicts`, `errors`, the samples under `runs` and the machine. Targets are
-informational: the exit status is 0 unless no sample was measured.
+shards}`, plus `targets`, `verdicts`, `errors`, the samples under `runs` and the machine; a figure not
+measured is None (its target ERROR). Targets are informational: the exit status is 0 unless no sample was
+measured (with `--strict`, 3 when a verdict is FAIL or ERROR).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from benchmarks.harness import (
     run_or_error,
     write_results,
 )
-from benchmarks.targets import Target, format_figures, nest, verdicts
+from benchmarks.targets import Target, format_figures, nest, strict_status, verdict_summary, verdicts
 
 DESCRIPTION: Final = "cluster mode: a dead node's shards resumed elsewhere (failover time, identifies)"
 LEASE_TTL_S: Final = 5.0
@@ -221,6 +222,11 @@ def targets_for() -> dict[str, Target]:
     }
 
 
+def target_keys(size: str) -> tuple[str, ...]:
+    """The figures this suite judges at `size` (the same at every size), without running it."""
+    return tuple(targets_for())
+
+
 def figures_of(settings: Settings, samples: list[Failover], overlaps: int | None) -> dict[str, float | None]:
     count = len(samples)
     return {
@@ -256,12 +262,13 @@ def run(args: argparse.Namespace) -> int:
         progress.say(f"  FAILED: {str(exc).splitlines()[0] if str(exc) else exc!r}")
     figures = figures_of(settings, samples, bench.overlaps)
     targets = targets_for()
+    judged = verdicts(figures, targets)
     results: dict[str, Any] = {
         "suite": "cluster",
         "settings": asdict(settings),
         **nest(figures),
         "targets": {key: str(target) for key, target in targets.items()},
-        "verdicts": verdicts(figures, targets),
+        "verdicts": judged,
         "errors": bench.errors,
         "runs": {
             "failover_samples_s": [s.failover_s for s in samples],
@@ -279,4 +286,5 @@ def run(args: argparse.Namespace) -> int:
     write_results(json_path, results)
     print(format_figures(figures, targets, bench.errors))
     print(f"\nwrote {json_path} in {results['elapsed_s']:.0f} s", file=sys.stderr)
-    return 0 if samples else 1
+    print(verdict_summary(judged), file=sys.stderr)
+    return strict_status(0 if samples else 1, judged, args.strict)

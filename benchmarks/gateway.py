@@ -31,7 +31,10 @@ Results (nested keys; `null` where that run failed, with the reason under `error
 `peer.discordpy.events_per_cpu_s.zlib`, `peer.discordpy.rss_kib_per_idle_shard.zlib`, and their ratio
 `ours_over_discordpy.events_per_cpu_s.zlib` (target > 1); the details of every
 run under `runs`, the targets and verdicts under `targets` and `verdicts`, the machine under `machine`.
-Targets are informational: the exit status is 0 unless the run itself failed (every figure missing).
+Every figure `--only` chose (all by default; the ratio when both of its figures were chosen) that was not
+measured is `null`, so its target is ERROR; figures not chosen have no verdict. Targets are informational:
+the exit status is 0 unless the run itself failed (every figure missing); with `--strict`, 3 when a
+verdict is FAIL or ERROR.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import os
 import pstats
 import statistics
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,7 +74,15 @@ from benchmarks.harness import (
     write_results,
 )
 from benchmarks.simulator.config import DEFAULT_TOKEN
-from benchmarks.targets import Target, nest, verdicts
+from benchmarks.targets import (
+    Target,
+    add_strict_argument,
+    nest,
+    strict_status,
+    verdict_summary,
+    verdicts,
+    with_missing,
+)
 
 DESCRIPTION: Final = "events per worker CPU-second and RSS per idle shard, against discord.py (B1-B3)"
 Compression = Literal["zlib", "zstd"]
@@ -408,7 +419,7 @@ async def run_suite(bench: Bench) -> dict[str, Any]:
     settings, errors, progress = bench.settings, bench.errors, bench.progress
 
     def wanted(label: str) -> bool:
-        return not bench.only or any(label.startswith(prefix) for prefix in bench.only)
+        return is_wanted(label, bench.only)
 
     for _ in range(settings.repeats):
         for label, client, compression, sink in THROUGHPUT_RUNS:
@@ -451,6 +462,28 @@ TARGETS: Final = {
     "rss_kib_per_idle_shard.zlib": Target("<=", TARGET_RSS_KIB_PER_IDLE_SHARD),
     "rss_kib_per_idle_shard.zstd": Target("<=", TARGET_RSS_KIB_PER_IDLE_SHARD),
 }
+
+
+def is_wanted(label: str, only: Sequence[str]) -> bool:
+    """Whether `--only` (its prefixes; none: everything) chose the figure `label`."""
+    return not only or any(label.startswith(prefix) for prefix in only)
+
+
+def attempted_keys(only: Sequence[str]) -> list[str]:
+    """The figures a run with these `--only` prefixes measures, from the options alone: every throughput
+    and idle-memory figure chosen, and RATIO_KEY when both of its sides are."""
+    labels = [label for label, *_ in THROUGHPUT_RUNS]
+    labels += [f"rss_kib_per_idle_shard.{compression}" for compression in COMPRESSIONS]
+    labels.append("peer.discordpy.rss_kib_per_idle_shard.zlib")
+    keys = [label for label in labels if is_wanted(label, only)]
+    if "events_per_cpu_s.zlib.null" in keys and "peer.discordpy.events_per_cpu_s.zlib" in keys:
+        keys.append(RATIO_KEY)
+    return keys
+
+
+def target_keys(size: str) -> tuple[str, ...]:
+    """The figures this suite judges at `size` with its default options, without running it."""
+    return tuple(key for key in attempted_keys(()) if key in TARGETS)
 
 
 def with_ratio(figures: dict[str, float | None]) -> dict[str, float | None]:
@@ -538,6 +571,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1/"),
         help="RabbitMQ for the publisher-confirms run (default: $AMQP_URL or guest@127.0.0.1)",
     )
+    add_strict_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -558,13 +592,14 @@ def run(args: argparse.Namespace) -> int:
     machine = machine_info()
     progress.say(f"gateway benchmark ({settings.name}); logs in {bench.log_dir}")
     outcome = trio.run(run_suite, bench)
-    figures = with_ratio(outcome["figures"])
+    figures = with_missing(with_ratio(outcome["figures"]), attempted_keys(bench.only))
+    judged = verdicts(figures, TARGETS)
     results: dict[str, Any] = {
         "suite": "gateway",
         "settings": asdict(settings),
         **nest(figures),
         "targets": {key: str(target) for key, target in TARGETS.items()},
-        "verdicts": verdicts(figures, TARGETS),
+        "verdicts": judged,
         "errors": bench.errors,
         "runs": {"throughput": outcome["throughput_runs"], "idle": outcome["idle_runs"]},
         "notes": {
@@ -585,4 +620,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile is not None:
         print(profile_summary(args.profile))
     print(f"\nwrote {json_path} in {results['elapsed_s']:.0f} s", file=sys.stderr)
-    return 0 if any(value is not None for value in figures.values()) else 1
+    print(verdict_summary(judged), file=sys.stderr)
+    return strict_status(
+        0 if any(value is not None for value in figures.values()) else 1, judged, args.strict
+    )

@@ -30,6 +30,7 @@ import httpx
 import trio
 
 from benchmarks.children import stop_process
+from benchmarks.targets import add_strict_argument
 
 #: The repository root: children run here so `-m benchmarks.simulator` and `-m workers` import.
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -354,7 +355,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, suite: str, quick_help: str) -> None:
-    """The options every suite has: `--quick` or `--smoke` (sizes), `--json PATH` and `--logs DIR`."""
+    """The options every suite has: `--quick` or `--smoke` (sizes), `--json PATH`, `--logs DIR` and
+    `--strict` (exit status 3 on a FAIL or ERROR verdict, `targets.strict_status`)."""
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help=quick_help)
     size.add_argument(
@@ -372,6 +374,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, suite: str, quick_help
         default=None,
         help=f"folder for child logs (default: {suite}-logs next to --json)",
     )
+    add_strict_argument(parser)
 
 
 #: The machine's RabbitMQ (README), when neither `--amqp-url` nor `$AMQP_URL` names one.

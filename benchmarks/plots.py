@@ -144,9 +144,14 @@ RATELIMIT_VARIANTS: Final = (
 WORKLOADS: Final = ("hot", "zipf", "interactions", "storm")
 
 
+def _measured_variant(node: Any) -> bool:
+    return isinstance(node, Mapping) and any(_number(value) is not None for value in node.values())
+
+
 def ratelimit_429s(results: Mapping[str, Any], figure_path: Path) -> str:
     suite = _suite(results, "ratelimit")
-    present = [v for v in RATELIMIT_VARIANTS if isinstance(lookup(suite, v[0]), Mapping)]
+    # A variant that failed has its figures as None (its targets ERROR): not drawn as a bar of 0 429s.
+    present = [v for v in RATELIMIT_VARIANTS if _measured_variant(lookup(suite, v[0]))]
     if not present:
         raise Skipped("the ratelimit suite measured no variant")
     figure, (left, right) = _figure(columns=2)

@@ -29,8 +29,10 @@ Figures:
 Placement: on a machine with at least 4 CPUs the client gets one, the simulator one and the worker one
 (RabbitMQ floats); with fewer, nothing is pinned (one request in flight at a time leaves the CPUs mostly
 idle during the latency phase, and pinning three processes onto two CPUs would add wake-up delays that
-are not the proxy's). Results also hold every path's percentiles, the settings and the machine. Targets
-are informational: the exit status is 0 unless the run failed.
+are not the proxy's). Results also hold every path's percentiles, the settings and the machine. Every
+figure of a path the options chose (`--no-amqp` leaves the AMQP path out) that was not measured is None,
+so its target is ERROR. Targets are informational: the exit status is 0 unless the run failed (with
+`--strict`, 3 when a verdict is FAIL or ERROR).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from benchmarks.harness import (
     write_results,
 )
 from benchmarks.simulator.config import DEFAULT_TOKEN
-from benchmarks.targets import Target, format_figures, nest, verdicts
+from benchmarks.targets import Target, format_figures, nest, strict_status, verdict_summary, verdicts
 
 DESCRIPTION: Final = "latency the HTTP and AMQP REST proxy add over a direct call, and HTTP requests/s"
 GLOBAL_LIMIT: Final = 1_000_000
@@ -345,17 +347,21 @@ def figures_of(outcome: dict[str, Any] | None, amqp: bool) -> dict[str, float | 
         figures[f"proxy.{path}.p99_ms"] = round(p99[path], 3) if path in p99 else None
     for path in ("direct", *proxied):
         run = throughput.get(path)
-        if run is not None:
-            figures[f"proxy.{path}.requests_per_s"] = run["requests_per_s"]
-            figures[f"proxy.{path}.client_cpu_share"] = run["client_cpu_share"]
-            if path != "direct":
-                figures[f"proxy.{path}.worker_cpu_share"] = run["worker_cpu_share"]
-                figures[f"proxy.{path}.worker_cpu_ms_per_request"] = (
-                    round(run["worker_cpu_share"] * 1000 / run["requests_per_s"], 3)
-                    if run["requests_per_s"]
-                    else None
-                )
+        figures[f"proxy.{path}.requests_per_s"] = run["requests_per_s"] if run else None
+        figures[f"proxy.{path}.client_cpu_share"] = run["client_cpu_share"] if run else None
+        if path != "direct":
+            figures[f"proxy.{path}.worker_cpu_share"] = run["worker_cpu_share"] if run else None
+            figures[f"proxy.{path}.worker_cpu_ms_per_request"] = (
+                round(run["worker_cpu_share"] * 1000 / run["requests_per_s"], 3)
+                if run and run["requests_per_s"]
+                else None
+            )
     return figures
+
+
+def target_keys(size: str) -> tuple[str, ...]:
+    """The figures this suite judges at `size` with its default options (both fronts), without running."""
+    return tuple(TARGETS)
 
 
 #: The percentiles kept per path for the report's latency plot (a CDF).
@@ -402,12 +408,13 @@ def run(args: argparse.Namespace) -> int:
         bench.errors["proxy"] = f"{exc.__class__.__name__}: {exc}"
         progress.say(f"  FAILED: {bench.errors['proxy'].splitlines()[0]}")
     figures = figures_of(outcome, not args.no_amqp)
+    judged = verdicts(figures, TARGETS)
     results: dict[str, Any] = {
         "suite": "proxy",
         "settings": {**asdict(settings), "backend": bench.backend, "amqp": bench.amqp},
         **nest(figures),
         "targets": {key: str(target) for key, target in TARGETS.items()},
-        "verdicts": verdicts(figures, TARGETS),
+        "verdicts": judged,
         "errors": bench.errors,
         "runs": {
             "throughput": outcome["throughput"] if outcome else {},
@@ -430,4 +437,5 @@ def run(args: argparse.Namespace) -> int:
     write_results(json_path, results)
     print(format_figures(figures, TARGETS, bench.errors))
     print(f"\nwrote {json_path} in {results['elapsed_s']:.0f} s", file=sys.stderr)
-    return 0 if outcome is not None else 1
+    print(verdict_summary(judged), file=sys.stderr)
+    return strict_status(0 if outcome is not None else 1, judged, args.strict)

@@ -6,7 +6,10 @@ lifted, so `results["proxy"]["http"]["added_p50_ms"]` is the issue's `proxy.http
 
 Pure: it reads the merged results (`benchmarks.all`'s `results.json`) and returns Markdown, so tests can
 feed it canned results. A suite that failed or a figure that is missing shows as `-` and the suite's
-status says why; no table is left out because one number is missing.
+status says why; no table is left out because one number is missing. The suites table counts each
+suite's verdicts from the merged `verdicts` (a failed suite's targets are there as ERROR) as pass, fail,
+error and skip (SKIP: not judged on this machine, never counted as a pass), and every verdict other than
+PASS is listed below it with its note from `verdict_notes`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from benchmarks.targets import format_value, lookup
+from benchmarks.targets import VERDICTS, count_verdicts, format_value, lookup
 
 #: (row label, our key, discord.py's key), relative to the gateway suite's results.
 GATEWAY_ROWS: Final = (
@@ -250,6 +253,10 @@ def scaling_section(suite: Mapping[str, Any]) -> str:
         f"simulators had CPUs of their own ({cell(node.get('largest_unshared_workers'))}): "
         f"{cell(node.get('efficiency_unshared'))}."
     )
+    target = _verdict(suite, "scaling.efficiency_unshared")
+    if target:
+        note = suite.get("verdict_notes", {}).get("scaling.efficiency_unshared")
+        summary += f" Target `efficiency_unshared` {target}{f' ({note})' if note else ''}."
     header = [
         "workers",
         "events/s",
@@ -288,21 +295,43 @@ def machine_section(machine: Mapping[str, Any]) -> str:
     return table(["", ""], rows)
 
 
+def suite_verdicts(results: Mapping[str, Any], name: str) -> dict[str, str]:
+    """Suite `name`'s verdicts: from the merged `verdicts` (full keys under `name.`) where there are
+    any, else from the suite's own results."""
+    merged: Mapping[str, str] | None = results.get("verdicts")
+    if isinstance(merged, Mapping):
+        return {key: str(value) for key, value in merged.items() if key.startswith(name + ".")}
+    suite = results.get(name)
+    own = suite.get("verdicts", {}) if isinstance(suite, Mapping) else {}
+    return {str(key): str(value) for key, value in own.items()}
+
+
 def suites_section(results: Mapping[str, Any]) -> str:
     rows = []
     for name, status in results.get("suites", {}).items():
-        verdicts = results.get(name, {}).get("verdicts", {}) if isinstance(results.get(name), Mapping) else {}
-        counts = {kind: sum(1 for v in verdicts.values() if v == kind) for kind in ("PASS", "FAIL", "ERROR")}
+        counts = count_verdicts(suite_verdicts(results, name))
         rows.append(
             [
                 name,
                 status.get("status", "?"),
                 cell(status.get("elapsed_s")),
-                f"{counts['PASS']} pass, {counts['FAIL']} fail, {counts['ERROR']} error",
+                ", ".join(f"{counts[kind]} {kind.lower()}" for kind in VERDICTS),
                 (status.get("error") or "").splitlines()[0][:160] if status.get("error") else "",
             ]
         )
     return table(["suite", "status", "seconds", "targets", "error"], rows)
+
+
+def verdict_notes_section(results: Mapping[str, Any]) -> str:
+    """One line per verdict other than PASS, with its note (SKIP: why it is not judged here)."""
+    notes: Mapping[str, str] = results.get("verdict_notes", {})
+    lines = []
+    for name in results.get("suites", {}):
+        for key, verdict in suite_verdicts(results, name).items():
+            if verdict != "PASS":
+                note = notes.get(key)
+                lines.append(f"- `{key}`: {verdict}{f' ({note})' if note else ''}")
+    return "\n".join(lines)
 
 
 def errors_section(name: str, suite: Mapping[str, Any], status: Mapping[str, Any]) -> str:
@@ -324,12 +353,16 @@ def render(results: Mapping[str, Any], plots: Sequence[tuple[str, str]]) -> str:
         f"`python -m benchmarks all{flag}`, "
         f"{cell(results.get('elapsed_s'))} s in all. Figures come from `results.json` beside this file; "
         "each suite's own JSON and child logs are in the same folder. Targets are the issues'; they are "
-        "informational (a FAIL does not fail the run).",
+        "informational (a FAIL or ERROR fails the run only with `--strict`; a SKIP is a target not judged "
+        "on this machine, not a pass).",
         "## Machine",
         machine_section(results.get("machine", {})),
         "## Suites",
         suites_section(results),
     ]
+    notes = verdict_notes_section(results)
+    if notes:
+        parts.append("Targets not passed:\n\n" + notes)
     for name, status in results.get("suites", {}).items():
         suite = results.get(name)
         parts.append(f"## {SUITE_TITLES.get(name, name)}")

@@ -33,7 +33,16 @@ Figures (`scaling.*`):
 - `efficiency_unshared`: `efficiency_at_max` at `largest_unshared_workers`, the largest W whose
   workers and simulators had CPUs of their own.
 
-Each point runs `repeats` times (the median is kept). The exit status is 0 unless every point failed.
+Target: `efficiency_unshared >= 0.8`, judged only where it can fail. With one worker the efficiency is
+1.0 by construction, and the largest unshared count needs CPUs for its workers and its simulators, so the
+verdict is SKIP (not a PASS; `verdict_notes` says why; `--strict` does not fail on it) unless the machine
+has at least MIN_JUDGED_CPUS (4) usable CPUs and the run's worker counts include at least
+MIN_JUDGED_COUNTS (2) above 1 (`judgement_blocker`); the smoke size (1 and 2 workers) is never judged.
+Judged, the verdict is ERROR when the figure is missing or no point of 2 or more workers on CPUs of their
+own was measured (its 1.0 would say nothing).
+
+Each point runs `repeats` times (the median is kept). The exit status is 0 unless every point failed
+(with `--strict`, 3 when the verdict is FAIL or ERROR).
 """
 
 from __future__ import annotations
@@ -69,12 +78,25 @@ from benchmarks.harness import (
     wait_sessions_ready,
     write_results,
 )
-from benchmarks.targets import Target, format_figures, nest, verdicts
+from benchmarks.targets import (
+    Target,
+    Verdict,
+    format_figures,
+    nest,
+    strict_status,
+    verdict_summary,
+    verdicts,
+)
 
 DESCRIPTION: Final = "total events per second against the number of worker processes (multi-core scaling)"
 #: The worker's default transport compression (DESIGN 3.2).
 COMPRESSION: Final = "zlib-stream"
-TARGETS: Final = {"scaling.efficiency_unshared": Target(">=", 0.8)}
+EFFICIENCY_KEY: Final = "scaling.efficiency_unshared"
+TARGETS: Final = {EFFICIENCY_KEY: Target(">=", 0.8)}
+#: The efficiency target is judged only on a machine with this many usable CPUs ...
+MIN_JUDGED_CPUS: Final = 4
+#: ... and a run with this many worker counts above 1 (the module docstring says why).
+MIN_JUDGED_COUNTS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +387,44 @@ def figures_of(counts: list[int], runs: dict[int, list[PointRun]]) -> dict[str, 
     return figures
 
 
+def target_keys(size: str) -> tuple[str, ...]:
+    """The figures this suite judges at `size` (the same at every size), without running it."""
+    return tuple(TARGETS)
+
+
+def judgement_blocker(cpus: int, counts: Sequence[int]) -> str | None:
+    """Why the efficiency target cannot mean anything for a run of `counts` workers on `cpus` usable CPUs,
+    or None when it can be judged."""
+    if cpus < MIN_JUDGED_CPUS:
+        return f"judged only on a machine with >= {MIN_JUDGED_CPUS} CPUs; this one has {cpus}"
+    above_one = [count for count in counts if count > 1]
+    if len(above_one) < MIN_JUDGED_COUNTS:
+        return (
+            f"judged only with >= {MIN_JUDGED_COUNTS} worker counts above 1; this run had "
+            f"{', '.join(map(str, above_one)) or 'none'}"
+        )
+    return None
+
+
+def judge(
+    figures: dict[str, float | None], cpus: int, counts: Sequence[int]
+) -> tuple[dict[str, Verdict], dict[str, str]]:
+    """The verdicts and their notes: SKIP where `judgement_blocker` says the target cannot mean anything;
+    ERROR where no point of 2 or more workers on CPUs of their own was measured; else PASS or FAIL (ERROR
+    for a missing figure)."""
+    blocker = judgement_blocker(cpus, counts)
+    if blocker is not None:
+        return {EFFICIENCY_KEY: "SKIP"}, {EFFICIENCY_KEY: blocker}
+    largest = figures.get("scaling.largest_unshared_workers")
+    if figures.get(EFFICIENCY_KEY) is not None and (largest is None or largest < 2):
+        note = (
+            "no point of 2 or more workers on CPUs of their own was measured (1 worker is 1.0 by "
+            "construction)"
+        )
+        return {EFFICIENCY_KEY: "ERROR"}, {EFFICIENCY_KEY: note}
+    return verdicts(figures, TARGETS), {}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "scaling", "short windows, one run per point")
     parser.add_argument(
@@ -404,12 +464,14 @@ def run(args: argparse.Namespace) -> int:
     )
     runs = trio.run(run_suite, bench, counts)
     figures = figures_of(counts, runs)
+    judged, notes = judge(figures, len(cpus), counts)
     results: dict[str, Any] = {
         "suite": "scaling",
         "settings": {**asdict(settings), "compression": COMPRESSION, "counts": counts, "cpus": list(cpus)},
         **nest(figures),
         "targets": {key: str(target) for key, target in TARGETS.items()},
-        "verdicts": verdicts(figures, TARGETS),
+        "verdicts": judged,
+        "verdict_notes": notes,
         "errors": bench.errors,
         "runs": {f"w{count}": [run.to_json() for run in done] for count, done in runs.items()},
         "notes": {
@@ -422,6 +484,7 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine,
     }
     write_results(json_path, results)
-    print(format_figures(figures, TARGETS, bench.errors))
+    print(format_figures(figures, TARGETS, bench.errors, judged, notes))
     print(f"\nwrote {json_path} in {results['elapsed_s']:.0f} s", file=sys.stderr)
-    return 0 if any(runs.values()) else 1
+    print(verdict_summary(judged), file=sys.stderr)
+    return strict_status(0 if any(runs.values()) else 1, judged, args.strict)

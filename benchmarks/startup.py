@@ -22,7 +22,9 @@ ratelimit segment folder, `/readyz` on a loopback port) starts against it.
 Results: `startup.<config>.{ready_s, identify_spread_s, bound_s, spread_over_bound, identifies,
 rules_broken, overhead_s, readyz_s, workers, shards, max_concurrency}` with `<config>` =
 `shards<N>_mc<M>`, plus `targets`, `verdicts`, `errors`, per-run details under `runs` and the machine.
-Targets are informational: the exit status is 0 unless every configuration failed.
+A configuration that failed has every figure None (its targets ERROR). `target_keys(size)` lists the
+targets of a size's configurations without running them. Targets are informational: the exit status is 0
+unless every configuration failed (with `--strict`, 3 when a verdict is FAIL or ERROR).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from benchmarks.harness import (
     write_results,
 )
 from benchmarks.simulator.config import IDENTIFY_INTERVAL_S
-from benchmarks.targets import Target, format_figures, nest, verdicts
+from benchmarks.targets import Target, format_figures, nest, strict_status, verdict_summary, verdicts
 
 DESCRIPTION: Final = "time to all shards READY and the identify spread against Discord's bound"
 #: How often `/readyz` is polled; the resolution of `ready_s`.
@@ -284,6 +286,11 @@ def targets_for(settings: Settings) -> dict[str, Target]:
     return targets
 
 
+def target_keys(size: str) -> tuple[str, ...]:
+    """The figures this suite judges at `size` (its default configurations), without running it."""
+    return tuple(targets_for(SETTINGS[size]))
+
+
 def figures_of(settings: Settings, runs: dict[str, StartupRun]) -> dict[str, float | None]:
     """Every configuration's figures, None for those that failed (so a failure shows in the table)."""
     figures: dict[str, float | None] = {}
@@ -328,12 +335,13 @@ def run(args: argparse.Namespace) -> int:
     runs = trio.run(run_suite, bench)
     figures = figures_of(settings, runs)
     targets = targets_for(settings)
+    judged = verdicts(figures, targets)
     results: dict[str, Any] = {
         "suite": "startup",
         "settings": {"name": settings.name, "configs": [asdict(c) for c in settings.configs]},
         **nest(figures),
         "targets": {key: str(target) for key, target in targets.items()},
-        "verdicts": verdicts(figures, targets),
+        "verdicts": judged,
         "errors": bench.errors,
         "runs": {
             label: {**asdict(run), "spread_over_bound": run.spread_over_bound} for label, run in runs.items()
@@ -350,4 +358,5 @@ def run(args: argparse.Namespace) -> int:
     write_results(json_path, results)
     print(format_figures(figures, targets, bench.errors))
     print(f"\nwrote {json_path} in {results['elapsed_s']:.0f} s", file=sys.stderr)
-    return 0 if runs else 1
+    print(verdict_summary(judged), file=sys.stderr)
+    return strict_status(0 if runs else 1, judged, args.strict)

@@ -3,17 +3,34 @@
 A suite's figures are flat dotted names (`proxy.http.added_p50_ms`) mapped to a number, or None when the
 run that should have produced it failed. Its results file holds them nested (`{"proxy": {"http": ...}}`),
 so the key named in the issue is the path through the JSON; `targets` and `verdicts` are keyed by the flat
-name. Targets are informational: a FAIL verdict does not change a suite's exit status.
+name.
+
+Verdicts: PASS or FAIL against the target; ERROR when the figure was attempted but not measured (a suite
+puts None for every figure its options chose and its run could not produce, `with_missing`, so a failed
+variant is counted, never silently dropped; a deliberate subset run has no verdict on what it did not
+try); SKIP when the figure cannot mean anything on this machine (the scaling target on fewer CPUs than it
+needs), never counted as a PASS, with the reason under `verdict_notes`.
+
+Targets are informational: a FAIL or ERROR verdict does not change a suite's exit status, unless it runs
+with `--strict` (`add_strict_argument`): then the exit status is STRICT_EXIT_STATUS (3) when any verdict
+is FAIL or ERROR (SKIP does not count) and the run itself did not fail (that stays 1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import argparse
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 Comparison = Literal[">=", "<=", ">", "<", "=="]
-Verdict = Literal["PASS", "FAIL", "ERROR"]
+Verdict = Literal["PASS", "FAIL", "ERROR", "SKIP"]
+#: Every verdict, in the order counts show them.
+VERDICTS: Final[tuple[Verdict, ...]] = ("PASS", "FAIL", "ERROR", "SKIP")
+#: The verdicts that fail `--strict`.
+FAILING: Final = frozenset({"FAIL", "ERROR"})
+#: The exit status under `--strict` when a verdict is FAIL or ERROR (1 stays "the run itself failed").
+STRICT_EXIT_STATUS: Final = 3
 _COMPARE: Final = {
     ">=": lambda value, threshold: value >= threshold,
     "<=": lambda value, threshold: value <= threshold,
@@ -38,9 +55,56 @@ class Target:
 
 
 def verdicts(figures: Mapping[str, float | None], targets: Mapping[str, Target]) -> dict[str, Verdict]:
-    """PASS, FAIL or ERROR (no figure) for every figure that has a target; figures not measured are left
-    out (a subset run has no verdict on what it did not try)."""
+    """PASS, FAIL or ERROR (None) for every figure that has a target; keys absent from `figures` are left
+    out (a subset run has no verdict on what it did not try), so a suite first fills what it attempted
+    with `with_missing`."""
     return {key: target.judge(figures[key]) for key, target in targets.items() if key in figures}
+
+
+def with_missing(figures: Mapping[str, float | None], attempted: Iterable[str]) -> dict[str, float | None]:
+    """`figures` plus None for every attempted key it lacks (the run that should have measured it failed),
+    so a target among them is judged ERROR instead of vanishing from the verdicts. `attempted` comes from
+    the run's options, not from what came back."""
+    out = dict(figures)
+    for key in attempted:
+        out.setdefault(key, None)
+    return out
+
+
+def count_verdicts(judged: Mapping[str, str]) -> dict[str, int]:
+    """How many of each verdict (every kind in VERDICTS, zeros included)."""
+    return {kind: sum(1 for verdict in judged.values() if verdict == kind) for kind in VERDICTS}
+
+
+def verdict_summary(judged: Mapping[str, str]) -> str:
+    """One line: the counts, then the keys of each FAIL and ERROR."""
+    counts = count_verdicts(judged)
+    line = "targets: " + ", ".join(f"{counts[kind]} {kind}" for kind in VERDICTS)
+    for kind in ("FAIL", "ERROR"):
+        keys = [key for key, verdict in judged.items() if verdict == kind]
+        if keys:
+            line += f"; {kind}: {', '.join(keys)}"
+    return line
+
+
+def strict_status(status: int, judged: Mapping[str, str], strict: bool) -> int:
+    """The exit status: `status` (the run's own) when non-zero; else, with `strict`, STRICT_EXIT_STATUS
+    when any verdict is FAIL or ERROR; else 0. SKIP never fails it."""
+    if status != 0:
+        return status
+    if strict and any(verdict in FAILING for verdict in judged.values()):
+        return STRICT_EXIT_STATUS
+    return 0
+
+
+def add_strict_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help=f"exit with status {STRICT_EXIT_STATUS} when any target's verdict is FAIL or ERROR (SKIP, a "
+        "target that cannot mean anything on this machine, does not count); without it targets are "
+        "informational",
+    )
 
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -84,10 +148,15 @@ def format_value(value: float | None) -> str:
 
 
 def format_figures(
-    figures: Mapping[str, float | None], targets: Mapping[str, Target], errors: Mapping[str, str]
+    figures: Mapping[str, float | None],
+    targets: Mapping[str, Target],
+    errors: Mapping[str, str],
+    judged: Mapping[str, str] | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> str:
-    """The table a suite prints: figure, value, target, verdict; then one line per error."""
-    judged = verdicts(figures, targets)
+    """The table a suite prints: figure, value, target, verdict (`judged`, by default `verdicts`); then
+    one line per verdict note and one per error."""
+    judged = verdicts(figures, targets) if judged is None else judged
     rows = [
         (key, format_value(value), str(targets[key]) if key in targets else "", judged.get(key, ""))
         for key, value in figures.items()
@@ -95,5 +164,6 @@ def format_figures(
     width = max([len("figure"), *(len(row[0]) for row in rows)])
     lines = [f"{'figure':<{width}}  {'value':>12}  {'target':<10}  verdict"]
     lines += [f"{k:<{width}}  {v:>12}  {t:<10}  {s}" for k, v, t, s in rows]
+    lines += [f"{judged.get(key, 'NOTE')} {key}: {note}" for key, note in (notes or {}).items()]
     lines += [f"ERROR {key}: {message.splitlines()[0] if message else ''}" for key, message in errors.items()]
     return "\n".join(lines)

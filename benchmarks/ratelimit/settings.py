@@ -1,8 +1,11 @@
-"""The ratelimit benchmark's sizes and targets: `Settings` per size (`smoke`, `quick`, `full`) and the
-figure -> target table (issue 5 item 6; the interaction wait from anchors/ratelimit.md 5.5)."""
+"""The ratelimit benchmark's sizes and targets: `Settings` per size (`smoke`, `quick`, `full`), the
+figure -> target table (issue 5 item 6; the interaction wait from anchors/ratelimit.md 5.5) and the
+figures a run attempts for its chosen variants, workloads and capacity run (`attempted_figures`), so a
+measurement that failed leaves None (its targets ERROR) instead of no key."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -47,6 +50,32 @@ def _targets() -> dict[str, Target]:
 
 #: Figure -> target. Peers are held to the same 429 and utilization targets as ours.
 TARGETS: Final = _targets()
+
+#: A variant's figures from its HTTP workloads (figures.analyse_http and measure.measure_http), when any
+#: workload runs; then those of workload (a) `hot`, of (b) `zipf`, and our engine's own.
+HTTP_FIGURES: Final = (
+    "avoidable_429_per_10k",
+    "first_contact_429",
+    "global_429",
+    "shared_429",
+    "sublimit_429",
+    "ban_429",
+    "requests",
+    "bans",
+)
+HOT_FIGURES: Final = ("hot_bucket_utilization",)
+ZIPF_FIGURES: Final = ("global_utilization", "interaction_latency_p50_ms", "interaction_latency_p99_ms")
+ENGINE_ZIPF_FIGURES: Final = ("interaction_wait_p50_ms", "interaction_wait_p99_ms")
+ENGINE_HTTP_FIGURES: Final = ("fallback_grants",)
+#: A backend's figures from the capacity run (measure.measure_capacity), its one-process acquire latency
+#: (with `latency_samples`), and its concurrent run (with `capacity_concurrent_tasks`).
+CAPACITY_FIGURES: Final = ("grants_per_s", "loaded_acquire_p50_us", "loaded_acquire_p99_us")
+LATENCY_FIGURES: Final = ("acquire_p50_us", "acquire_p99_us")
+CONCURRENT_FIGURES: Final = (
+    "concurrent_grants_per_s",
+    "concurrent_loaded_acquire_p50_us",
+    "concurrent_loaded_acquire_p99_us",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +152,37 @@ SETTINGS: Final = {
         latency_samples=20_000,
     ),
 }
+
+
+def attempted_figures(
+    settings: Settings,
+    backends: Sequence[str],
+    peers: Sequence[str],
+    workloads: Sequence[str],
+    capacity: bool,
+) -> list[str]:
+    """Every flat figure (`shm.grants_per_s`) a run of these options measures, from the options alone
+    (not from what came back: a variant that failed, or Redis that did not start, still attempted)."""
+
+    def http(engine: bool) -> list[str]:
+        if not workloads:
+            return []
+        names = [*HTTP_FIGURES]
+        names += HOT_FIGURES if "hot" in workloads else ()
+        if "zipf" in workloads:
+            names += [*ZIPF_FIGURES, *(ENGINE_ZIPF_FIGURES if engine else ())]
+        return [*names, *(ENGINE_HTTP_FIGURES if engine else ())]
+
+    out: list[str] = []
+    for backend in backends:
+        names = http(engine=True)
+        if capacity:
+            names += [*CAPACITY_FIGURES, *(LATENCY_FIGURES if settings.latency_samples else ())]
+            names += CONCURRENT_FIGURES if settings.capacity_concurrent_tasks else ()
+        out += [f"{backend}.{name}" for name in names]
+    for peer in peers:
+        out += [f"peer.{peer}.{name}" for name in http(engine=False)]
+    return out
 
 
 def message_shape(settings: Settings) -> tuple[int, float]:

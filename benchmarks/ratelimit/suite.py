@@ -17,11 +17,18 @@ import trio
 
 from benchmarks.harness import Progress, add_common_arguments, machine_info, write_results
 from benchmarks.ratelimit.measure import Bench, run_suite
-from benchmarks.ratelimit.settings import BACKENDS, PEERS, SETTINGS, TARGETS, message_shape
+from benchmarks.ratelimit.settings import (
+    BACKENDS,
+    PEERS,
+    SETTINGS,
+    TARGETS,
+    attempted_figures,
+    message_shape,
+)
 from benchmarks.ratelimit.table import format_table
-from benchmarks.targets import nest, verdicts
+from benchmarks.targets import nest, strict_status, verdict_summary, verdicts, with_missing
 
-__all__ = ["DESCRIPTION", "WORKLOAD_CHOICES", "add_arguments", "run"]
+__all__ = ["DESCRIPTION", "WORKLOAD_CHOICES", "add_arguments", "run", "target_keys"]
 
 DESCRIPTION: Final = (
     "429s, utilization and acquire latency of our engine (shm, Redis) against discord.py and hikari"
@@ -59,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def target_keys(size: str) -> tuple[str, ...]:
+    """The figures this suite judges at `size` with its default options (every variant, workload and the
+    capacity run), without running it."""
+    attempted = attempted_figures(SETTINGS[size], BACKENDS, PEERS, WORKLOAD_CHOICES, capacity=True)
+    return tuple(key for key in attempted if key in TARGETS)
+
+
 def _choices(value: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
     chosen = tuple(item.strip() for item in value.split(",") if item.strip() and item.strip() != "none")
     unknown = [item for item in chosen if item not in allowed]
@@ -84,16 +98,18 @@ def run(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         shm_dir=args.shm_dir,
     )
+    attempted = attempted_figures(settings, bench.backends, bench.peers, bench.workloads, bench.capacity)
     machine = machine_info()
     progress.say(f"ratelimit benchmark ({settings.name}); logs in {bench.log_dir}")
     outcome = trio.run(run_suite, bench)
-    flat: dict[str, float | None] = outcome["figures"]
+    flat = with_missing(outcome["figures"], attempted)
+    judged = verdicts(flat, TARGETS)
     results: dict[str, Any] = {
         "suite": "ratelimit",
         "settings": asdict(settings),
         **nest(flat),
         "targets": {key: str(target) for key, target in TARGETS.items()},
-        "verdicts": verdicts(flat, TARGETS),
+        "verdicts": judged,
         "errors": bench.errors,
         "runs": outcome["runs"],
         "notes": {
@@ -116,4 +132,5 @@ def run(args: argparse.Namespace) -> int:
     write_results(json_path, results)
     print(format_table(flat, results))
     print(f"\nwrote {json_path} in {results['elapsed_s']:.0f} s", file=sys.stderr)
-    return 0 if any(value is not None for value in flat.values()) else 1
+    print(verdict_summary(judged), file=sys.stderr)
+    return strict_status(0 if any(value is not None for value in flat.values()) else 1, judged, args.strict)

@@ -68,6 +68,9 @@ def test_results_hold_the_machine_every_suite_and_their_keys(smoke_run: tuple[Pa
     # Every suite's verdicts, under full names.
     assert "proxy.http.added_p50_ms" in results["verdicts"]
     assert "startup.shards4_mc2.rules_broken" in results["verdicts"]
+    # The smoke size measures 1 and 2 workers: too few to judge scaling on any machine, so SKIP, not PASS.
+    assert results["verdicts"]["scaling.efficiency_unshared"] == "SKIP"
+    assert results["verdict_notes"]["scaling.efficiency_unshared"]
 
 
 def test_startup_measures_ready_time_and_the_identify_spread(smoke_run: tuple[Path, dict[str, Any]]) -> None:
@@ -139,8 +142,18 @@ def test_a_suite_that_fails_is_reported_and_fails_the_run(tmp_path: Path) -> Non
     status = results["suites"]["startup"]
     assert status["status"] == "failed" and "timed out" in status["error"]
     assert results["startup"] is None
+    # Its targets are counted as ERROR, not left out.
+    assert results["verdicts"] == dict.fromkeys(
+        (
+            "startup.shards4_mc2.rules_broken",
+            "startup.shards4_mc2.identifies",
+            "startup.shards4_mc2.spread_over_bound",
+        ),
+        "ERROR",
+    )
     text = (tmp_path / "report.md").read_text()
     assert "| startup | failed |" in text
+    assert "0 pass, 0 fail, 3 error, 0 skip" in text
     assert "**This suite failed**: timed out after 2 s" in text
 
 
