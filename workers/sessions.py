@@ -7,12 +7,18 @@ fatal close. A restarted worker loads it and RESUMEs on ``resume_url``; with not
 current shard count: the caller decides (a session of a different shard layout cannot be resumed as this
 shard, and must be dropped there, with a log line saying why).
 
-Redis layout (``SHARD_STORE_TYPE=redis``, ``SHARD_STORE_PREFIX`` = ``prefix``): one hash per shard,
+Redis layout (``SHARD_STORE_TYPE=redis``, ``SHARD_STORE_PREFIX`` = ``prefix``): one hash per shard of one
+shard count (a live reshard runs two generations, 16 and 32 shards say, whose shard 7s are different shards
+with different sessions),
 
-    {gateway}:7:session  ->  session_id  "a1b2..."
-                             seq         "1234"
-                             resume_url  "wss://gateway-us-east1-b.discord.gg"
-                             shard_count "16"
+    {gateway}:16:7:session  ->  session_id  "a1b2..."
+                                seq         "1234"
+                                resume_url  "wss://gateway-us-east1-b.discord.gg"
+                                shard_count "16"
+
+A store opened without a shard count (tests, tools) uses the key of earlier versions, ``{gateway}:7:session``;
+a store with one still *reads* that key when its own is missing and the stored ``shard_count`` matches, so
+an upgrade RESUMEs instead of identifying every shard (the old key then expires by its TTL).
 
 with ``PEXPIRE ttl_s`` refreshed on every write, so a session nobody saves again disappears once Discord has
 certainly expired it. The braces make ``{prefix}`` a Redis Cluster hash tag: all keys of one bot sit in one
@@ -189,9 +195,12 @@ def _merged(earlier: _Change | None, later: _Change) -> _Change:
     return _Change(_saved(earlier.session, later.session), replace=earlier.replace or later.replace)
 
 
-def session_key(prefix: str, shard_id: int) -> str:
-    """The Redis key of ``shard_id``'s session hash: ``{prefix}:ID:session``."""
-    return f"{{{prefix}}}:{shard_id}:session"
+def session_key(prefix: str, shard_id: int, shard_count: int | None = None) -> str:
+    """The Redis key of ``shard_id``'s session hash: ``{prefix}:COUNT:ID:session``, or the key of earlier
+    versions ``{prefix}:ID:session`` without a shard count."""
+    if shard_count is None:
+        return f"{{{prefix}}}:{shard_id}:session"
+    return f"{{{prefix}}}:{shard_count}:{shard_id}:session"
 
 
 # -- in memory -----------------------------------------------------------------------------------------------
@@ -223,9 +232,12 @@ class InMemorySessionStore:
 class RedisSessionStore:
     """A :class:`SessionStore` in Redis (module docstring). Made by :func:`open_redis_session_store`."""
 
-    def __init__(self, client: RedisClient, *, prefix: str, ttl_s: float) -> None:
+    def __init__(
+        self, client: RedisClient, *, prefix: str, ttl_s: float, shard_count: int | None = None
+    ) -> None:
         self._client = client
         self._prefix = prefix
+        self._shard_count = shard_count
         self._ttl_ms = max(1, math.ceil(ttl_s * 1000))
         self._script = Script(_WRITE_BATCH_LUA)
         self._pending: dict[int, _Change] = {}
@@ -242,7 +254,7 @@ class RedisSessionStore:
         self._outage_started_at: float | None = None
 
     def key(self, shard_id: int) -> str:
-        return session_key(self._prefix, shard_id)
+        return session_key(self._prefix, shard_id, self._shard_count)
 
     def statistics(self) -> SessionStoreStatistics:
         return SessionStoreStatistics(
@@ -321,7 +333,16 @@ class RedisSessionStore:
         return False
 
     async def _read(self, shard_id: int) -> StoredSession | None:
-        values = await self._client.execute("HMGET", self.key(shard_id), *_FIELDS)
+        stored = await self._read_key(shard_id, self.key(shard_id))
+        if stored is None and self._shard_count is not None:
+            # An earlier version's key (module docstring): only a session of this shard count is ours.
+            legacy = await self._read_key(shard_id, session_key(self._prefix, shard_id))
+            if legacy is not None and legacy.shard_count == self._shard_count:
+                return legacy
+        return stored
+
+    async def _read_key(self, shard_id: int, key: str) -> StoredSession | None:
+        values = await self._client.execute("HMGET", key, *_FIELDS)
         if not isinstance(values, list) or not all(
             value is None or isinstance(value, bytes) for value in values
         ):
@@ -336,7 +357,7 @@ class RedisSessionStore:
         except ValueError as exc:  # a field missing or not a number (UnicodeDecodeError is a ValueError)
             logger.warning(
                 "session_store.unreadable",
-                extra={"shard_id": shard_id, "key": self.key(shard_id), "error": repr(exc)},
+                extra={"shard_id": shard_id, "key": key, "error": repr(exc)},
             )
             return None
 
@@ -421,13 +442,18 @@ class RedisSessionStore:
             logger.debug("session_store.write_failed", extra={"error": repr(exc)})
 
 
-async def stored_session_shards(url: str, prefix: str, shard_ids: Sequence[int]) -> frozenset[int]:
-    """Which of `shard_ids` have a session in the Redis store (a start will RESUME them, spending no
-    IDENTIFY budget): one pipeline of EXISTS. Empty, with a warning, when Redis cannot be read within
-    LOAD_TIMEOUT_S: then every shard counts as one that identifies."""
-    keys = [session_key(prefix, shard_id) for shard_id in shard_ids]
-    if not keys:
+async def stored_session_shards(
+    url: str, prefix: str, shard_ids: Sequence[int], shard_count: int | None = None
+) -> frozenset[int]:
+    """Which of `shard_ids` (of `shard_count` shards) have a session in the Redis store (a start will RESUME
+    them, spending no IDENTIFY budget): one pipeline of EXISTS, on each shard's key and, with a shard count,
+    also on the key of earlier versions (which a store reads when its own is missing). Empty, with a warning,
+    when Redis cannot be read within LOAD_TIMEOUT_S: then every shard counts as one that identifies."""
+    if not shard_ids:
         return frozenset()
+    keys = [session_key(prefix, shard_id, shard_count) for shard_id in shard_ids]
+    if shard_count is not None:
+        keys += [session_key(prefix, shard_id) for shard_id in shard_ids]
     async with open_redis_client(url, timeout_s=LOAD_TIMEOUT_S, max_connections=1) as client:
         try:
             found = await client.pipeline([("EXISTS", key) for key in keys], key=keys[0])
@@ -436,7 +462,9 @@ async def stored_session_shards(url: str, prefix: str, shard_ids: Sequence[int])
         except RedisError as exc:
             logger.warning("session_store.count_failed", extra={"error": str(exc)})
             return frozenset()
-    return frozenset(shard_id for shard_id, count in zip(shard_ids, found, strict=True) if count)
+    count = len(shard_ids)
+    own, legacy = found[:count], found[count:] or [0] * count
+    return frozenset(shard for shard, *exists in zip(shard_ids, own, legacy, strict=True) if any(exists))
 
 
 @asynccontextmanager
@@ -446,6 +474,7 @@ async def open_redis_session_store(
     prefix: str = DEFAULT_PREFIX,
     ttl_s: float = DEFAULT_TTL_S,
     pool_size: int = DEFAULT_POOL_SIZE,
+    shard_count: int | None = None,
 ) -> AsyncIterator[RedisSessionStore]:
     """A Redis-backed :class:`SessionStore` whose flusher task lives as long as the ``async with``.
 
@@ -465,7 +494,7 @@ async def open_redis_session_store(
     except (ValueError, OSError) as exc:
         raise SessionStoreError(f"REDIS_URL cannot be used: {exc}") from exc
     async with client.closing(), trio.open_nursery() as nursery:
-        store = RedisSessionStore(client, prefix=prefix, ttl_s=ttl_s)
+        store = RedisSessionStore(client, prefix=prefix, ttl_s=ttl_s, shard_count=shard_count)
         await nursery.start(store.serve_flusher)
         try:
             yield store

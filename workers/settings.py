@@ -85,6 +85,7 @@ Compression = Literal["zlib-stream", "zstd-stream", "none"]
 BrokerType = Literal["stdio", "amqp", "null"]
 StoreType = Literal["memory", "redis"]
 ClusterMode = Literal["off", "redis"]
+ReshardMode = Literal["auto", "off"]
 Encoding = Literal["spectacles", "msgpack", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 #: The ratelimit backends a deployment may name; `memory` (one process) is for tests and embedding only.
@@ -412,6 +413,22 @@ class Settings:
     #: re-established later (`supervisor.planning.check_session_budget`). A count, not a share of
     #: `session_start_limit.total`: the total is only known after `GET /gateway/bot`, and 10 covers a few
     #: crash-and-reidentify cycles on any bot while costing a 1,000-a-day bot 1% of its budget.
+    reshard: ReshardMode = setting(
+        "auto",
+        "RESHARD",
+        choice_parser(ReshardMode),
+        "`auto`: follow Discord's recommended shard count live (checked every `RESHARD_CHECK_INTERVAL`, "
+        "on SIGUSR1 and on a close with 4011); `off` with an explicit `--shards` or in cluster mode",
+        processes=_SUPERVISOR,
+    )
+    reshard_check_interval_s: float = setting(
+        3600.0,
+        "RESHARD_CHECK_INTERVAL",
+        _DURATION,
+        "how often `RESHARD=auto` asks Discord for the recommended shard count",
+        toml="duration",
+        processes=_SUPERVISOR,
+    )
     identify_reserve: int = setting(
         10,
         "SESSION_START_RESERVE",
@@ -529,7 +546,7 @@ def resolve(layers: Iterable[TextLayer], *, config_path: str | None = None) -> L
                 break
         else:
             sources[row.env] = Source("default", row.env)
-    loaded = _check_cluster(LoadedSettings(Settings(**values), sources, config_path))
+    loaded = _check_reshard(_check_cluster(LoadedSettings(Settings(**values), sources, config_path)))
     if loaded.settings.shards is not None:
         loaded.check_shard_count(loaded.settings.shards)
     return loaded
@@ -563,6 +580,36 @@ def _check_cluster(loaded: LoadedSettings) -> LoadedSettings:
             f"at least {MIN_LEASE_TTL_S:g}s, got {settings.cluster_lease_ttl_s:g}s",
         )
     return dataclasses.replace(loaded, settings=settings)
+
+
+#: The shortest `RESHARD_CHECK_INTERVAL`: each check is one `GET /gateway/bot`.
+MIN_RESHARD_CHECK_INTERVAL_S: Final = 10.0
+
+
+def _check_reshard(loaded: LoadedSettings) -> LoadedSettings:
+    """`RESHARD=auto` follows the recommended shard count, so it needs `--shards auto` and a host that plans
+    its own shards: an explicit `--shards` or cluster mode turns the default off, and an explicit `auto`
+    with either is an error naming the key."""
+    settings = loaded.settings
+    if settings.reshard_check_interval_s < MIN_RESHARD_CHECK_INTERVAL_S:
+        raise ConfigError(
+            loaded.name_of("RESHARD_CHECK_INTERVAL"),
+            f"at least {MIN_RESHARD_CHECK_INTERVAL_S:g}s, got {settings.reshard_check_interval_s:g}s",
+        )
+    if settings.reshard == "off":
+        return loaded
+    conflict = None
+    if settings.shards is not None:
+        conflict = "an explicit --shards (the shard count is yours, not Discord's)"
+    elif settings.shard_ids is not None:
+        conflict = "an explicit --shard-ids (this host runs a fixed part of the bot)"
+    elif settings.cluster_mode != "off":
+        conflict = "CLUSTER_MODE=redis (live resharding across nodes is not built yet)"
+    if conflict is None:
+        return loaded
+    if loaded.sources["RESHARD"].kind != "default":
+        raise ConfigError(loaded.name_of("RESHARD"), f"off with {conflict}")
+    return dataclasses.replace(loaded, settings=dataclasses.replace(settings, reshard="off"))
 
 
 def load_from_environment(environ: Mapping[str, str]) -> Settings:

@@ -78,6 +78,8 @@ VALID: list[tuple[str, str, str, Any]] = [
     ("CLUSTER_MODE", "redis", "cluster_mode", "redis"),
     ("CLUSTER_NODE_ID", "host-a.example", "cluster_node_id", "host-a.example"),
     ("CLUSTER_LEASE_TTL", "15s", "cluster_lease_ttl_s", 15.0),
+    ("RESHARD", "off", "reshard", "off"),
+    ("RESHARD_CHECK_INTERVAL", "15m", "reshard_check_interval_s", 900.0),
     ("RATELIMIT_BACKEND", "redis", "ratelimit_backend", "redis"),
     ("RATELIMIT_SHM_DIR", "/run/trio-shard-gateway/", "ratelimit_shm_dir", "/run/trio-shard-gateway"),
     ("PROXY_HTTP_SECRET", " 0123456789abcdef-proxy ", "proxy_http_secret", "0123456789abcdef-proxy"),
@@ -131,6 +133,8 @@ INVALID: list[tuple[str, str]] = [
     ("CLUSTER_MODE", "etcd"),
     ("CLUSTER_NODE_ID", "two words"),
     ("CLUSTER_LEASE_TTL", "0s"),
+    ("RESHARD", "yes"),
+    ("RESHARD_CHECK_INTERVAL", "5s"),
     ("RATELIMIT_BACKEND", "memory"),
     ("RATELIMIT_SHM_DIR", "relative/dir"),
     ("PROXY_HTTP_SECRET", "short"),
@@ -583,6 +587,9 @@ def settings_strategy(draw: st.DrawFn) -> Settings:
         restart_max=draw(st.integers(0, 100)),
         restart_window_s=draw(_positive_duration),
         identify_reserve=draw(st.integers(0, 10_000)),
+        # RESHARD=auto follows Discord's count: only with `--shards auto` and no fixed shard ids.
+        reshard=draw(st.sampled_from(["auto", "off"])) if shards is None and not ids else "off",
+        reshard_check_interval_s=draw(st.floats(10.0, 86_400.0)),
     )  # fmt: skip
 
 
@@ -666,4 +673,29 @@ def test_cluster_mode_keeps_sessions_in_redis() -> None:
 def test_cluster_mode_refuses_what_contradicts_it(argv: list[str], environ: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(argv, {"DISCORD_TOKEN": "abc.def", "CLUSTER_MODE": "redis", **environ})
+    assert caught.value.key == key
+
+
+def test_reshard_is_auto_with_auto_shards_and_off_where_the_count_is_not_discords() -> None:
+    token = {"DISCORD_TOKEN": "abc.def"}
+    assert load_settings([], token).settings.reshard == "auto"
+    assert load_settings(["--shards", "auto"], token).settings.reshard == "auto"
+    assert load_settings(["--shards", "8"], token).settings.reshard == "off"
+    assert load_settings(["--shards", "8", "--shard-ids", "0-3"], token).settings.reshard == "off"
+    assert load_settings([], {**token, "CLUSTER_MODE": "redis"}).settings.reshard == "off"
+    assert load_settings([], {**token, "RESHARD": "off"}).settings.reshard == "off"
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "key"),
+    [
+        (["--shards", "8"], {"RESHARD": "auto"}, "RESHARD"),
+        ([], {"DISCORD_SHARD_COUNT": "8", "RESHARD": "auto"}, "RESHARD"),
+        ([], {"CLUSTER_MODE": "redis", "RESHARD": "auto"}, "RESHARD"),
+        ([], {"RESHARD_CHECK_INTERVAL": "9s"}, "RESHARD_CHECK_INTERVAL"),
+    ],
+)
+def test_reshard_auto_refuses_a_fixed_shard_count(argv: list[str], environ: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(argv, {"DISCORD_TOKEN": "abc.def", **environ})
     assert caught.value.key == key

@@ -30,6 +30,7 @@ from workers.sessions import (
     StoredSession,
     open_redis_session_store,
     session_key,
+    stored_session_shards,
 )
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
@@ -192,6 +193,45 @@ async def test_redis_key_layout(probe: Probe) -> None:
             b"resume_url": b"wss://gateway-us-east1-b.discord.gg",
             b"shard_count": b"32",
         }
+
+
+async def test_two_shard_counts_keep_apart_and_an_earlier_versions_key_still_resumes(probe: Probe) -> None:
+    """A live reshard runs two generations whose shard 7s are different shards: each store keys by its
+    shard count. A store with a count reads the key of earlier versions (no count) when its own is
+    missing, but only a session of its own count; `stored_session_shards` counts both keys."""
+    old_gen = StoredSession("old", 10, "wss://a", 16)
+    new_gen = StoredSession("new", 20, "wss://b", 32)
+    with trio.fail_after(5):
+        async with (
+            open_redis_session_store(REDIS_URL, prefix=probe.prefix, shard_count=16) as sixteen,
+            open_redis_session_store(REDIS_URL, prefix=probe.prefix, shard_count=32) as thirty_two,
+        ):
+            sixteen.save(7, old_gen)
+            thirty_two.save(7, new_gen)
+            await sixteen.flush()
+            await thirty_two.flush()
+            assert await sixteen.load(7) == old_gen
+            assert await thirty_two.load(7) == new_gen
+            assert session_key(probe.prefix, 7, 32) == f"{{{probe.prefix}}}:32:7:session"
+            assert (
+                await probe.call("EXISTS", session_key(probe.prefix, 7, 16), session_key(probe.prefix, 7, 32))
+                == 2
+            )
+            assert await probe.call("EXISTS", session_key(probe.prefix, 7)) == 0
+        # An earlier version wrote shard 3's session (of 16 shards) under the key without a count.
+        async with open_redis_session_store(REDIS_URL, prefix=probe.prefix) as earlier:
+            earlier.save(3, old_gen)
+            await earlier.flush()
+        async with (
+            open_redis_session_store(REDIS_URL, prefix=probe.prefix, shard_count=16) as sixteen,
+            open_redis_session_store(REDIS_URL, prefix=probe.prefix, shard_count=32) as thirty_two,
+        ):
+            assert await sixteen.load(3) == old_gen
+            assert await thirty_two.load(3) is None  # of another shard count: not this store's
+        found = await stored_session_shards(REDIS_URL, probe.prefix, [3, 7, 9], 16)
+        assert found == frozenset({3, 7})
+        assert await stored_session_shards(REDIS_URL, probe.prefix, [3, 7, 9], 32) == frozenset({3, 7})
+        assert await stored_session_shards(REDIS_URL, probe.prefix, [3, 7, 9]) == frozenset({3})
 
 
 async def test_ttl_is_set_and_refreshed_on_every_write(probe: Probe) -> None:
