@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final, Literal, get_args
 
 from .errors import ConfigError
 from .setting_formats import format_shard_ids
 from .settings import Settings, load_from_environment
 
-__all__ = ["ShardAssignment", "WorkerConfig", "standalone_config"]
+__all__ = ["ROLES", "Role", "ShardAssignment", "WorkerConfig", "standalone_config"]
+
+#: A worker's part in a live reshard (`workers.reshard`): `live` publishes; `shadow` (a new generation
+#: beside the running one) connects and receives, buffers, and publishes only once told to go live.
+Role = Literal["live", "shadow"]
+ROLES: Final[tuple[Role, ...]] = get_args(Role)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +40,18 @@ class ShardAssignment:
     #: Cluster mode: every connection (IDENTIFY or RESUME) waits for the supervisor's word that this node
     #: still holds the shard's lease (`SupervisorLink.wait_for_lease`).
     leased: bool = False
+    #: `shadow`: a new shard generation during a live reshard; publishes nothing, consumes no command, until
+    #: the supervisor's `GoLive` (workers.reshard).
+    role: Role = "live"
+    #: The supervisor reshards live (RESHARD=auto): close 4011 stops only that shard and is reported
+    #: (`ShardingRequired`) instead of ending the worker, and published digests are kept for a `Retire`.
+    reshard: bool = False
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError("role", f"one of {', '.join(ROLES)}, got {self.role!r}")
+        if not isinstance(self.reshard, bool):
+            raise ConfigError("reshard", f"true or false, got {self.reshard!r}")
         if not self.shard_ids or max(self.shard_ids) >= self.shard_count or min(self.shard_ids) < 0:
             raise ConfigError(
                 "DISCORD_SHARD_IDS",

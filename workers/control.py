@@ -8,6 +8,10 @@ supervisor is gone: the worker stops (it would otherwise keep sessions nobody su
 
 The worker's first message is Hello; the supervisor's first is Configure, the worker's settings and shards
 (`SupervisorLink.config`), which the worker waits for before it does anything else.
+
+A live reshard's `Retire` and `GoLive` are queued, in order, for whatever runs the cut-over
+(`SupervisorLink.cutover_messages`, read by `workers.main` into `workers.reshard.Cutover`); the worker answers
+with `Retired`, and reports a shard closed with 4011 with `ShardingRequired`, through `send`.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from .control_messages import (
     ConnectRequest,
     ControlMessage,
     ControlMessageError,
+    GoLive,
     Heartbeat,
     Hello,
     IdentifyCancel,
     IdentifyRequest,
     Permit,
+    Retire,
     SessionLoad,
     SessionReply,
     SessionsUpdate,
@@ -57,6 +63,8 @@ CONFIGURE_TIMEOUT_S: Final = 30.0
 #: Commands from the supervisor's stdin waiting for their shard; beyond this they are dropped and logged (a
 #: reader that stalled the control channel would stall heartbeats, and the worker would be replaced).
 COMMAND_BACKLOG: Final = 1024
+#: Retire/GoLive messages waiting for the cut-over (the supervisor sends one or two per worker).
+CUTOVER_BACKLOG: Final = 16
 
 
 class SupervisorGone(Exception):
@@ -77,6 +85,7 @@ class SupervisorLink:
         self._config: WorkerConfig | None = None
         self.gone = trio.Event()
         self._commands_in, self._commands_out = trio.open_memory_channel[GatewayCommand](COMMAND_BACKLOG)
+        self._cutover_in, self._cutover_out = trio.open_memory_channel[Retire | GoLive](CUTOVER_BACKLOG)
         #: What each heartbeat reports; the worker sets it once its shards exist.
         self.stats: Callable[[], Mapping[int, ShardStatistics]] = dict
 
@@ -100,6 +109,10 @@ class SupervisorLink:
     def commands(self) -> trio.MemoryReceiveChannel[GatewayCommand]:
         """The commands the supervisor forwards from its stdin (`ShardCommand`), until the link closes."""
         return self._commands_out
+
+    def cutover_messages(self) -> trio.MemoryReceiveChannel[Retire | GoLive]:
+        """The supervisor's `Retire` and `GoLive` messages, in arrival order, until the link closes."""
+        return self._cutover_out
 
     # -- IdentifyGate ----------------------------------------------------------------------------------
 
@@ -185,8 +198,14 @@ class SupervisorLink:
                     waiter.send_nowait(message)
             elif isinstance(message, ShardCommand):
                 self._queue_command(GatewayCommand(message.shard, message.op, message.d))
+            elif isinstance(message, Retire | GoLive):
+                try:
+                    self._cutover_in.send_nowait(message)
+                except trio.WouldBlock:
+                    LOGGER.warning("control.cutover_dropped", extra={"type": message.TYPE})
         self.gone.set()
         self._commands_in.close()
+        self._cutover_in.close()
         for waiter in self._waiting.values():
             waiter.close()
 

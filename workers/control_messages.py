@@ -9,18 +9,30 @@ Design note. The supervisor starts each worker with one end of a Unix socketpair
     IdentifyRequest(id, shard)                    SessionReply(id, session | None)
     ConnectRequest(id, shard)  (cluster mode)     ShardCommand(shard, op, d)  from its stdin
     IdentifyCancel(id)  (cancels either request)
-    SessionLoad(id, shard)
+    SessionLoad(id, shard)                        Retire()                 live reshard: old generation
     SessionsUpdate(save: {shard: StoredSession}, delete: (shard, ...))
+    Retired(digests)  answering Retire            GoLive(digests)          live reshard: new generation
+    ShardingRequired(shard)  (close 4011, reshard=True)
 
 Both ends import these classes and `encode`/`decode`, so a message cannot be built one way and parsed another.
 `Configure` carries the worker's settings as the settings table's text (`workers.settings.worker_wire`),
 parsed by the same parsers as every other layer; it is how secrets reach a worker, instead of its
-environment. `read_messages` reads lines with tricycle's `TextReceiveStream` and yields a
+environment.
+
+Live resharding (workers.reshard): `Retire` tells an old-generation worker to stop publishing, drain, report
+and close; it answers `Retired` with the digests (`workers.reshard.event_digest`) of the events it published
+in the last `RESHARD_DIGEST_WINDOW_S`. `GoLive` hands a shadow worker the union of those digests: it
+publishes its buffered events that are not among them, then goes live. `ShardingRequired` reports a shard
+closed with 4011 by a worker that runs on (`ShardAssignment.reshard`). Digests travel as one base64 string
+of 8-byte big-endian values (`workers.reshard.pack_digests`); a line holds at most `MAX_WIRE_DIGESTS`.
+`read_messages` reads lines with tricycle's `TextReceiveStream` and yields a
 `ControlMessageError` for a malformed line (the reader logs it and goes on), never raising for one bad line.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -37,21 +49,27 @@ from .settings import settings_from_wire, worker_wire
 
 __all__ = [
     "CONTROL_FD_ENV",
+    "DIGEST_BYTES",
     "MAX_LINE_BYTES",
+    "MAX_WIRE_DIGESTS",
     "Configure",
     "ConnectRequest",
     "ControlMessage",
     "ControlMessageError",
+    "GoLive",
     "Heartbeat",
     "Hello",
     "IdentifyCancel",
     "IdentifyRequest",
     "Permit",
+    "Retire",
+    "Retired",
     "SessionLoad",
     "SessionReply",
     "SessionsUpdate",
     "ShardCommand",
     "ShardStatistics",
+    "ShardingRequired",
     "decode",
     "encode",
     "read_messages",
@@ -61,6 +79,12 @@ __all__ = [
 CONTROL_FD_ENV: Final = "SUPERVISOR_CONTROL_FD"
 #: The longest line either end accepts (a heartbeat of thousands of shards stays far below).
 MAX_LINE_BYTES: Final = 4 * 1024 * 1024
+#: One event digest on the wire: 8 bytes, big-endian.
+DIGEST_BYTES: Final = 8
+#: The most digests one `Retired` or `GoLive` line may carry (base64: 4 characters per 3 bytes) with room
+#: to spare under MAX_LINE_BYTES: about 390,000. A sender keeps the newest ones when it has more (what is left
+#: out can only be published twice, never lost).
+MAX_WIRE_DIGESTS: Final = (MAX_LINE_BYTES - 4096) * 3 // 4 // DIGEST_BYTES
 
 
 class ControlMessageError(WorkerError):
@@ -94,6 +118,11 @@ class ShardStatistics:
     #: Unix time of the READY that began the session, when this process saw it (None after a RESUME of a
     #: session an earlier worker began; the supervisor remembers the earlier worker's figure).
     session_started_at: float | None = None
+    #: Guilds READY listed as unavailable whose GUILD_CREATE (or GUILD_DELETE) has not arrived on this
+    #: session yet; 0 once `workers.reshard.GUILDS_ARRIVAL_TIMEOUT_S` has passed since READY.
+    guilds_pending: int = 0
+    #: The worker's reshard role (`ShardAssignment.role`): "shadow" until its GoLive, else "live".
+    role: str = "live"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +204,42 @@ class ShardCommand:
     d: Any
 
 
+@dataclass(frozen=True, slots=True)
+class Retire:
+    """Live reshard, to an old-generation worker: stop consuming commands and putting events into the publish
+    pump, drain it, answer `Retired`, close every shard with 1000, delete their sessions and exit 0."""
+
+    TYPE: ClassVar[str] = "retire"
+
+
+@dataclass(frozen=True, slots=True)
+class Retired:
+    """The answer to `Retire`: the digests of the events this worker published in the last
+    `RESHARD_DIGEST_WINDOW_S`, 8 bytes each, big-endian, concatenated (base64 on the wire)."""
+
+    TYPE: ClassVar[str] = "retired"
+    digests: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GoLive:
+    """Live reshard, to a shadow worker: publish the buffered events whose digest is not in `digests` (the
+    union of the old generation's `Retired`, same encoding), then every event, skipping those in `digests`
+    for `RESHARD_DIGEST_WINDOW_S` more; and start consuming commands."""
+
+    TYPE: ClassVar[str] = "go_live"
+    digests: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ShardingRequired:
+    """Discord closed `shard` with 4011 (sharding required) and the worker runs on without it
+    (`ShardAssignment.reshard`); sent once per shard."""
+
+    TYPE: ClassVar[str] = "sharding_required"
+    shard: int
+
+
 ControlMessage: TypeAlias = (
     Hello
     | Heartbeat
@@ -187,6 +252,10 @@ ControlMessage: TypeAlias = (
     | Permit
     | SessionReply
     | ShardCommand
+    | Retire
+    | Retired
+    | GoLive
+    | ShardingRequired
 )
 
 
@@ -208,6 +277,8 @@ def encode(message: ControlMessage) -> bytes:
                 str(shard): dataclasses.asdict(session) for shard, session in message.save.items()
             }
             body["delete"] = list(message.delete)
+    elif isinstance(message, Retired | GoLive):
+        body = {"digests": base64.b64encode(message.digests).decode("ascii")}
     else:
         body = dataclasses.asdict(message)
     body["type"] = message.TYPE
@@ -227,6 +298,16 @@ def decode(line: bytes | str) -> ControlMessage:
 
 def _ids(values: Any) -> tuple[int, ...]:
     return tuple(int(value) for value in values)
+
+
+def _digests(value: Any) -> bytes:
+    """Digests from their base64 text; binascii.Error, a ValueError, when it is not a whole number of them."""
+    if not isinstance(value, str):
+        raise TypeError("digests are a base64 string")
+    digests = base64.b64decode(value, validate=True)
+    if len(digests) % DIGEST_BYTES:
+        raise binascii.Error(f"digests are {DIGEST_BYTES} bytes each")
+    return digests
 
 
 def _session(fields: Any) -> StoredSession:
@@ -251,6 +332,10 @@ _DECODERS: Final[dict[str, Callable[[dict[str, Any]], ControlMessage]]] = {
     "permit": lambda b: Permit(int(b["id"])),
     "command": lambda b: ShardCommand(int(b["shard"]), int(b["op"]), b["d"]),
     "session": lambda b: SessionReply(int(b["id"]), None if b["session"] is None else _session(b["session"])),
+    "retire": lambda b: Retire(),
+    "retired": lambda b: Retired(_digests(b["digests"])),
+    "go_live": lambda b: GoLive(_digests(b["digests"])),
+    "sharding_required": lambda b: ShardingRequired(int(b["shard"])),
 }
 
 

@@ -16,6 +16,12 @@ pump share its first `GRACEFUL_STOP_S - SESSION_SAVE_S`, and the store gets the 
 seqs. What cannot be published or saved by then is logged and left behind; that is safe (the next RESUME
 starts from an older seq and Discord replays the rest; consumers dedupe), while waiting on an outage would
 only get the worker killed. An error escaping everything is logged (redacted) before exit status 1.
+
+Live resharding (`workers.reshard`): a `shadow` worker starts its command source only at the supervisor's
+`GoLive`; a `Retire` stops the command source, has the `Cutover` drain and report, then stops the shards
+like a signal does but with close code 1000 and their sessions deleted (exit 0). With
+`ShardAssignment.reshard`, close 4011 stops only its shard, which is reported (`ShardingRequired`); the
+worker runs on, also once every shard of it has stopped so, until the supervisor stops or retires it.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from .command_consumer import consume_amqp_commands
 from .commands import GatewayCommand, read_stdin_commands
 from .config import WorkerConfig, standalone_config
 from .control import SupervisorGone, SupervisorLink, control_fd_from_env, open_supervisor_link
-from .control_messages import ShardStatistics
+from .control_messages import GoLive, Retire, ShardingRequired, ShardStatistics
 from .dependencies import open_when_up
 from .errors import CommandRejected, ConfigError, FatalCloseCode
 from .exit_status import ExitStatus
@@ -48,6 +54,7 @@ from .publish.base import OutboundEvent, Publisher
 from .publish.null import NullPublisher
 from .publish.pump import PublishPump, open_publish_pump
 from .publish.stdio import StdioPublisher
+from .reshard import SHARDING_REQUIRED_CLOSE_CODE, Cutover
 from .rest_proxy import WorkerRestProxy, open_worker_rest_proxy
 from .sessions import CLOSE_FLUSH_TIMEOUT_S, InMemorySessionStore, SessionStore, open_redis_session_store
 from .setting_formats import parse_int, parse_shard_count, parse_shard_ids
@@ -144,6 +151,7 @@ async def run_worker(
         gateway_url = gateway_url or info.url
         max_concurrency = max_concurrency or info.max_concurrency
     runners: dict[int, ShardRunner] = {}
+    cutover: Cutover | None = None
 
     metrics = metrics_enabled()
     feed = ShardMetricsFeed(runners) if metrics else None
@@ -153,6 +161,8 @@ async def run_worker(
             runner = runners.get(event.shard_id)
             if runner is not None:
                 runner.on_confirmed(event)
+        if cutover is not None:
+            cutover.on_confirmed(batch)
         if metrics:
             observe_confirmed(batch)
 
@@ -189,8 +199,15 @@ async def run_worker(
                             gateway_url=gateway_url,
                             lease=lease,
                         )
+                    cutover = Cutover(
+                        {shard: runner.outlet for shard, runner in runners.items()},
+                        pump,
+                        role=config.assignment.role,
+                        reshard=config.assignment.reshard,
+                        send=link.send if link is not None else None,
+                    )
                     status = await _run_shards(
-                        config, runners, pump, amqp, rest, stop, task_status, link, feed
+                        config, runners, pump, amqp, rest, stop, task_status, link, feed, cutover
                     )
         if stop.startup.cancelled_caught:
             status = ExitStatus.OK  # stopped while waiting for the broker: nothing ran, nothing to drain
@@ -213,6 +230,17 @@ class _StopRequest:
         self.startup = trio.CancelScope()
         self.requested = trio.Event()
         self.running = False
+        #: The stop is a live reshard's Retire: shards close with 1000 and their sessions are deleted.
+        self.retiring = False
+
+    def retire(self) -> None:
+        """Stop for a Retire (after the cut-over reported); ignored when a stop is already under way."""
+        if self.requested.is_set():
+            LOGGER.warning("worker.already_stopping", extra={"reason": "retire"})
+            return
+        LOGGER.info("worker.stopping", extra={"reason": "retire"})
+        self.retiring = True
+        self.requested.set()
 
     async def listen(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
@@ -262,6 +290,7 @@ async def _run_shards(
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
     link: SupervisorLink | None = None,
     feed: ShardMetricsFeed | None = None,
+    cutover: Cutover | None = None,
 ) -> int:
     """Run the shards, the command source and the REST proxy until `stop` or a fatal close code.
 
@@ -271,23 +300,65 @@ async def _run_shards(
     status: int = ExitStatus.OK
     stopping = False
     stop.running = True  # from here on a signal drains (below) instead of cancelling the start-up
+    if cutover is None:
+        cutover = Cutover({shard: runner.outlet for shard, runner in runners.items()}, pump)
+    #: Shards stopped by close 4011 under `reshard` (the worker runs on without them).
+    sharding_required: list[int] = []
     async with trio.open_nursery() as nursery:
         shards_done = trio.Event()
         rest_done = trio.Event()
+        commands = trio.CancelScope()  # cancelled by a Retire
+
+        async def run_shard(runner: ShardRunner) -> None:
+            try:
+                await runner.run()
+            except FatalCloseCode as exc:
+                if not (config.assignment.reshard and exc.code == SHARDING_REQUIRED_CLOSE_CODE):
+                    raise
+                sharding_required.append(runner.shard_id)
+                LOGGER.error("shard.sharding_required", extra={"shard": runner.shard_id})
+                if link is not None:
+                    with contextlib.suppress(SupervisorGone):
+                        await link.send(ShardingRequired(runner.shard_id))
 
         async def run_shards() -> None:
             nonlocal status
             try:
                 async with trio.open_nursery() as shards:
                     for runner in runners.values():
-                        shards.start_soon(runner.run)
+                        shards.start_soon(run_shard, runner)
             except* FatalCloseCode as group:
                 codes = [exc.code for exc in group.exceptions if isinstance(exc, FatalCloseCode)]
                 LOGGER.error("worker.fatal_close_code", extra={"codes": codes})
                 status = ExitStatus.FATAL
             shards_done.set()
-            if not stopping:  # a fatal close code: no drain
-                nursery.cancel_scope.cancel()
+            if not stopping and (status != ExitStatus.OK or not sharding_required):
+                nursery.cancel_scope.cancel()  # a fatal close code: no drain
+
+        async def consume_commands(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with commands:
+                if amqp is not None:
+                    await consume_amqp_commands(amqp, config, runners, task_status=task_status)
+                else:
+                    task_status.started()
+                    await _consume_stdin(config, runners, link)
+
+        async def consume_commands_once_live() -> None:
+            assert cutover is not None
+            await cutover.live.wait()
+            await consume_commands()
+
+        async def follow_cutover(link: SupervisorLink) -> None:
+            assert cutover is not None
+            async for message in link.cutover_messages():
+                if isinstance(message, GoLive):
+                    await cutover.go_live(message.digests)
+                elif isinstance(message, Retire):
+                    commands.cancel()
+                    with contextlib.suppress(SupervisorGone):
+                        await cutover.retire()
+                    stop.retire()
+                    return
 
         async def run_rest_proxy(
             *, task_status: trio.TaskStatus[int | None] = trio.TASK_STATUS_IGNORED
@@ -303,10 +374,14 @@ async def _run_shards(
             nursery.start_soon(feed.run)
         if metrics_enabled() and rest.limiter is not None and rest.proxy is not None:
             nursery.start_soon(feed_rest_metrics, rest.limiter, rest.proxy)
-        if amqp is not None:
-            await nursery.start(consume_amqp_commands, amqp, config, runners)
-        elif config.settings.broker_type == "stdio":
-            nursery.start_soon(_consume_stdin, config, runners, link)
+        nursery.start_soon(cutover.age_out)
+        if link is not None:
+            nursery.start_soon(follow_cutover, link)
+        if amqp is not None or config.settings.broker_type == "stdio":
+            if cutover.live.is_set():
+                await nursery.start(consume_commands)
+            else:
+                nursery.start_soon(consume_commands_once_live)  # a shadow: from its GoLive on
         port = await nursery.start(run_rest_proxy)
         if port is not None:
             LOGGER.info("worker.proxy_http", extra={"port": port})
@@ -319,7 +394,7 @@ async def _run_shards(
         with trio.move_on_at(drain_deadline) as drain:
             async with trio.open_nursery() as stoppers:
                 for runner in runners.values():
-                    stoppers.start_soon(runner.stop)
+                    stoppers.start_soon(runner.retire if stop.retiring else runner.stop)
             await shards_done.wait()
             await rest_done.wait()
         if drain.cancelled_caught:

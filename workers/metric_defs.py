@@ -53,6 +53,7 @@ __all__ = [
     "LOOP_STALL_SECONDS",
     "PUBLISH_CONFIRM_LAG",
     "RECONNECTS",
+    "RESHARD_DUPLICATES_SUPPRESSED",
     "RESUMES",
     "SHARDS",
     "SHARD_LATENCY",
@@ -105,6 +106,10 @@ LOOP_STALLS: Final = Counter(
 )
 LOOP_STALL_SECONDS: Final = Counter(
     "discord_event_loop_stall_seconds_total", "Time worker event loops spent in stalls of 1 s or more."
+)
+RESHARD_DUPLICATES_SUPPRESSED: Final = Counter(
+    "discord_reshard_duplicates_suppressed_total",
+    "Events a new shard generation did not publish during a live reshard: the old generation had.",
 )
 
 # -- REST ratelimit engine and proxy (fed from each worker's statistics) ---------------------------------

@@ -59,11 +59,14 @@ from .protocol import (
 )
 from .publish.base import OutboundEvent
 from .publish.pump import CommittedSeq, PublishPump
+from .reshard import GuildArrivals, Offer, ShardOutlet
 from .sessions import SessionStore, StoredSession
 
 LOGGER: Final = logging.getLogger("workers.shard")
 CONNECT_TIMEOUT_S: Final = 10.0
 CLOSE_HANDSHAKE_TIMEOUT_S: Final = 1.0
+#: A normal close: Discord ends the session. Only a retiring worker sends it (`ShardRunner.retire`).
+NORMAL_CLOSE_CODE: Final = 1000
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 RECEIVE_BUFFER_BYTES: Final = 65_536
 #: Messages handled per scheduler round when trio-websocket has buffered several.
@@ -78,7 +81,6 @@ CommandAck = Callable[[CommandRejected | None], Awaitable[None]]
 @dataclass(slots=True)
 class _Counters:
     dispatches: int = 0
-    published: int = 0
     confirmed: int = 0
     backpressure_drops: int = 0
     transport_errors: int = 0
@@ -131,6 +133,13 @@ class ShardRunner:
         #: The JSON text of the payload being handled (its `d` is published without re-encoding).
         self._raw = b""
         self._connection_scope = trio.CancelScope()
+        #: Where wanted events go: the pump, or a shadow buffer during a live reshard (`workers.reshard`).
+        self.outlet = ShardOutlet(
+            shard_id, pump, role=config.assignment.role, commit=self._commit_unpublished
+        )
+        self._guilds = GuildArrivals(shard_id)
+        #: Retired (`retire`): the session is deleted, so nothing may save it again.
+        self._retired = False
 
     # -- public --------------------------------------------------------------------------------
 
@@ -150,6 +159,17 @@ class ShardRunner:
         ws = self._ws
         if ws is not None:
             await _close(ws, RESUMABLE_CLOSE_CODE)
+
+    async def retire(self) -> None:
+        """Live reshard, old generation: close with 1000 (Discord ends the session; nobody resumes it), let
+        `run` return, and delete the stored session."""
+        self._stopping = True
+        self._retired = True
+        self._lease_wait.cancel()
+        ws = self._ws
+        if ws is not None:
+            await _close(ws, NORMAL_CLOSE_CODE)
+        self._store.delete(self.shard_id)
 
     def on_confirmed(self, event: OutboundEvent) -> None:
         """The pump reports an event accepted by the broker: advance the committed seq and persist it."""
@@ -173,11 +193,13 @@ class ShardRunner:
             resumes=stats.resumes if stats else 0,
             reconnects=dict(self._counters.reconnects),
             dispatches=self._counters.dispatches,
-            published=self._counters.published,
+            published=self.outlet.published,
             confirmed=self._counters.confirmed,
             session_started_at=self._session_started_at,
             backpressure_drops=self._counters.backpressure_drops,
             transport_errors=self._counters.transport_errors,
+            guilds_pending=self._guilds.pending(trio.current_time()),
+            role=self.outlet.role,
         )
 
     async def run(self) -> None:
@@ -311,7 +333,12 @@ class ShardRunner:
                 if raw is None:
                     continue
                 payload = decode_payload(raw)
-                if payload.op == 0 and self._pump.free_slots <= 0 and self._wants(payload.t):
+                if (
+                    payload.op == 0
+                    and self._pump.free_slots <= 0
+                    and self.outlet.needs_pump
+                    and self._wants(payload.t)
+                ):
                     # The broker is behind: stop reading before the core counts this dispatch (module note).
                     self._counters.backpressure_drops += 1
                     LOGGER.warning("shard.backpressure", extra={"queued": self._pump.statistics().queued})
@@ -418,6 +445,11 @@ class ShardRunner:
 
     def _dispatch(self, event: Dispatch, payload: GatewayPayload, protocol: ShardProtocol) -> None:
         self._counters.dispatches += 1
+        name = event.name
+        if name == "READY":
+            self._guilds.on_ready(payload.d, trio.current_time())
+        elif name == "GUILD_CREATE" or name == "GUILD_DELETE":
+            self._guilds.on_guild(payload.d)
         seq = event.seq
         session = protocol.session
         if seq is None or session is None:
@@ -427,16 +459,25 @@ class ShardRunner:
             committed = self.committed = CommittedSeq(session.session_id, 0)
         if seq <= committed.last_received:
             return  # a replayed copy of an event this process already holds or published
-        wanted = self._wants(event.name)
-        committed.received(seq, wanted)
-        if wanted:
+        if self._wants(name):
             data = _data_bytes(self._raw, payload) or orjson.dumps(payload.d)
-            queued = self._pump.try_put(
-                OutboundEvent(self.shard_id, session.session_id, seq, event.name, data, trio.current_time())
+            offer = self.outlet.offer(
+                OutboundEvent(self.shard_id, session.session_id, seq, name, data, trio.current_time())
             )
-            assert queued, "the reader checks for room before the core sees a dispatch"
-            self._counters.published += 1
-        else:
+            if offer is not Offer.SKIPPED:
+                # Put, buffered or dropped: the committed seq waits for it (a dropped one forever: the
+                # retiring worker ends the session).
+                committed.received(seq, True)
+                return
+        committed.received(seq, False)
+        self._save_committed()
+
+    def _commit_unpublished(self, event: OutboundEvent) -> None:
+        """The outlet let go of an event it will not publish (aged out of a shadow buffer, or skipped as the
+        old generation's): commit it as if published."""
+        committed = self.committed
+        if committed is not None and committed.session_id == event.session_id:
+            committed.confirmed(event.seq)
             self._save_committed()
 
     def _wants(self, name: Any) -> bool:
@@ -444,6 +485,8 @@ class ShardRunner:
         return events is None or (isinstance(name, str) and name in events)
 
     def _save_committed(self) -> None:
+        if self._retired:
+            return
         committed = self.committed
         protocol = self.protocol
         session = protocol.session if protocol else None
@@ -496,7 +539,8 @@ def _drain_buffered(ws: WebSocketConnection, into: collections.deque[bytes | str
 
 
 async def _close(ws: WebSocketConnection, code: int) -> None:
-    """Close with `code` (never 1000/1001), waiting briefly for the handshake, then drop the stream."""
+    """Close with `code` (never 1000/1001, but for a retiring shard's 1000), waiting briefly for the
+    handshake, then drop the stream."""
     with trio.move_on_after(CLOSE_HANDSHAKE_TIMEOUT_S):
         with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             await ws.aclose(code=code)
