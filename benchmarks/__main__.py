@@ -24,6 +24,7 @@ SUITES: Final = {
     "proxy": "benchmarks.proxy",
     "scaling": "benchmarks.scaling",
     "cluster": "benchmarks.cluster",
+    "reshard": "benchmarks.reshard",
     "faults": "benchmarks.faults",
     "all": "benchmarks.all",
 }

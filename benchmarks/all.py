@@ -56,9 +56,9 @@ from benchmarks.targets import (
 
 DESCRIPTION: Final = "every suite, then results.json, report.md and plots in one folder"
 #: In the order they run: the cheap and independent first, the one that loads every CPU last.
-SUITE_ORDER: Final = ("gateway", "startup", "ratelimit", "proxy", "cluster", "scaling")
+SUITE_ORDER: Final = ("gateway", "startup", "ratelimit", "proxy", "cluster", "reshard", "scaling")
 #: Suites whose results file holds its figures under the suite's own name.
-SELF_NAMED: Final = frozenset({"startup", "proxy", "cluster", "scaling"})
+SELF_NAMED: Final = frozenset({"startup", "proxy", "cluster", "reshard", "scaling"})
 #: Seconds each suite may run, by size (quick: each measured at 1-4 minutes on a 2-CPU machine).
 TIMEOUT_S: Final = {"smoke": 240.0, "quick": 420.0, "full": 2400.0}
 STOP_GRACE_S: Final = 15.0

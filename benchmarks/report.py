@@ -75,6 +75,7 @@ SUITE_TITLES: Final = {
     "ratelimit": "Ratelimit engine against discord.py's and hikari's own limiters",
     "proxy": "REST proxy overhead",
     "cluster": "Cluster mode: a dead node's shards resumed on the others",
+    "reshard": "Live resharding: 4 -> 8 shards under a guild stream, every event once",
     "scaling": "Multi-core scaling",
 }
 #: (row label, key) of the cluster suite's figures.
@@ -86,6 +87,24 @@ CLUSTER_ROWS: Final = (
     ("lease TTL s", "lease_ttl_s"),
     ("nodes", "nodes"),
     ("shards", "shards"),
+)
+
+#: (row label, key) of the reshard suite's figures.
+RESHARD_ROWS: Final = (
+    ("guild events lost", "lost"),
+    ("guild events published twice", "duplicates"),
+    ("longest gap of one guild's events s", "max_guild_gap_s"),
+    ("gap without a reshard s (guilds / events per second)", "guild_period_s"),
+    ("reshard s (start to the new generation live)", "duration_s"),
+    ("new generation READY s", "ready_s"),
+    ("identify bound s (ceil(M / max_concurrency) x 5 s)", "identify_bound_s"),
+    ("reshard s / identify bound", "duration_over_bound"),
+    ("IDENTIFYs of the new shard count", "identifies"),
+    ("IDENTIFYs of other shard counts", "identifies_other"),
+    ("RESUMEs", "resumes"),
+    ("two connections serving one shard", "overlaps"),
+    ("guild events generated", "events"),
+    ("MESSAGE_CREATEs published", "published"),
 )
 
 
@@ -225,6 +244,19 @@ def cluster_section(suite: Mapping[str, Any]) -> str:
     return table(["figure", "value", "target"], rows)
 
 
+def reshard_section(suite: Mapping[str, Any]) -> str:
+    if suite.get("lost") is None and not (suite.get("runs") or {}).get("grow"):
+        return "_not measured_"
+    settings = suite.get("settings", {})
+    rows = [[label, cell(suite.get(key)), _verdict(suite, f"reshard.{key}")] for label, key in RESHARD_ROWS]
+    summary = (
+        f"{cell(settings.get('shards'))} -> {cell(settings.get('target'))} shards on "
+        f"{cell(settings.get('workers'))} workers, max_concurrency {cell(settings.get('max_concurrency'))}, "
+        f"{cell(settings.get('guild_count'))} guilds at {cell(settings.get('guild_event_rate'))} events/s."
+    )
+    return table(["figure", "value", "target"], rows) + "\n\n" + summary
+
+
 def scaling_section(suite: Mapping[str, Any]) -> str:
     node = suite
     per_s: Mapping[str, Any] = node.get("events_per_s", {})
@@ -274,6 +306,7 @@ SECTIONS: Final = {
     "ratelimit": ratelimit_section,
     "proxy": proxy_section,
     "cluster": cluster_section,
+    "reshard": reshard_section,
     "scaling": scaling_section,
 }
 

@@ -91,13 +91,18 @@ def run(args: argparse.Namespace) -> int:
 
         return run_soak(args, SETTINGS["quick"])
     settings = SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
-    single, cluster = chosen_faults(settings, args.only)
+    # Imported here: benchmarks.reshard, which the phase runs on, imports this package.
+    from benchmarks.faults.reshard import reshard_selection, run_reshard_suite
+
+    reshard, others = reshard_selection(settings, args.only)
+    single, cluster = chosen_faults(settings, others) if others != "" else ([], [])
     json_path: Path = args.json
     log_dir: Path = args.logs or json_path.parent / "faults-logs"
     progress = Progress()
     machine = machine_info()
     progress.say(
-        f"fault suite ({settings.name}): {len(single)} faults, then {len(cluster)} on a cluster; "
+        f"fault suite ({settings.name}): {len(single)} faults, then {len(cluster)} on a cluster, "
+        f"{len(reshard)} resharding; "
         f"logs in {log_dir}"
     )
     results: list[FaultResult] = []
@@ -109,8 +114,13 @@ def run(args: argparse.Namespace) -> int:
         more, more_errors = trio.run(run_cluster_suite, settings, cluster, log_dir, progress, args.amqp_url)
         results += more
         errors.update(more_errors)
+    if reshard:
+        progress.say(f"reshard phase: {', '.join(fault.name for fault in reshard)}")
+        more, more_errors = trio.run(run_reshard_suite, settings, reshard, log_dir, progress, args.amqp_url)
+        results += more
+        errors.update(more_errors)
     passed = sum(1 for r in results if r.passed)
-    total = len(single) + len(cluster)
+    total = len(single) + len(cluster) + len(reshard)
     figures: dict[str, Any] = {
         r.name: {
             "lost": r.lost,
