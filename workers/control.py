@@ -9,7 +9,7 @@ supervisor is gone: the worker stops (it would otherwise keep sessions nobody su
 The worker's first message is Hello; the supervisor's first is Configure, the worker's settings and shards
 (`SupervisorLink.config`), which the worker waits for before it does anything else.
 
-A live reshard's `Retire` and `GoLive` are queued, in order, for whatever runs the cut-over
+A live reshard's `Retire`, `GoLive` and `Uncovered` are queued, in order, for whatever runs the cut-over
 (`SupervisorLink.cutover_messages`, read by `workers.main` into `workers.reshard.Cutover`); the worker answers
 with `Retired`, and reports a shard closed with 4011 with `ShardingRequired`, through `send`.
 """
@@ -23,7 +23,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Final
+from typing import Final, TypeAlias
 
 import trio
 
@@ -47,12 +47,22 @@ from .control_messages import (
     SessionsUpdate,
     ShardCommand,
     ShardStatistics,
+    Uncovered,
     encode,
     read_messages,
 )
 from .sessions import StoredSession
 
-__all__ = ["SupervisorGone", "SupervisorLink", "control_fd_from_env", "open_supervisor_link"]
+__all__ = [
+    "CutoverMessage",
+    "SupervisorGone",
+    "SupervisorLink",
+    "control_fd_from_env",
+    "open_supervisor_link",
+]
+
+#: What the link queues for the cut-over (`SupervisorLink.cutover_messages`).
+CutoverMessage: TypeAlias = Retire | GoLive | Uncovered
 
 LOGGER: Final = logging.getLogger("workers.control")
 HEARTBEAT_INTERVAL_S: Final = 1.0
@@ -63,7 +73,8 @@ CONFIGURE_TIMEOUT_S: Final = 30.0
 #: Commands from the supervisor's stdin waiting for their shard; beyond this they are dropped and logged (a
 #: reader that stalled the control channel would stall heartbeats, and the worker would be replaced).
 COMMAND_BACKLOG: Final = 1024
-#: Retire/GoLive messages waiting for the cut-over (the supervisor sends one or two per worker).
+#: Retire/GoLive/Uncovered messages waiting for the cut-over (the supervisor sends a few per worker: Uncovered
+#: again only when its set changes).
 CUTOVER_BACKLOG: Final = 16
 
 
@@ -85,7 +96,7 @@ class SupervisorLink:
         self._config: WorkerConfig | None = None
         self.gone = trio.Event()
         self._commands_in, self._commands_out = trio.open_memory_channel[GatewayCommand](COMMAND_BACKLOG)
-        self._cutover_in, self._cutover_out = trio.open_memory_channel[Retire | GoLive](CUTOVER_BACKLOG)
+        self._cutover_in, self._cutover_out = trio.open_memory_channel[CutoverMessage](CUTOVER_BACKLOG)
         #: What each heartbeat reports; the worker sets it once its shards exist.
         self.stats: Callable[[], Mapping[int, ShardStatistics]] = dict
 
@@ -110,8 +121,9 @@ class SupervisorLink:
         """The commands the supervisor forwards from its stdin (`ShardCommand`), until the link closes."""
         return self._commands_out
 
-    def cutover_messages(self) -> trio.MemoryReceiveChannel[Retire | GoLive]:
-        """The supervisor's `Retire` and `GoLive` messages, in arrival order, until the link closes."""
+    def cutover_messages(self) -> trio.MemoryReceiveChannel[CutoverMessage]:
+        """The supervisor's `Retire`, `GoLive` and `Uncovered` messages, in arrival order, until the link
+        closes."""
         return self._cutover_out
 
     # -- IdentifyGate ----------------------------------------------------------------------------------
@@ -198,7 +210,7 @@ class SupervisorLink:
                     waiter.send_nowait(message)
             elif isinstance(message, ShardCommand):
                 self._queue_command(GatewayCommand(message.shard, message.op, message.d))
-            elif isinstance(message, Retire | GoLive):
+            elif isinstance(message, Retire | GoLive | Uncovered):
                 try:
                     self._cutover_in.send_nowait(message)
                 except trio.WouldBlock:

@@ -13,6 +13,7 @@ Design note. The supervisor starts each worker with one end of a Unix socketpair
     SessionsUpdate(save: {shard: StoredSession}, delete: (shard, ...))
     Retired(digests)  answering Retire            GoLive(digests)          live reshard: new generation
     ShardingRequired(shard)  (close 4011, reshard=True)
+                                                  Uncovered(shard_count, shards)  new generation, shadow
 
 Both ends import these classes and `encode`/`decode`, so a message cannot be built one way and parsed another.
 `Configure` carries the worker's settings as the settings table's text (`workers.settings.worker_wire`),
@@ -21,12 +22,14 @@ environment.
 
 Live resharding (workers.reshard): `Retire` tells an old-generation worker to stop publishing, drain, report
 and close; it answers `Retired` with the digests (`workers.reshard.event_digest`) of the events it published
-in the last `RESHARD_DIGEST_WINDOW_S`. `GoLive` hands a shadow worker the union of those digests: it
-publishes its buffered events that are not among them, then goes live. `ShardingRequired` reports a shard
-closed with 4011 by a worker that runs on (`ShardAssignment.reshard`). Digests travel as one base64 string
-of 8-byte big-endian values (`workers.reshard.pack_digests`); a line holds at most `MAX_WIRE_DIGESTS`.
-`read_messages` reads lines with tricycle's `TextReceiveStream` and yields a
-`ControlMessageError` for a malformed line (the reader logs it and goes on), never raising for one bad line.
+in the last `RESHARD_DIGEST_WINDOW_S`. `GoLive` hands a shadow worker the union of those digests: it publishes
+its buffered events that are not among them, then goes live. `ShardingRequired` reports a shard closed with
+4011 by a worker that runs on (`ShardAssignment.reshard`). `Uncovered` tells a shadow worker which shards of
+the old generation no longer publish (so it keeps their guilds' events past its shadow buffer until `GoLive`);
+the latest one replaces the earlier, an empty `shards` clears it. Digests travel as one base64 string of
+8-byte big-endian values (`workers.reshard.pack_digests`); a line holds at most `MAX_WIRE_DIGESTS`.
+`read_messages` reads lines with tricycle's `TextReceiveStream` and yields a `ControlMessageError` for a
+malformed line (the reader logs it and goes on), never raising for one bad line.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ __all__ = [
     "ShardCommand",
     "ShardStatistics",
     "ShardingRequired",
+    "Uncovered",
     "decode",
     "encode",
     "read_messages",
@@ -240,6 +244,19 @@ class ShardingRequired:
     shard: int
 
 
+@dataclass(frozen=True, slots=True)
+class Uncovered:
+    """Live reshard, to a shadow worker: the old generation, which runs `shard_count` shards, no longer
+    publishes for the shard ids `shards` (closed with 4011, or stopped for good). Until its `GoLive` the
+    worker keeps every buffered event whose guild falls on one of them (`(guild_id >> 22) % shard_count in
+    shards`) instead of letting it age out, and publishes it then (`workers.reshard`). Replaces any earlier
+    `Uncovered`; an empty `shards` clears it. A live or retiring worker ignores it."""
+
+    TYPE: ClassVar[str] = "uncovered"
+    shard_count: int
+    shards: tuple[int, ...]
+
+
 ControlMessage: TypeAlias = (
     Hello
     | Heartbeat
@@ -256,6 +273,7 @@ ControlMessage: TypeAlias = (
     | Retired
     | GoLive
     | ShardingRequired
+    | Uncovered
 )
 
 
@@ -310,6 +328,14 @@ def _digests(value: Any) -> bytes:
     return digests
 
 
+def _uncovered(body: dict[str, Any]) -> Uncovered:
+    """ValueError unless `shards` are ids below a positive `shard_count`."""
+    shard_count, shards = int(body["shard_count"]), _ids(body["shards"])
+    if shard_count < 1 or any(not 0 <= shard < shard_count for shard in shards):
+        raise ValueError(f"uncovered shards {shards} of {shard_count}")
+    return Uncovered(shard_count, shards)
+
+
 def _session(fields: Any) -> StoredSession:
     if not isinstance(fields, dict):
         raise TypeError("a session is an object")
@@ -336,6 +362,7 @@ _DECODERS: Final[dict[str, Callable[[dict[str, Any]], ControlMessage]]] = {
     "retired": lambda b: Retired(_digests(b["digests"])),
     "go_live": lambda b: GoLive(_digests(b["digests"])),
     "sharding_required": lambda b: ShardingRequired(int(b["shard"])),
+    "uncovered": _uncovered,
 }
 
 

@@ -18,7 +18,8 @@ starts from an older seq and Discord replays the rest; consumers dedupe), while 
 only get the worker killed. An error escaping everything is logged (redacted) before exit status 1.
 
 Live resharding (`workers.reshard`): a `shadow` worker starts its command source only at the supervisor's
-`GoLive`; a `Retire` stops the command source, has the `Cutover` drain and report, then stops the shards
+`GoLive` (until which an `Uncovered` has its shadow buffers keep the events of the old generation's stopped
+shards); a `Retire` stops the command source, has the `Cutover` drain and report, then stops the shards
 like a signal does but with close code 1000 and their sessions deleted (exit 0). With
 `ShardAssignment.reshard`, close 4011 stops only its shard, which is reported (`ShardingRequired`); the
 worker runs on, also once every shard of it has stopped so, until the supervisor stops or retires it.
@@ -43,7 +44,7 @@ from .command_consumer import consume_amqp_commands
 from .commands import GatewayCommand, read_stdin_commands
 from .config import WorkerConfig, standalone_config
 from .control import SupervisorGone, SupervisorLink, control_fd_from_env, open_supervisor_link
-from .control_messages import GoLive, Retire, ShardingRequired, ShardStatistics
+from .control_messages import GoLive, Retire, ShardingRequired, ShardStatistics, Uncovered
 from .dependencies import open_when_up
 from .errors import CommandRejected, ConfigError, FatalCloseCode
 from .exit_status import ExitStatus
@@ -351,7 +352,9 @@ async def _run_shards(
         async def follow_cutover(link: SupervisorLink) -> None:
             assert cutover is not None
             async for message in link.cutover_messages():
-                if isinstance(message, GoLive):
+                if isinstance(message, Uncovered):
+                    cutover.uncover(message.shard_count, message.shards)
+                elif isinstance(message, GoLive):
                     await cutover.go_live(message.digests)
                 elif isinstance(message, Retire):
                     commands.cancel()

@@ -9,7 +9,9 @@ same guild events, so the cut-over must let every event out exactly once:
   `ShardOutlet`s buffers the events it would have put into the publish pump (after the DISCORD_EVENTS filter)
   for `SHADOW_BUFFER_S`, with their digests. An event commits (the seq saved for RESUME moves past it) only
   when it ages out of the buffer, or once published or skipped after going live: a shadow worker that
-  crashes resumes and replays at most `SHADOW_BUFFER_S` of events.
+  crashes resumes and replays at most `SHADOW_BUFFER_S` of events (more while `Uncovered` holds some back).
+  Its session is saved at READY, at seq 0 (`workers.shard`), so even a shadow killed before anything aged
+  out RESUMEs rather than identifying again.
 - `Retire` (old generation): stop consuming commands, drop every event received from then on (the new
   generation covers them), wait up to `RETIRE_DRAIN_S` for the pump to drain, answer `Retired` with the
   digests of the events published in the last `RESHARD_DIGEST_WINDOW_S`, then close every shard with 1000
@@ -18,6 +20,18 @@ same guild events, so the cut-over must let every event out exactly once:
   shard and in arrival order the buffered events whose digest is not in the set, then publish every event
   except those in the set for `RESHARD_DIGEST_WINDOW_S` more (the new connections may lag the old ones),
   after which the set is dropped. Commands start then.
+- `Uncovered` (new generation, while shadow): the old generation, which runs `shard_count` shards, no longer
+  publishes for the given shard ids (closed with 4011, or stopped for good). From then on each outlet keeps,
+  instead of aging out and committing, every buffered event whose guild falls on one of them
+  (`(guild_id >> 22) % shard_count in shards`, the guild read by `event_guild_ids`) until `GoLive`, which
+  publishes the kept events first (they arrived before everything still buffered), like the rest of the
+  buffer: not in the digest set, so published. Events with no guild (READY, DMs...) age out as before. A
+  later `Uncovered` replaces the set (an empty one clears it) for the events aging out from then on; an event
+  already kept stays kept until `GoLive` (the old generation did not publish it while its shard was listed:
+  keeping it can only publish it twice, letting it go could lose it). Events that aged out before the first
+  `Uncovered` came cannot come back: the supervisor must send it within `SHADOW_BUFFER_S` of the 4011. A kept
+  event holds the committed seq back (it is committed once published), so a shadow that crashes meanwhile
+  RESUMEs from before it and replays everything since (duplicates at worst, never a loss).
 
 Which digests a worker keeps: only with `ShardAssignment.reshard` (the supervisor sets it with RESHARD=auto)
 or as a shadow does a worker digest what it publishes (`DigestRing`, an int and a float per event, for
@@ -31,7 +45,9 @@ digest, so the new generation skips both when the old one published one of them 
 dispatch carries a unique id or timestamp). An event the old generation dropped after `Retire` is covered by
 the new generation only while it is still in the shadow buffer, so `GoLive` must follow `Retire` within
 `SHADOW_BUFFER_S` of the first dropped event (the drain is normally milliseconds; a broker outage during the
-drain can stretch it to `RETIRE_DRAIN_S`).
+drain can stretch it to `RETIRE_DRAIN_S`). A kept event (`Uncovered`) that the old generation did publish
+before its shard stopped, more than `RESHARD_DIGEST_WINDOW_S` before `Retire`, is published again at GoLive
+(a duplicate).
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Se
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+import orjson
 import trio
 
 from .config import Role
@@ -67,6 +84,7 @@ __all__ = [
     "Phase",
     "ShardOutlet",
     "event_digest",
+    "event_guild_ids",
     "pack_digests",
     "unpack_digests",
 ]
@@ -111,6 +129,68 @@ def unpack_digests(data: bytes) -> frozenset[int]:
         int.from_bytes(data[start : start + DIGEST_BYTES], "big")
         for start in range(0, len(data), DIGEST_BYTES)
     )
+
+
+#: A guild's shard under `shard_count` shards: `(guild_id >> SNOWFLAKE_SHARD_SHIFT) % shard_count` (Discord).
+SNOWFLAKE_SHARD_SHIFT: Final = 22
+#: Dispatches whose `d` is the guild itself: their guild is the top-level `id`.
+_GUILD_OBJECT_EVENTS: Final = frozenset({"GUILD_CREATE", "GUILD_UPDATE", "GUILD_DELETE"})
+_GUILD_ID_KEY: Final = b'"guild_id"'
+_GUILD_ID_TEXT: Final = b'"guild_id":"'
+_GUILD_ID_NULL: Final = b'"guild_id":null'
+
+
+def event_guild_ids(name: str, data: bytes) -> frozenset[int]:
+    """The guilds an event may belong to, read from the raw JSON text of its `d` (`OutboundEvent.data`); empty
+    for an event of no guild (READY, a DM's MESSAGE_CREATE...).
+
+    What counts is the top-level `guild_id` (and, for GUILD_CREATE, GUILD_UPDATE and GUILD_DELETE, whose `d`
+    is the guild, the top-level `id`). It is read without parsing `d`: a bytes search for every
+    `"guild_id":"DIGITS"` (Discord's compact layout, snowflakes as strings). A JSON string cannot hold a bare
+    `"` byte, so every match is a key, but the search cannot tell the top-level key from one in a nested
+    object (a MESSAGE_CREATE's `message_reference` names the guild of a crossposted message): it returns every
+    one it finds. The top-level one is always among them, so a caller that asks "is any of them on an
+    uncovered shard" can only keep more events than needed, never fewer. Only when `"guild_id"` appears in a
+    form the search does not recognise (spaces, a number; `null` is recognised and means no guild) is `d`
+    parsed with orjson for its top-level key; a GUILD_CREATE/UPDATE/DELETE is always parsed (for its `id`;
+    they are rare beside the event stream, and only events aging out of a shadow buffer while an `Uncovered`
+    set is active are read at all).
+    """
+    ids: set[int] = set()
+    if name in _GUILD_OBJECT_EVENTS:
+        guild = _top_level_snowflake(data, "id")
+        if guild is not None:
+            ids.add(guild)
+    keys = data.count(_GUILD_ID_KEY)
+    if not keys:
+        return frozenset(ids)
+    recognised, start = data.count(_GUILD_ID_NULL), 0
+    while (at := data.find(_GUILD_ID_TEXT, start)) >= 0:
+        start = at + len(_GUILD_ID_TEXT)
+        end = data.find(b'"', start)
+        digits = data[start:end]
+        if end > start and digits.isdigit():
+            ids.add(int(digits))
+            recognised += 1
+    if recognised < keys:  # not the compact layout: parse for the top-level key
+        guild = _top_level_snowflake(data, "guild_id")
+        if guild is not None:
+            ids.add(guild)
+    return frozenset(ids)
+
+
+def _top_level_snowflake(data: bytes, key: str) -> int | None:
+    """`d[key]` as an int when `data` is a JSON object whose `key` holds a snowflake (string or number)."""
+    try:
+        d = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    value = d.get(key) if isinstance(d, dict) else None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _count_suppressed(amount: int) -> None:
@@ -242,14 +322,21 @@ class ShardOutlet:
         self._commit = commit
         self.phase = Phase.SHADOW if role == "shadow" else Phase.LIVE
         self._buffer: deque[tuple[OutboundEvent, int]] = deque()
+        #: Events that reached `SHADOW_BUFFER_S` with their guild on an uncovered shard: kept until GoLive.
+        #: Each arrived before every event still in `_buffer` (both in arrival order).
+        self._kept: deque[tuple[OutboundEvent, int]] = deque()
+        #: The last `Uncovered`: the old generation's shard count and the shards it no longer publishes.
+        self._uncovered: tuple[int, frozenset[int]] | None = None
         self._buffer_filled = trio.Event()
         self._skip: Set[int] | None = None
         self._skip_until = -math.inf
-        #: Events put into the publish pump, skipped as the old generation's, aged out unpublished, dropped.
+        #: Events put into the publish pump, skipped as the old generation's, aged out unpublished, dropped,
+        #: kept past `SHADOW_BUFFER_S` for an uncovered shard (`uncover`).
         self.published = 0
         self.suppressed = 0
         self.aged_out = 0
         self.dropped = 0
+        self.kept = 0
 
     @property
     def role(self) -> str:
@@ -264,8 +351,38 @@ class ShardOutlet:
         return self.phase is Phase.LIVE
 
     @property
+    def in_shadow(self) -> bool:
+        """Whether this shard publishes nothing yet (a shadow until GoLive's flush is done)."""
+        return self.phase is Phase.SHADOW or self.phase is Phase.FLUSHING
+
+    @property
     def buffered(self) -> int:
-        return len(self._buffer)
+        """Events held for GoLive: in the shadow buffer, and kept for uncovered shards."""
+        return len(self._buffer) + len(self._kept)
+
+    @property
+    def held(self) -> int:
+        """Of `buffered`, those kept past `SHADOW_BUFFER_S` because their guild's old shard is uncovered."""
+        return len(self._kept)
+
+    def uncover(self, shard_count: int, shards: Set[int]) -> bool:
+        """`Uncovered`: from now on keep the events aging out whose guild falls on one of `shards` of the old
+        generation's `shard_count` (replacing any earlier set; an empty one clears it). Events already kept
+        stay kept; those already aged out are gone. Only in SHADOW (False, ignored, otherwise)."""
+        if self.phase is not Phase.SHADOW:
+            return False
+        self._uncovered = (shard_count, frozenset(shards)) if shards and shard_count > 0 else None
+        return True
+
+    def _on_uncovered_shard(self, event: OutboundEvent) -> bool:
+        uncovered = self._uncovered
+        if uncovered is None:
+            return False
+        shard_count, shards = uncovered
+        return any(
+            (guild >> SNOWFLAKE_SHARD_SHIFT) % shard_count in shards
+            for guild in event_guild_ids(event.name, event.data)
+        )
 
     def offer(self, event: OutboundEvent) -> Offer:
         """Take a wanted event of this shard, in arrival order. Not a checkpoint. In LIVE the caller has
@@ -300,15 +417,21 @@ class ShardOutlet:
         return False
 
     def expire(self, now: float) -> int:
-        """In SHADOW: drop and commit the events received `SHADOW_BUFFER_S` or more before `now`; how many."""
+        """In SHADOW: drop and commit the events received `SHADOW_BUFFER_S` or more before `now`, but keep
+        those of an uncovered shard's guilds (`uncover`) for GoLive, uncommitted; how many were dropped."""
         if self.phase is not Phase.SHADOW:
             return 0
-        buffer, horizon, count = self._buffer, now - SHADOW_BUFFER_S, 0
+        buffer, horizon, count, kept = self._buffer, now - SHADOW_BUFFER_S, 0, 0
         while buffer and buffer[0][0].received_at <= horizon:
-            event, _ = buffer.popleft()
-            self._commit(event)
+            entry = buffer.popleft()
+            if self._on_uncovered_shard(entry[0]):
+                self._kept.append(entry)
+                kept += 1
+                continue
+            self._commit(entry[0])
             count += 1
         self.aged_out += count
+        self.kept += kept
         return count
 
     async def age_out(self) -> None:
@@ -322,9 +445,13 @@ class ShardOutlet:
             self.expire(trio.current_time())
 
     def freeze(self) -> None:
-        """GoLive begins: nothing ages out from now on (the buffer is about to be published)."""
+        """GoLive begins: nothing ages out from now on (the buffer, kept events first, is about to be
+        published)."""
         if self.phase is Phase.SHADOW:
             self.phase = Phase.FLUSHING
+            self._buffer.extendleft(reversed(self._kept))
+            self._kept.clear()
+            self._uncovered = None
 
     async def go_live(self, skip: Set[int], skip_until: float) -> FlushCounts:
         """Publish the buffer in arrival order, skipping (and committing) events in `skip`, waiting for room
@@ -359,8 +486,9 @@ class ShardOutlet:
     def retire(self) -> int:
         """Retire: drop every event from now on (and what a shadow still buffers); how many were buffered."""
         self.phase = Phase.RETIRED
-        dropped = len(self._buffer)
+        dropped = len(self._buffer) + len(self._kept)
         self._buffer.clear()
+        self._kept.clear()
         self.dropped += dropped
         self._buffer_filled.set()
         return dropped
@@ -410,6 +538,27 @@ class Cutover:
                     if outlet.phase is Phase.SHADOW:
                         nursery.start_soon(outlet.age_out)
 
+    def uncover(self, shard_count: int, shards: Sequence[int]) -> None:
+        """Uncovered: every shadow outlet keeps the events of the guilds on `shards` (of the old generation's
+        `shard_count`) past `SHADOW_BUFFER_S`, until GoLive (see the module note). Ignored (logged at debug)
+        once live or retiring: there is nothing to keep then."""
+        if self.live.is_set() or self.retiring:
+            LOGGER.debug(
+                "reshard.uncovered_ignored", extra={"live": self.live.is_set(), "retiring": self.retiring}
+            )
+            return
+        uncovered = frozenset(shards)
+        applied = [outlet.uncover(shard_count, uncovered) for outlet in self._outlets.values()]
+        LOGGER.info(
+            "reshard.uncovered",
+            extra={
+                "shard_count": shard_count,
+                "shards": sorted(uncovered),
+                "outlets": sum(applied),
+                "kept": sum(outlet.held for outlet in self._outlets.values()),
+            },
+        )
+
     async def go_live(self, digests: bytes) -> FlushCounts:
         """GoLive: publish what the old generation did not, then go live (sets `live`)."""
         if self.live.is_set() or self.retiring:
@@ -419,6 +568,7 @@ class Cutover:
             return FlushCounts()
         skip = unpack_digests(digests)
         skip_until = trio.current_time() + RESHARD_DIGEST_WINDOW_S
+        kept = sum(outlet.held for outlet in self._outlets.values())
         for outlet in self._outlets.values():
             outlet.freeze()  # every buffer at once, before any flush waits for room in the pump
         self._aging.cancel()
@@ -432,6 +582,7 @@ class Cutover:
                 "buffered": total.buffered,
                 "published": total.published,
                 "skipped": total.skipped,
+                "kept": kept,
                 "digests": len(skip),
             },
         )

@@ -423,6 +423,13 @@ class ShardRunner:
                 self._saved_seq = -1
                 self._session_started_at = time.time()
                 LOGGER.info("shard.ready", extra={"session": event.session_id})
+                if self.outlet.in_shadow:
+                    # A live shard's session is saved once its first event is committed (confirmed, or
+                    # not wanted), moments after READY. A shadow commits nothing for SHADOW_BUFFER_S
+                    # (workers.reshard), so it saves its session now, at seq 0: killed within those seconds,
+                    # it RESUMEs from 0 instead of identifying again. The replay only refills its buffer
+                    # (nothing lost; nothing published twice, since a shadow publishes nothing).
+                    self._save_committed()
             elif isinstance(event, Resumed):
                 self._ready.set()
                 LOGGER.info("shard.resumed", extra={"seq": protocol.statistics().seq})

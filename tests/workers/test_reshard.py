@@ -1,6 +1,7 @@
 """Live resharding's worker side as units (workers.reshard): the digest, the shadow buffer's aging and
-commits, GoLive's flush and skip window, Retire's drain and digest window, the guild arrival count. Times
-are exact: pytest-trio's `autojump_clock` runs them on a virtual clock starting at 0."""
+commits, GoLive's flush and skip window, Retire's drain and digest window, the guild arrival count, and
+Uncovered (events of the old generation's stopped shards kept until GoLive; the guild id read from the raw
+`d`). Times are exact: pytest-trio's `autojump_clock` runs them on a virtual clock starting at 0."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from workers.reshard import (
     Phase,
     ShardOutlet,
     event_digest,
+    event_guild_ids,
     pack_digests,
     unpack_digests,
 )
@@ -328,3 +330,151 @@ def test_guilds_pending_counts_unavailable_guilds_until_they_arrive_or_15_s(
     assert arrivals.pending(300.0) == 0
     arrivals.on_ready(None, 400.0)
     assert arrivals.pending(400.0) == 0
+
+
+# -- Uncovered ---------------------------------------------------------------------------------------------
+
+#: Guilds on the old generation's shard 0 and 1 of 4: (guild_id >> 22) % 4.
+ON_OLD_0 = (4 << 22) | 12345
+ON_OLD_1 = (5 << 22) | 678
+
+
+def guild_event(seq: int, at: float, guild: int | None) -> OutboundEvent:
+    data = b'{"id":"%d","content":"hi"}' % seq
+    if guild is not None:
+        data = b'{"id":"%d","channel_id":"7","guild_id":"%d","content":"hi"}' % (seq, guild)
+    return OutboundEvent(0, SESSION, seq, "MESSAGE_CREATE", data, at)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "guilds"),
+    [
+        # guild_id first, last, absent (READY, a DM), null
+        ("MESSAGE_CREATE", b'{"guild_id":"81384788765712384","id":"1","content":"a"}', {81384788765712384}),
+        (
+            "TYPING_START",
+            b'{"user_id":"2","timestamp":1,"channel_id":"3","guild_id":"41771983423143937"}',
+            {41771983423143937},
+        ),
+        (
+            "READY",
+            b'{"v":10,"user":{"id":"1"},"guilds":[{"id":"5","unavailable":true}],"session_id":"s"}',
+            set(),
+        ),
+        ("MESSAGE_CREATE", b'{"id":"1","channel_id":"2","content":"dm"}', set()),
+        ("PRESENCE_UPDATE", b'{"user":{"id":"1"},"guild_id":null}', set()),
+        # nested only: counted (the search cannot tell; it only makes the worker keep more)
+        ("MESSAGE_CREATE", b'{"id":"1","message_reference":{"guild_id":"999","message_id":"4"}}', {999}),
+        (
+            "MESSAGE_CREATE",
+            b'{"message_reference":{"guild_id":"999"},"id":"1","guild_id":"1000"}',
+            {999, 1000},
+        ),
+        # a key's text inside a string value is escaped: never a match
+        ("MESSAGE_CREATE", b'{"id":"1","content":"\\"guild_id\\":\\"5\\""}', set()),
+        # not the compact layout: parsed for the top-level key
+        ("MESSAGE_CREATE", b'{"id": "1", "guild_id": "1234"}', {1234}),
+        ("MESSAGE_CREATE", b'{"id":"1","guild_id":1234}', {1234}),
+        # the guild itself: its top-level id (and any nested guild_id, the same guild)
+        ("GUILD_CREATE", b'{"channels":[{"id":"11"}],"id":"4242","threads":[{"guild_id":"4242"}]}', {4242}),
+        ("GUILD_DELETE", b'{"id":"4343","unavailable":true}', {4343}),
+        ("GUILD_UPDATE", b'{"roles":[{"id":"9"}],"id":"4444","name":"g"}', {4444}),
+    ],
+)
+def test_the_guild_id_is_read_from_the_raw_d(name: str, data: bytes, guilds: set[int]) -> None:
+    assert event_guild_ids(name, data) == guilds
+
+
+async def test_uncovered_keeps_its_guilds_events_until_go_live_in_order(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    commits, pump = Commits(), FakePump()
+    outlet = ShardOutlet(0, pump, role="shadow", commit=commits)
+    cutover = Cutover({0: outlet}, pump, role="shadow")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cutover.age_out)
+        commits.offer(outlet, guild_event(1, 0.0, ON_OLD_0))
+        commits.offer(outlet, guild_event(2, 0.0, ON_OLD_1))
+        commits.offer(outlet, guild_event(3, 0.0, None))  # no guild: ages out as ever
+        await trio.sleep_until(1.0)
+        cutover.uncover(4, (0,))  # old shard 0 of 4 closed with 4011: its guilds have no publisher
+        await trio.sleep_until(2.0)
+        commits.offer(outlet, guild_event(4, 2.0, ON_OLD_1))
+        commits.offer(outlet, guild_event(5, 2.0, ON_OLD_0))
+        await trio.sleep_until(12.0)
+        commits.offer(outlet, guild_event(6, 12.0, ON_OLD_1))
+        await trio.sleep_until(13.0)
+        # The other guilds' events aged out at exactly 5 s; the committed seq waits at seq 1, still held.
+        assert commits.at == [(5.0, 2), (5.0, 3), (7.0, 4)]
+        assert commits.committed.committed == 0
+        assert outlet.buffered == 3 and outlet.held == 2 and outlet.kept == 2 and outlet.aged_out == 3
+        assert pump.events == []
+        counts = await cutover.go_live(b"")
+    assert (counts.buffered, counts.published, counts.skipped) == (3, 3, 0)
+    assert [item.seq for item in pump.events] == [1, 5, 6]  # kept ones first: they arrived first
+    for item in pump.events:
+        commits.committed.confirmed(item.seq)
+    assert commits.committed.committed == 6
+
+
+async def test_a_later_uncovered_replaces_the_set_and_aged_out_events_stay_gone(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    commits, pump = Commits(), FakePump()
+    outlet = ShardOutlet(0, pump, role="shadow", commit=commits)
+    cutover = Cutover({0: outlet}, pump, role="shadow")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cutover.age_out)
+        commits.offer(outlet, guild_event(1, 0.0, ON_OLD_0))  # ages out at 5.0: before the Uncovered
+        await trio.sleep_until(6.0)
+        cutover.uncover(4, (0,))
+        commits.offer(outlet, guild_event(2, 6.0, ON_OLD_0))
+        commits.offer(outlet, guild_event(3, 6.0, ON_OLD_1))
+        await trio.sleep_until(12.0)
+        cutover.uncover(4, (1,))  # replaces: seq 2, kept already, stays kept
+        commits.offer(outlet, guild_event(4, 12.0, ON_OLD_0))
+        commits.offer(outlet, guild_event(5, 12.0, ON_OLD_1))
+        await trio.sleep_until(18.0)
+        cutover.uncover(4, ())  # clears
+        commits.offer(outlet, guild_event(6, 18.0, ON_OLD_1))
+        await trio.sleep_until(24.0)
+        assert commits.at == [(5.0, 1), (11.0, 3), (17.0, 4), (23.0, 6)]
+        assert commits.committed.committed == 1
+        await cutover.go_live(b"")
+    assert [item.seq for item in pump.events] == [2, 5]
+
+
+async def test_uncovered_before_any_event_and_the_skip_set_applies_to_kept_events(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    commits, pump = Commits(), FakePump()
+    outlet = ShardOutlet(0, pump, role="shadow", commit=commits)
+    cutover = Cutover({0: outlet}, pump, role="shadow")
+    cutover.uncover(4, (0, 1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cutover.age_out)
+        published_by_old = guild_event(1, 0.0, ON_OLD_0)
+        commits.offer(outlet, published_by_old)
+        commits.offer(outlet, guild_event(2, 0.0, ON_OLD_1))
+        await trio.sleep_until(30.0)
+        counts = await cutover.go_live(pack_digests([digest_of(published_by_old)]))
+    assert (counts.buffered, counts.published, counts.skipped) == (2, 1, 1)
+    assert [item.seq for item in pump.events] == [2]
+    assert commits.at == [(30.0, 1)]
+
+
+async def test_live_and_retired_workers_ignore_uncovered(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    pump = FakePump()
+    live = ShardOutlet(0, pump, commit=Commits())
+    with caplog.at_level(logging.DEBUG, logger="workers.reshard"):
+        Cutover({0: live}, pump).uncover(4, (0,))
+        shadow = ShardOutlet(1, pump, role="shadow", commit=Commits())
+        retiring = Cutover({1: shadow}, pump, role="shadow")
+        await retiring.retire()
+        retiring.uncover(4, (0,))
+    ignored = [record for record in caplog.records if record.getMessage() == "reshard.uncovered_ignored"]
+    assert [record.levelno for record in ignored] == [logging.DEBUG, logging.DEBUG]
+    assert live._uncovered is None and shadow._uncovered is None
+    assert not shadow.uncover(4, (0,))  # the outlet itself refuses outside SHADOW too

@@ -1,7 +1,8 @@
 """Live resharding through the control channel: the new messages' wire format, SupervisorLink's dispatch of
-Retire/GoLive, and a worker (in-process, `run_worker`, on a real socketpair with this test as its supervisor)
-against the simulator: a shadow publishes nothing until GoLive, a Retire answers Retired, closes with 1000
-and exits 0, and close 4011 under `reshard` stops only its shard."""
+Retire/GoLive/Uncovered, and a worker (in-process, `run_worker`, on a real socketpair with this test as its
+supervisor) against the simulator: a shadow publishes nothing until GoLive, a Retire answers Retired, closes
+with 1000 and exits 0, close 4011 under `reshard` stops only its shard, and a shadow saves its session at
+READY (killed within its 5 s buffer, it RESUMEs)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,10 @@ from workers.control_messages import (
     Retired,
     SessionLoad,
     SessionReply,
+    SessionsUpdate,
     ShardingRequired,
     ShardStatistics,
+    Uncovered,
     decode,
     encode,
     read_messages,
@@ -48,6 +51,7 @@ from workers.errors import ConfigError
 from workers.exit_status import ExitStatus
 from workers.main import run_worker
 from workers.reshard import event_digest, pack_digests, unpack_digests
+from workers.sessions import StoredSession
 from workers.settings import Settings
 from workers.shard import ShardRunner
 
@@ -64,6 +68,8 @@ TIMEOUT_S = 30
         Retired(pack_digests([1, 2**64 - 1, 12345])),
         GoLive(pack_digests(range(1000))),
         ShardingRequired(7),
+        Uncovered(4, (0, 3)),
+        Uncovered(8, ()),
     ],
 )
 def test_the_reshard_messages_round_trip(message: ControlMessage) -> None:
@@ -87,12 +93,32 @@ def test_digests_travel_as_base64_and_a_full_line_fits() -> None:
         b'{"type":"go_live","digests":12}',
         b'{"type":"go_live"}',
         b'{"type":"sharding_required","shard":"x"}',
+        b'{"type":"uncovered","shard_count":4,"shards":[4]}',  # not a shard of 4
+        b'{"type":"uncovered","shard_count":0,"shards":[]}',
+        b'{"type":"uncovered","shard_count":4,"shards":7}',
+        b'{"type":"uncovered","shard_count":4}',
         b'{"type":"resign"}',  # unknown: still refused, and the reader logs and skips it
     ],
 )
 def test_malformed_reshard_messages_are_refused(line: bytes) -> None:
     with pytest.raises(ControlMessageError):
         decode(line)
+
+
+def test_uncovered_on_the_wire() -> None:
+    assert encode(Uncovered(4, (0, 2))) == b'{"shard_count":4,"shards":[0,2],"type":"uncovered"}\n'
+
+
+async def test_the_link_queues_uncovered_in_order_with_retire_and_go_live() -> None:
+    ours, theirs = socket.socketpair()
+    supervisor = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    sent: list[ControlMessage] = [Uncovered(4, (1,)), GoLive(b""), Uncovered(4, ()), Retire()]
+    with trio.fail_after(TIMEOUT_S):
+        async with supervisor, open_supervisor_link(theirs.detach()) as link:
+            for message in sent:
+                await supervisor.send_all(encode(message))
+            received = link.cutover_messages()
+            assert [await received.receive() for _ in sent] == sent
 
 
 def test_the_assignment_carries_role_and_reshard() -> None:
@@ -126,19 +152,26 @@ def test_heartbeats_carry_guilds_pending_and_role() -> None:
 
 
 class FakeSupervisor:
-    """The supervisor's end: permits every identify, holds no session, records what the worker says."""
+    """The supervisor's end: permits every identify, holds the sessions (`sessions`, which a test may share
+    with a later worker's), records what the worker says."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, sessions: dict[int, StoredSession] | None = None) -> None:
         self.stream = stream
         self.received: list[ControlMessage] = []
         self.heartbeat: Heartbeat | None = None
+        self.sessions: dict[int, StoredSession] = {} if sessions is None else sessions
 
     async def serve(self) -> None:
         async for message in read_messages(self.stream):
             if isinstance(message, IdentifyRequest):
                 await self.send(Permit(message.id))
             elif isinstance(message, SessionLoad):
-                await self.send(SessionReply(message.id, None))
+                await self.send(SessionReply(message.id, self.sessions.get(message.shard)))
+            elif isinstance(message, SessionsUpdate):
+                self.sessions.update(message.save)
+                for shard in message.delete:
+                    self.sessions.pop(shard, None)
+                self.received.append(message)
             elif isinstance(message, Heartbeat):
                 self.heartbeat = message
             elif not isinstance(message, ControlMessageError):
@@ -155,12 +188,17 @@ class FakeSupervisor:
 
 
 @asynccontextmanager
-async def supervised(
-    gateway_config: GatewayConfig, shards: int, sink: RecordingPublisher, **assignment: Any
-) -> AsyncIterator[tuple[Simulator, FakeSupervisor, dict[int, ShardRunner], list[int]]]:
-    async with open_simulator(SimulatorConfig(gateway=gateway_config)) as sim, trio.open_nursery() as nursery:
+async def supervised_worker(
+    sim: Simulator,
+    shards: int,
+    sink: RecordingPublisher,
+    sessions: dict[int, StoredSession] | None = None,
+    **assignment: Any,
+) -> AsyncIterator[tuple[FakeSupervisor, dict[int, ShardRunner], list[int]]]:
+    """A worker on `sim` under a FakeSupervisor (holding `sessions`); cancelled (not stopped) at the end."""
+    async with trio.open_nursery() as nursery:
         ours, theirs = socket.socketpair()
-        supervisor = FakeSupervisor(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        supervisor = FakeSupervisor(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), sessions)
         nursery.start_soon(supervisor.serve)
         config = worker_config(sim, shards)
         config = replace(config, assignment=replace(config.assignment, **assignment))
@@ -172,8 +210,19 @@ async def supervised(
 
         async with supervisor.stream:
             runners = await nursery.start(run)
-            yield sim, supervisor, runners, status
+            yield supervisor, runners, status
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def supervised(
+    gateway_config: GatewayConfig, shards: int, sink: RecordingPublisher, **assignment: Any
+) -> AsyncIterator[tuple[Simulator, FakeSupervisor, dict[int, ShardRunner], list[int]]]:
+    async with (
+        open_simulator(SimulatorConfig(gateway=gateway_config)) as sim,
+        supervised_worker(sim, shards, sink, **assignment) as (supervisor, runners, status),
+    ):
+        yield sim, supervisor, runners, status
 
 
 async def test_a_shadow_publishes_nothing_until_go_live_then_retires_with_1000() -> None:
@@ -237,3 +286,35 @@ async def test_close_4011_without_reshard_still_exits_3() -> None:
             await wait_until(lambda: bool(status))
             assert status == [ExitStatus.FATAL]
             assert supervisor.of_type(ShardingRequired) == []
+
+
+async def test_a_shadow_saves_its_session_at_ready_and_resumes_when_killed_within_5_s() -> None:
+    sink = RecordingPublisher()
+    sessions: dict[int, StoredSession] = {}
+    with trio.fail_after(TIMEOUT_S):
+        async with open_simulator(SimulatorConfig(gateway=gateway(event_rate=50))) as sim:
+            async with supervised_worker(sim, 2, sink, sessions, role="shadow", reshard=True) as (
+                _,
+                runners,
+                _,
+            ):
+                await wait_until(lambda: ready_count(runners) == 2 and len(sessions) == 2)
+                # Saved at READY, before anything left the 5 s buffer: seq 0, of the sessions READY began.
+                assert all(runner.statistics().committed_seq == 0 for runner in runners.values())
+                assert {shard: (stored.session_id, stored.seq) for shard, stored in sessions.items()} == {
+                    shard: (runner.statistics().session_id, 0) for shard, runner in runners.items()
+                }
+                assert all(stored.shard_count == 2 for stored in sessions.values())
+                first = {shard: runner.statistics().session_id for shard, runner in runners.items()}
+            # Killed (cancelled, no stop) well within the 5 s; the next worker RESUMEs both sessions.
+            async with supervised_worker(sim, 2, sink, sessions, role="shadow", reshard=True) as (
+                _,
+                runners,
+                _,
+            ):
+                await wait_until(lambda: ready_count(runners) == 2)
+                stats = {shard: runner.statistics() for shard, runner in runners.items()}
+                assert {shard: stat.session_id for shard, stat in stats.items()} == first
+                assert all(stat.identifies == 0 and stat.resumes == 1 for stat in stats.values())
+                await wait_until(lambda: all(r.statistics().dispatches >= 10 for r in runners.values()))
+            assert sink.events == []  # a shadow publishes nothing, replayed or not
