@@ -6,6 +6,8 @@ endpoint, one `WorkerSlot` per shard range, the signal loop. Signals (gunicorn's
   seqs and sessions; after `shutdown_timeout_s` whatever is left is killed. A second SIGINT kills at once.
 - SIGHUP: rolling restart, one worker at a time; the next waits until the new one has RESUMEd its shards
   (0 identifies: the sessions stay with the supervisor or in Redis).
+- SIGUSR1 (`RESHARD=auto`): ask Discord for the recommended shard count now and reshard live if it changed
+  (supervisor/reshard.py); also every `RESHARD_CHECK_INTERVAL` and when a shard is closed with 4011.
 Exit status: 0 clean stop, 3 a worker met a fatal close code (or the token was refused), 1 a crash loop or
 any other failure (2, bad configuration, is decided before this module runs).
 """
@@ -22,12 +24,13 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import trio
 
 from workers import logs
 from workers.config import ShardAssignment, WorkerConfig
+from workers.control_messages import GoLive, Retire, Uncovered
 from workers.dependencies import Dependency
 from workers.exit_status import ExitStatus
 from workers.gateway_bot import GatewayBot, GatewayBotError, fetch_gateway_bot
@@ -47,6 +50,7 @@ from .metrics import HealthState, mark_worker_dead, prepare_multiprocess_dir, se
 from .planning import MS_PER_S, ShardRange, check_session_budget, plan_workers
 from .processes import SessionBook, WorkerSlot
 from .progress import StartProgress
+from .reshard import ReshardState, Trigger, decide, merge_digests, ready_timeout_s
 from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
 from .shard_status import ShardBoard, publish_build_info
@@ -55,6 +59,11 @@ from .stdin_commands import route_stdin_commands
 LOGGER: Final = logging.getLogger("supervisor")
 STATUS_PERIOD_S: Final = 2.0
 ROLLING_READY_TIMEOUT_S: Final = 120.0
+#: How long a retiring worker (live resharding) may take to report its digests; its exit then gets
+#: `shutdown_timeout_s` more before it is killed.
+RETIRE_REPORT_TIMEOUT_S: Final = 20.0
+#: How often a reshard's new generation is checked for workers to tell of the uncovered shards.
+UNCOVERED_POLL_S: Final = 0.2
 #: The daily budget is fetched again this long after Discord's reset, at least every BUDGET_REFRESH_S, and
 #: BUDGET_RETRY_S after a failed fetch; shards waiting on it are reported every BUDGET_WATCH_S.
 BUDGET_RESET_MARGIN_S: Final = 1.0
@@ -77,6 +86,18 @@ class Supervisor:
         self.policy = RestartPolicy(crash_limit=settings.restart_max, window_s=settings.restart_window_s)
         self.status = ExitStatus.OK
         self.shard_total = 0
+        #: The running generation's shard count (the `shard_count` of every worker in `slots`).
+        self.shard_count = 0
+        #: A live reshard's new generation while it identifies in the shadow (not in `slots` yet).
+        self._next: list[WorkerSlot] = []
+        self.reshard_state = ReshardState.IDLE
+        #: Live reshards completed by this supervisor.
+        self.generation = 0
+        self._reshard_send, self._reshard_requests = trio.open_memory_channel[Trigger](math.inf)
+        #: Shards of the running generation closed with 4011: nobody publishes their guilds' events.
+        self._uncovered: set[int] = set()
+        #: What a new generation's workers are started with: the gate, the session book, the environment.
+        self._serving: tuple[BudgetedIdentifyGate, SessionBook | None, dict[str, str]] | None = None
         self._stop = trio.Event()
         self._crash_loop = False
         self._rolling = False
@@ -113,6 +134,16 @@ class Supervisor:
             "ready_shards": self.ready_shards(),
             "workers": [slot.statistics() for slot in self.slots],
         }
+        if self.settings.reshard == "auto":
+            detail["reshard"] = {
+                "state": self.reshard_state.name.lower(),
+                "generation": self.generation,
+                "shards": self.shard_count,
+                "next_shards": self._next[0].shard_count if self._next else None,
+                "next_ready": sum(slot.ready_shards() for slot in self._next),
+                "next_workers": [slot.statistics() for slot in self._next],
+                "uncovered": sorted(self._uncovered),
+            }
         if node is not None:
             stats = node.statistics()
             detail["cluster"] = {
@@ -226,7 +257,7 @@ class Supervisor:
                         if cluster:
                             await self._serve_cluster(gate, info, shard_count, metrics_dir)
                         else:
-                            await self._spend_budget_check(gate, info, shard_ids)
+                            await self._spend_budget_check(gate, info, shard_ids, shard_count)
                             async with trio.open_nursery() as nursery:
                                 await self._serve(nursery, gate, info, plan, shard_count, book, metrics_dir)
             except* SupervisorError as group:
@@ -272,7 +303,7 @@ class Supervisor:
         return not self._stop.is_set()
 
     async def _spend_budget_check(
-        self, gate: BudgetedIdentifyGate, info: GatewayBot, shard_ids: tuple[int, ...]
+        self, gate: BudgetedIdentifyGate, info: GatewayBot, shard_ids: tuple[int, ...], shard_count: int
     ) -> None:
         """Refuse a start whose IDENTIFYs would eat into `SESSION_START_RESERVE` (F13); shards with a session
         in the Redis store will RESUME and spend nothing. Then hand the budget to the gate, which never
@@ -282,7 +313,9 @@ class Supervisor:
         if settings.shard_store_type == "redis":
             from workers.sessions import stored_session_shards
 
-            resuming = await stored_session_shards(settings.redis_url, settings.shard_store_prefix, shard_ids)
+            resuming = await stored_session_shards(
+                settings.redis_url, settings.shard_store_prefix, shard_ids, shard_count
+            )
         identifying = len(shard_ids) - len(resuming)
         budget = check_session_budget(
             identifying, info.remaining, info.total, info.reset_after_ms, settings.identify_reserve
@@ -343,9 +376,25 @@ class Supervisor:
         book: SessionBook | None,
         metrics_dir: Path,
     ) -> None:
-        settings = self.settings
         self._nursery = nursery
-        worker_env = self._worker_environment(metrics_dir)
+        self._serving = (gate, book, self._worker_environment(metrics_dir))
+        self.shard_count = shard_count
+        self.slots.extend(await self._start_generation(nursery, info, plan, shard_count, "live"))
+        await self._supervise(nursery, gate, info, shard_count)
+
+    async def _start_generation(
+        self,
+        nursery: trio.Nursery,
+        info: GatewayBot,
+        plan: list[ShardRange],
+        shard_count: int,
+        role: Literal["live", "shadow"],
+    ) -> list[WorkerSlot]:
+        """Start one worker slot per range of `plan` (a start, or a live reshard's new generation)."""
+        assert self._serving is not None
+        gate, book, worker_env = self._serving
+        first_index = max((slot.index + 1 for slot in self.slots), default=0)
+        slots: list[WorkerSlot] = []
         for worker_range in plan:
             ids = worker_range.shard_ids
             assignment = ShardAssignment(
@@ -355,19 +404,22 @@ class Supervisor:
                 max_concurrency=info.max_concurrency,
                 # While Redis is away each worker paces its own share of the global limit (R10).
                 ratelimit_fallback_share=len(plan),
+                role=role,
+                reshard=self.settings.reshard == "auto",
             )
             slot = WorkerSlot(
-                worker_range.worker_index,
+                first_index + worker_range.worker_index,
                 ids,
-                config=WorkerConfig(settings, assignment),
+                config=WorkerConfig(self.settings, assignment),
                 environment=worker_env.copy,
                 gate=gate,
                 book=book,
                 on_exit=self._on_worker_exit,
+                on_sharding_required=self._on_sharding_required,
             )
-            self.slots.append(slot)
+            slots.append(slot)
             await nursery.start(slot.run)
-        await self._supervise(nursery, gate, info, shard_count)
+        return slots
 
     async def _supervise(
         self, nursery: trio.Nursery, gate: BudgetedIdentifyGate, info: GatewayBot, shard_count: int
@@ -377,7 +429,9 @@ class Supervisor:
         nursery.start_soon(self._refresh_budget, gate, info.reset_after_ms / MS_PER_S)
         nursery.start_soon(self._watch_budget, gate)
         if self.settings.broker_type == "stdio":
-            nursery.start_soon(route_stdin_commands, self.slots, shard_count)
+            nursery.start_soon(route_stdin_commands, self.slots, lambda: self.shard_count)
+        if self.settings.reshard == "auto":
+            nursery.start_soon(self._reshard_loop, nursery)
         nursery.start_soon(self._report_status)
         nursery.start_soon(self._report_progress)  # returns at once without a plan's progress (cluster mode)
         await self._control_loop(nursery)
@@ -436,7 +490,8 @@ class Supervisor:
                     "lease_ttl_s": settings.cluster_lease_ttl_s,
                 },
             )
-            await self._spend_budget_check(gate, info, tuple(range(plan.shard_count)))
+            await self._spend_budget_check(gate, info, tuple(range(plan.shard_count)), plan.shard_count)
+            self.shard_count = plan.shard_count
             self._cluster_plan = (plan.shard_count, info, gate, self._worker_environment(metrics_dir))
             node = ClusterNode(store, plan, workers=workers, ttl_s=settings.cluster_lease_ttl_s, runner=self)
             self._cluster = node
@@ -488,6 +543,204 @@ class Supervisor:
         if slot in self.slots:
             self.slots.remove(slot)
 
+    # -- live resharding (supervisor/reshard.py) -------------------------------------------------------------
+
+    def _on_sharding_required(self, slot: WorkerSlot, shard: int) -> None:
+        """A worker's shard was closed with 4011 (RESHARD=auto): reshard now (coalesced with any pending)."""
+        LOGGER.warning(
+            "reshard.sharding_required",
+            extra={"worker": slot.index, "shard": shard, "shard_count": slot.shard_count},
+        )
+        if slot.shard_count == self.shard_count:  # a shadow generation's 4011 is the reshard's own failure
+            self._uncovered.add(shard)
+            self._reshard_send.send_nowait("4011")
+
+    def request_reshard(self, trigger: Trigger) -> None:
+        self._reshard_send.send_nowait(trigger)
+
+    async def _reshard_loop(self, nursery: trio.Nursery) -> None:
+        """RESHARD=auto: check Discord's recommended shard count every RESHARD_CHECK_INTERVAL and on each
+        request (SIGUSR1, a 4011); one reshard at a time, requests that came in meanwhile coalesced."""
+        from workers import metric_defs as metrics
+
+        metrics.RESHARD_STATE.set(ReshardState.IDLE.value)
+        metrics.RESHARD_SHARDS.labels(generation="current").set(self.shard_count)
+        while not self._stop.is_set():
+            trigger: Trigger = "interval"
+            with trio.move_on_after(self.settings.reshard_check_interval_s):
+                trigger = await self._reshard_requests.receive()
+            await self._reshard(nursery, trigger)
+            while True:  # what was asked during that reshard has been answered by it
+                try:
+                    self._reshard_requests.receive_nowait()
+                except trio.WouldBlock:
+                    break
+
+    def _set_reshard_state(self, state: ReshardState) -> None:
+        from workers import metric_defs as metrics
+
+        self.reshard_state = state
+        metrics.RESHARD_STATE.set(state.value)
+
+    async def _reshard(self, nursery: trio.Nursery, trigger: Trigger) -> None:
+        """One check and, if Discord's recommended count differs, one live reshard (supervisor/reshard.py)."""
+        from workers import metric_defs as metrics
+
+        settings = self.settings
+        try:
+            info = await fetch_gateway_bot(settings.api_url, settings.token)
+        except GatewayBotError as exc:
+            LOGGER.warning("reshard.check_failed", extra={"trigger": trigger, "error": str(exc)})
+            return
+        decision = decide(
+            self.shard_count,
+            info.shards,
+            trigger,
+            remaining=info.remaining,
+            total=info.total,
+            reset_after_ms=info.reset_after_ms,
+            reserve=settings.identify_reserve,
+        )
+        extra = {"trigger": trigger, "shards": decision.current, "recommended": info.shards}
+        if decision.action == "none":
+            LOGGER.info("reshard.unchanged", extra={**extra, "reason": decision.reason})
+            return
+        if decision.action == "fatal":
+            LOGGER.error("reshard.fatal", extra={**extra, "reason": decision.reason})
+            self.status = ExitStatus.FATAL
+            self._stop.set()
+            return
+        if decision.action == "refuse":
+            LOGGER.error("reshard.refused", extra={**extra, "reason": decision.reason})
+            metrics.RESHARDS.labels(outcome="refused").inc()
+            return
+        assert self._serving is not None
+        gate = self._serving[0]
+        await gate.set_budget(info.remaining, info.reset_after_ms / MS_PER_S)
+        started = trio.current_time()
+        target = decision.target
+        plan = plan_workers(range(target), settings.workers, len(os.sched_getaffinity(0)) or 1)
+        LOGGER.info("reshard.starting", extra={**extra, "workers": len(plan), "reason": decision.reason})
+        self._set_reshard_state(ReshardState.STARTING)
+        metrics.RESHARD_SHARDS.labels(generation="next").set(target)
+        keeping = trio.CancelScope()
+        try:
+            self._next = await self._start_generation(nursery, info, plan, target, "shadow")
+
+            async def keep_uncovered(slots: list[WorkerSlot]) -> None:
+                with keeping:
+                    await self._keep_uncovered(slots)
+
+            nursery.start_soon(keep_uncovered, self._next)
+            timeout = ready_timeout_s(target, info.max_concurrency)
+            if not await self._wait_generation_ready(self._next, timeout):
+                if self._stop.is_set():
+                    return  # the drain stops the shadow generation with the rest (its sessions kept)
+                LOGGER.error("reshard.abandoned", extra={**extra, "timeout_s": timeout})
+                metrics.RESHARDS.labels(outcome="abandoned").inc()
+                await self._retire(nursery, self._next)  # shadow workers: sessions closed, none published
+                return
+            ready_s = trio.current_time() - started
+            LOGGER.info("reshard.switching", extra={**extra, "ready_s": round(ready_s, 2)})
+            self._set_reshard_state(ReshardState.SWITCHING)
+            old = list(self.slots)
+            keeping.cancel()
+            digests = await self._retire(nursery, old)
+            for slot in self._next:
+                slot.promote()
+                if not await slot.send_control(GoLive(digests)):
+                    LOGGER.warning("reshard.go_live_missed", extra={"worker": slot.index})
+            self.slots[:] = self._next
+            self.shard_count = self.shard_total = target
+            self._uncovered = set()
+            self.generation += 1
+            metrics.RESHARD_GENERATION.set(self.generation)
+            metrics.RESHARDS.labels(outcome="done").inc()
+            metrics.RESHARD_SHARDS.labels(generation="current").set(target)
+            LOGGER.info(
+                "reshard.done",
+                extra={
+                    **extra,
+                    "shards": target,
+                    "previous": decision.current,
+                    "generation": self.generation,
+                    "duration_s": round(trio.current_time() - started, 2),
+                    "ready_s": round(ready_s, 2),
+                    "digests": len(digests) // 8,
+                },
+            )
+        finally:
+            keeping.cancel()
+            if not self._stop.is_set():  # else the drain stops them with the rest
+                self._next = []
+            metrics.RESHARD_SHARDS.labels(generation="next").set(0)
+            self._set_reshard_state(ReshardState.IDLE)
+
+    async def _wait_generation_ready(self, slots: list[WorkerSlot], timeout_s: float) -> bool:
+        """Wait until every shard of `slots` is READY with its guilds arrived; False on timeout or stop."""
+        from workers import metric_defs as metrics
+
+        with trio.move_on_after(timeout_s):
+            while not self._stop.is_set():
+                ready = sum(slot.ready_shards() for slot in slots)
+                metrics.RESHARD_READY.labels(generation="next").set(ready)
+                if all(
+                    slot.ready_shards() == len(slot.shard_ids) and slot.guilds_pending() == 0
+                    for slot in slots
+                ):
+                    return True
+                with trio.move_on_after(1.0):
+                    await self._stop.wait()
+        return False
+
+    async def _retire(self, nursery: trio.Nursery, slots: list[WorkerSlot]) -> bytes:
+        """Tell each worker of `slots` to retire (supervisor/reshard.py, step 4) and wait for its digests; the
+        union of the digests. The workers' exits are waited for in `nursery` (killed after SHUTDOWN_TIMEOUT):
+        the new generation goes live as soon as the reports are in, not after the old processes are gone."""
+        reports: list[bytes] = []
+
+        async def report(slot: WorkerSlot) -> None:
+            slot.stopping = True  # its exit is the end of this slot, not a crash to restart
+            if await slot.send_control(Retire()):
+                with trio.move_on_after(RETIRE_REPORT_TIMEOUT_S):
+                    await slot.retired.wait()
+            if slot.retired.is_set():
+                reports.append(slot.retired_digests)
+            else:
+                LOGGER.warning("reshard.no_retire_report", extra={"worker": slot.index})
+                slot.signal(signal.SIGTERM)
+            nursery.start_soon(self._wait_retired_exit, slot)
+
+        async with trio.open_nursery() as reporting:
+            for slot in slots:
+                reporting.start_soon(report, slot)
+        try:
+            return merge_digests(reports)
+        except ValueError as exc:
+            LOGGER.error("reshard.bad_retire_report", extra={"error": str(exc)})
+            return b""
+
+    async def _wait_retired_exit(self, slot: WorkerSlot) -> None:
+        with trio.move_on_after(self.settings.shutdown_timeout_s) as deadline:
+            while slot.process is not None and slot.process.returncode is None:
+                await slot.process.wait()
+        if deadline.cancelled_caught:
+            LOGGER.warning("reshard.worker_killed", extra={"worker": slot.index})
+            slot.signal(signal.SIGKILL)
+
+    async def _keep_uncovered(self, slots: list[WorkerSlot]) -> None:
+        """While a new generation is in the shadow: tell each of its workers (again after a restart, and when
+        the set changes) which shards of the running generation no longer publish (closed with 4011), so
+        they keep those guilds' events until they go live instead of letting them age out."""
+        told: dict[int, tuple[int | None, tuple[int, ...]]] = {}
+        while True:
+            shards = tuple(sorted(self._uncovered))
+            for slot in slots:
+                stale = (slot.pid, shards) != told.get(slot.index, (None, ()))
+                if stale and await slot.send_control(Uncovered(self.shard_count, shards)):
+                    told[slot.index] = (slot.pid, shards)
+            await trio.sleep(UNCOVERED_POLL_S)
+
     def group_ready(self, group: int) -> bool:
         slot = self._groups.get(group)
         return slot is not None and slot.ready_shards() == len(slot.shard_ids)
@@ -536,7 +789,8 @@ class Supervisor:
             yield InMemoryIdentifyGate(max_concurrency, interval)
 
     async def _control_loop(self, nursery: trio.Nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+        with trio.open_signal_receiver(*handled) as signals:
             if await self._wait_workers_connected():
                 self.notifier.ready()
                 # Not "supervisor.ready": that line waits for the shards (`_report_progress`).
@@ -551,6 +805,13 @@ class Supervisor:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         waiting.start_soon(self._rolling_restart)
+                        continue
+                    if signum == signal.SIGUSR1:
+                        if self.settings.reshard == "auto":
+                            LOGGER.info("reshard.requested", extra={"trigger": "signal"})
+                            self.request_reshard("signal")
+                        else:
+                            LOGGER.warning("reshard.off", extra={"reason": "SIGUSR1 with RESHARD=off"})
                         continue
                     LOGGER.info("supervisor.stopping", extra={"signal": signal.Signals(signum).name})
                     break
@@ -581,6 +842,8 @@ class Supervisor:
         self.notifier.stopping()
         if self._cluster is not None:
             await self._cluster.leave(self.settings.shutdown_timeout_s)
+        self.slots.extend(self._next)  # a reshard's shadow generation stops with the rest
+        self._next = []
         for slot in self.slots:
             await slot.stop(signal.SIGTERM)
         with trio.move_on_after(self.settings.shutdown_timeout_s) as deadline:
@@ -633,6 +896,8 @@ class Supervisor:
         publish_build_info()
         while True:
             self.board.publish_gauges()
+            if self.settings.reshard == "auto":
+                metrics.RESHARD_READY.labels(generation="current").set(self.ready_shards())
             metrics.WORKERS.set(
                 sum(1 for slot in self.slots if slot.process and slot.process.returncode is None)
             )
@@ -668,6 +933,11 @@ class Supervisor:
         while True:
             self.notifier.watchdog()
             await trio.sleep(interval)
+
+
+def _generation_slot_ready(slot: WorkerSlot) -> bool:
+    """Every shard of the slot's worker is READY and has its guilds (a reshard's new generation)."""
+    return slot.ready_shards() == len(slot.shard_ids) and slot.guilds_pending() == 0
 
 
 def _first_leaf(group: BaseExceptionGroup[SupervisorError]) -> SupervisorError:

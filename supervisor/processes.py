@@ -10,11 +10,17 @@ holds the sessions its worker hands back, so the replacement of a dead worker RE
 whose heartbeats stop for `HEARTBEAT_TIMEOUT_S` (a stalled trio loop, a deadlock) is killed and replaced like
 a crashed one. Exit status 3 from a worker (a fatal close code) is not a crash: the supervisor stops
 everything, since no restart can succeed.
+
+Live resharding (supervisor/reshard.py) runs two generations of slots at once: the session book keys a
+session by shard id *and* shard count, a slot carries its worker's `ShardingRequired` (a 4011) to the
+supervisor, sends it `Retire` and keeps the digests of its `Retired` answer, and `promote()` makes a shadow
+slot's worker, and any replacement of it, live.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -35,16 +41,21 @@ from workers.control_messages import (
     ConnectRequest,
     ControlMessage,
     ControlMessageError,
+    GoLive,
     Heartbeat,
     Hello,
     IdentifyCancel,
     IdentifyRequest,
     Permit,
+    Retire,
+    Retired,
     SessionLoad,
     SessionReply,
     SessionsUpdate,
     ShardCommand,
+    ShardingRequired,
     ShardStatistics,
+    Uncovered,
     encode,
     read_messages,
 )
@@ -59,14 +70,18 @@ HEARTBEAT_TIMEOUT_S: Final = 10.0
 
 @dataclass(slots=True)
 class SessionBook:
-    """Sessions handed back by workers (`SHARD_STORE_TYPE=memory`), keyed by shard id."""
+    """Sessions handed back by workers (`SHARD_STORE_TYPE=memory`), keyed by (shard id, shard count): during
+    a live reshard two generations' shards of one id are different shards."""
 
-    sessions: dict[int, StoredSession] = field(default_factory=dict)
+    sessions: dict[tuple[int, int], StoredSession] = field(default_factory=dict)
 
-    def update(self, message: SessionsUpdate) -> None:
-        self.sessions.update(message.save)
+    def update(self, message: SessionsUpdate, shard_count: int) -> None:
+        self.sessions.update(((shard, shard_count), session) for shard, session in message.save.items())
         for shard in message.delete:
-            self.sessions.pop(shard, None)
+            self.sessions.pop((shard, shard_count), None)
+
+    def get(self, shard: int, shard_count: int) -> StoredSession | None:
+        return self.sessions.get((shard, shard_count))
 
 
 class WorkerSlot:
@@ -83,6 +98,7 @@ class WorkerSlot:
         book: SessionBook | None,
         on_exit: Callable[[WorkerSlot, int | None], float | None],
         lease: Callable[[int], Awaitable[None]] | None = None,
+        on_sharding_required: Callable[[WorkerSlot, int], None] | None = None,
     ) -> None:
         self.index = index
         self.shard_ids = shard_ids
@@ -93,6 +109,11 @@ class WorkerSlot:
         self._on_exit = on_exit
         #: Cluster mode: returns once this node holds a shard's lease (answers `ConnectRequest`).
         self._lease = lease
+        #: RESHARD=auto: told when one of this worker's shards was closed with 4011.
+        self._on_sharding_required = on_sharding_required
+        #: Set when the worker answered `Retire` (live resharding); its digests in `retired_digests`.
+        self.retired = trio.Event()
+        self.retired_digests = b""
         self.process: trio.Process | None = None
         self.pid: int | None = None
         self.started_at = 0.0
@@ -126,14 +147,34 @@ class WorkerSlot:
             "restarts": self.restarts,
         }
 
+    @property
+    def shard_count(self) -> int:
+        return self._config.assignment.shard_count
+
+    @property
+    def role(self) -> str:
+        return self._config.assignment.role
+
+    def guilds_pending(self) -> int:
+        return sum(stats.guilds_pending for stats in self.stats.values())
+
     async def send_command(self, command: ShardCommand) -> bool:
         """Forward a gateway command to this slot's worker; False when none is connected (restarting).
         A checkpoint (the control channel's send)."""
+        return await self.send_control(command)
+
+    async def send_control(self, message: ShardCommand | Retire | GoLive | Uncovered) -> bool:
+        """Send `message` to the running worker; False when none is connected (restarting)."""
         send = self._send
         if send is None or not self.connected.is_set():
             return False
-        await send(command)
+        await send(message)
         return True
+
+    def promote(self) -> None:
+        """A shadow generation's slot goes live: a replacement of its worker starts live too."""
+        assignment = dataclasses.replace(self._config.assignment, role="live")
+        self._config = dataclasses.replace(self._config, assignment=assignment)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -258,10 +299,15 @@ class WorkerSlot:
             if scope is not None:
                 scope.cancel()
         elif isinstance(message, SessionLoad):
-            session = self._book.sessions.get(message.shard) if self._book is not None else None
+            session = self._book.get(message.shard, self.shard_count) if self._book is not None else None
             nursery.start_soon(reply, SessionReply(message.id, session))
         elif isinstance(message, SessionsUpdate) and self._book is not None:
-            self._book.update(message)
+            self._book.update(message, self.shard_count)
+        elif isinstance(message, ShardingRequired) and self._on_sharding_required is not None:
+            self._on_sharding_required(self, message.shard)
+        elif isinstance(message, Retired):
+            self.retired_digests = message.digests
+            self.retired.set()
         else:
             LOGGER.debug("worker.control_ignored", extra={"worker": self.index, "kind": message.TYPE})
 

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 import trio
@@ -33,7 +33,9 @@ LOGGER: Final = logging.getLogger("supervisor.commands")
 
 
 async def route_stdin_commands(
-    slots: Sequence[WorkerSlot], shard_count: int, stream: trio.abc.ReceiveStream | None = None
+    slots: Sequence[WorkerSlot],
+    shard_count: int | Callable[[], int],
+    stream: trio.abc.ReceiveStream | None = None,
 ) -> None:
     """Forward each command line of `stream` (default: a duplicate of stdin) to its shard's worker, until
     end of file. Bad lines are logged (`command.rejected`) and skipped."""

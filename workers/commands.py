@@ -37,8 +37,9 @@ shape of the event lines on stdout (``{"t": EVENT, ..., "d": DATA}``) run backwa
 
 from __future__ import annotations
 
+import functools
 import reprlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -106,16 +107,20 @@ def decode_command(routing_key: str, body: bytes, encoding: Encoding, shard_coun
 
 
 async def read_stdin_commands(
-    stream: trio.abc.ReceiveStream, shard_count: int
+    stream: trio.abc.ReceiveStream, shard_count: int | Callable[[], int]
 ) -> AsyncGenerator[GatewayCommand | CommandRejected, None]:
     """Read commands from ``stream``, one JSON line each (module docstring), until end of file.
+
+    ``shard_count`` routes ``SEND`` by guild id; a callable is asked per line (a live reshard changes it at
+    the cut-over, and the commands follow their guilds to the new shards from then on).
 
     A bad line yields a :class:`CommandRejected` whose reason starts with ``line N:`` (counted from 1) and
     reading goes on. Each ``receive_some`` is a checkpoint; cancelling the iteration drops any partial line.
     Use it inside ``contextlib.aclosing`` (an async generator).
     """
-    if shard_count < 1:
-        raise ValueError(f"shard_count must be at least 1, not {shard_count}")
+    count_of = shard_count if callable(shard_count) else functools.partial(int, shard_count)
+    if count_of() < 1:
+        raise ValueError(f"shard_count must be at least 1, not {count_of()}")
     buffer = bytearray()
     line_number = 0
     discarding = False  # inside an over-long line, dropping bytes until its end
@@ -131,7 +136,7 @@ async def read_stdin_commands(
             if discarding:
                 discarding = False
                 continue
-            if (result := _parse_stdin_line(line, line_number, shard_count)) is not None:
+            if (result := _parse_stdin_line(line, line_number, count_of())) is not None:
                 yield result
         if not discarding and len(buffer) > MAX_STDIN_LINE_BYTES:
             yield CommandRejected(f"line {line_number + 1}: longer than {MAX_STDIN_LINE_BYTES} bytes")
@@ -139,7 +144,7 @@ async def read_stdin_commands(
         if discarding:
             buffer.clear()
     if buffer and not discarding:
-        result = _parse_stdin_line(bytes(buffer), line_number + 1, shard_count)
+        result = _parse_stdin_line(bytes(buffer), line_number + 1, count_of())
         if result is not None:
             yield result
 

@@ -53,7 +53,12 @@ __all__ = [
     "LOOP_STALL_SECONDS",
     "PUBLISH_CONFIRM_LAG",
     "RECONNECTS",
+    "RESHARDS",
     "RESHARD_DUPLICATES_SUPPRESSED",
+    "RESHARD_GENERATION",
+    "RESHARD_READY",
+    "RESHARD_SHARDS",
+    "RESHARD_STATE",
     "RESUMES",
     "SHARDS",
     "SHARD_LATENCY",
@@ -110,6 +115,33 @@ LOOP_STALL_SECONDS: Final = Counter(
 RESHARD_DUPLICATES_SUPPRESSED: Final = Counter(
     "discord_reshard_duplicates_suppressed_total",
     "Events a new shard generation did not publish during a live reshard: the old generation had.",
+)
+RESHARD_STATE: Final = Gauge(
+    "discord_reshard_state",
+    "The supervisor's live reshard phase: 0 idle, 1 the new generation starting, 2 switching over.",
+    multiprocess_mode="livemax",
+)
+RESHARD_GENERATION: Final = Gauge(
+    "discord_reshard_generation",
+    "Live reshards this supervisor completed (the running shard generation, counted from 0).",
+    multiprocess_mode="livemax",
+)
+RESHARD_SHARDS: Final = Gauge(
+    "discord_reshard_shards",
+    "Shard count of each generation: the current one, and the next while a live reshard runs (else 0).",
+    ["generation"],
+    multiprocess_mode="livemax",
+)
+RESHARD_READY: Final = Gauge(
+    "discord_reshard_shards_ready",
+    "READY shards of each generation (current, and next while a live reshard runs).",
+    ["generation"],
+    multiprocess_mode="livemax",
+)
+RESHARDS: Final = Counter(
+    "discord_reshard_runs_total",
+    "Live reshards by outcome: done, refused (the identify budget), abandoned (not READY in time).",
+    ["outcome"],
 )
 
 # -- REST ratelimit engine and proxy (fed from each worker's statistics) ---------------------------------
@@ -235,6 +267,11 @@ for _direction in ("in", "out"):
     CLUSTER_TAKEOVERS.labels(direction=_direction)
 for _reason in get_args(WaitReason):
     RATELIMIT_WAITS.labels(reason=_reason)
+for _generation in ("current", "next"):
+    RESHARD_SHARDS.labels(generation=_generation)
+    RESHARD_READY.labels(generation=_generation)
+for _outcome in ("done", "refused", "abandoned"):
+    RESHARDS.labels(outcome=_outcome)
 
 
 def count_reconnect(reason: str, amount: int = 1) -> None:
