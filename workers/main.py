@@ -92,6 +92,7 @@ async def _open_store(config: WorkerConfig, link: SupervisorLink | None) -> Asyn
             config.settings.redis_url,
             prefix=config.settings.shard_store_prefix,
             pool_size=config.settings.redis_pool_size,
+            shard_count=config.shard_count,
         ) as store:
             yield store
     elif link is not None:
@@ -314,6 +315,16 @@ async def _run_shards(
             try:
                 await runner.run()
             except FatalCloseCode as exc:
+                if exc.code == SHARDING_REQUIRED_CLOSE_CODE and not config.assignment.reshard:
+                    LOGGER.error(
+                        "shard.sharding_required",
+                        extra={
+                            "shard": runner.shard_id,
+                            "shard_count": config.shard_count,
+                            "hint": f"Discord wants more than {config.shard_count} shards: raise --shards "
+                            "(DISCORD_SHARD_COUNT), or run --shards auto, where RESHARD=auto reshards live",
+                        },
+                    )
                 if not (config.assignment.reshard and exc.code == SHARDING_REQUIRED_CLOSE_CODE):
                     raise
                 sharding_required.append(runner.shard_id)

@@ -277,7 +277,9 @@ async def test_close_4011_under_reshard_stops_only_that_shard() -> None:
             assert status == []  # the worker runs on
 
 
-async def test_close_4011_without_reshard_still_exits_3() -> None:
+async def test_close_4011_without_reshard_still_exits_3_naming_shards(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     sink = RecordingPublisher()
     with trio.fail_after(TIMEOUT_S):
         async with supervised(gateway(event_rate=0), 2, sink) as (sim, supervisor, runners, status):
@@ -286,6 +288,8 @@ async def test_close_4011_without_reshard_still_exits_3() -> None:
             await wait_until(lambda: bool(status))
             assert status == [ExitStatus.FATAL]
             assert supervisor.of_type(ShardingRequired) == []
+    [record] = [r for r in caplog.records if r.getMessage() == "shard.sharding_required"]
+    assert "--shards" in record.hint  # type: ignore[attr-defined]
 
 
 async def test_a_shadow_saves_its_session_at_ready_and_resumes_when_killed_within_5_s() -> None:
