@@ -10,15 +10,16 @@ the new generation live and idle, drains and audits the consumer against the sim
 - reshard_4011: the simulator recommends 8 shards and refuses IDENTIFYs of fewer (`min_shard_count` 8); one
   shard of the running 4 gets op 9 false (not resumable), so it must IDENTIFY and is closed with 4011: the
   worker stops only that shard and reports ShardingRequired, and the supervisor reshards. That shard's
-  guilds are dark from the invalidation until the new generation goes live; their events reach no session
-  meanwhile, so none is owed.
+  guilds have no publisher from the invalidation until the new generation goes live: the supervisor tells
+  the shadow generation (Uncovered), which keeps those guilds' events past its 5 s buffer and publishes
+  them at the cut-over (late, not lost); events from before the new sessions existed reached no session
+  and are not owed.
 - reshard_worker_kill: as reshard_grow, with one new shard's READY withheld (so the new generation stays in
   its start until that shard's READY timeout reconnects it), and one worker of the new generation (found by
   its `worker.started` log line: a worker index the first generation did not have) SIGKILLed once its own
-  shards are READY (its `shard.ready` log lines) and `SHADOW_BUFFER_S` + 1 s have passed, before the
-  cut-over: a shadow stores its session only when its first event (READY) leaves the 5 s shadow buffer,
-  so a kill sooner makes its shards IDENTIFY again (measured: 12 identifies for 8 shards). The supervisor
-  restarts it in its role and it RESUMEs its sessions: still one IDENTIFY per new shard.
+  shards are READY (its `shard.ready` log lines) and `SESSION_SETTLE_S` has passed, before the cut-over: a
+  shadow saves its session at READY, so the supervisor restarts it in its role and it RESUMEs its
+  sessions: still one IDENTIFY per new shard.
 
 Figures (`faults.<name>.*`), as the other faults: `lost` (guild events delivered to a session and never
 published: the audit), `duplicates` (publications of an event beyond its first; reported), `identifies`
@@ -59,7 +60,6 @@ from benchmarks.reshard import (
     open_reshard_system,
     request_by_signal,
 )
-from workers.reshard import SHADOW_BUFFER_S
 
 __all__ = [
     "RESHARD_FAULTS",
@@ -77,6 +77,9 @@ RESHARD_BOUND_SLACK_S: Final = 15.0
 RESTART_SLACK_S: Final = 25.0
 #: The simulator's rule for a client close with 1000/1001: how a retiring generation ends its sessions.
 RETIRE_CLOSE_RULE: Final = "client_close_kills_session"
+#: After a shadow worker's shards are READY, how long their sessions (saved at READY) take to reach the
+#: supervisor before the worker is killed.
+SESSION_SETTLE_S: Final = 0.5
 #: How long the suite waits for the new generation's workers to start and their shards to be READY.
 NEW_WORKER_TIMEOUT_S: Final = 30.0
 
@@ -139,8 +142,7 @@ def ready_shards_of(system: ReshardSystem, pid: int) -> set[int]:
 async def kill_new_worker(system: ReshardSystem) -> None:
     """Hold one new shard's READY back (`withhold_ready` 1: the new generation cannot be complete until that
     shard's READY timeout reconnects it), trigger the reshard, and SIGKILL a new worker whose shards are all
-    READY once `SHADOW_BUFFER_S` and a second more have passed: a shadow saves its session when its first
-    event (READY) leaves the shadow buffer, so from then on its shards can RESUME."""
+    READY once `SESSION_SETTLE_S` has passed: a shadow saves its session at READY, so its shards RESUME."""
     old_workers = {int(r["worker"]) for r in system.log_records("worker.started")}
     await system.control("withhold_ready", {"count": 1})
     await request_by_signal(system)
@@ -157,7 +159,7 @@ async def kill_new_worker(system: ReshardSystem) -> None:
     if victim is None:
         raise BenchmarkError(f"no worker of the new generation had all its shards READY: {workers}")
     index, pid, shards = victim
-    await trio.sleep(SHADOW_BUFFER_S + 1.0)
+    await trio.sleep(SESSION_SETTLE_S)
     detail = await system.reshard_detail()
     switched = bool(system.log_records("reshard.switching"))
     os.kill(pid, signal.SIGKILL)
