@@ -41,8 +41,8 @@ SETTINGS = Settings(
     max_concurrency=16,
     guild_count=32,
     guild_event_rate=64.0,
-    warmup_s=1.0,
-    settle_s=1.5,
+    warmup_s=0.5,
+    settle_s=1.0,
 )
 TIMEOUT_S = 240
 
