@@ -228,17 +228,28 @@ class SimulatorProcess:
     def control_url(self) -> str:
         return self.urls["control_url"]
 
-    async def gateway_ledger(self) -> dict[str, Any]:
-        """The gateway half of `GET /_sim/ledger`."""
+    async def ledger(self) -> dict[str, Any]:
+        """The whole `GET /_sim/ledger`: `gateway`, `rest` and `guilds`."""
         response = await self.http.get(f"{self.control_url}/ledger")
         response.raise_for_status()
-        ledger: dict[str, Any] = response.json()["gateway"]
+        ledger: dict[str, Any] = response.json()
         return ledger
+
+    async def gateway_ledger(self) -> dict[str, Any]:
+        """The gateway half of `GET /_sim/ledger`."""
+        gateway: dict[str, Any] = (await self.ledger())["gateway"]
+        return gateway
+
+    async def control(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`POST /_sim/gateway/<action>` (benchmarks/simulator/gateway_control.py); its JSON answer."""
+        response = await self.http.post(f"{self.control_url}/gateway/{action}", json=body or {})
+        response.raise_for_status()
+        result: dict[str, Any] = response.json()
+        return result
 
     async def set_event_rate(self, rate: float) -> None:
         """Dispatches per second per session, from now on."""
-        response = await self.http.post(f"{self.control_url}/gateway/event_rate", json={"rate": rate})
-        response.raise_for_status()
+        await self.control("event_rate", {"rate": rate})
 
 
 @contextlib.asynccontextmanager

@@ -165,17 +165,11 @@ class ReshardSystem:
     notes: dict[str, Any] = field(default_factory=dict)
 
     async def control(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = await self.http.post(f"{self.sim.control_url}/gateway/{action}", json=body or {})
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
+        return await self.sim.control(action, body)
 
     async def ledger(self) -> dict[str, Any]:
         """The simulator's whole `GET /_sim/ledger`: `gateway`, `rest` and `guilds`."""
-        response = await self.http.get(f"{self.sim.control_url}/ledger")
-        response.raise_for_status()
-        ledger: dict[str, Any] = response.json()
-        return ledger
+        return await self.sim.ledger()
 
     async def health(self) -> dict[str, Any]:
         body: dict[str, Any] = (await self.http.get(self.metrics_url + "/healthz")).json()

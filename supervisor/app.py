@@ -30,7 +30,7 @@ import trio
 
 from workers import logs
 from workers.config import ShardAssignment, WorkerConfig
-from workers.control_messages import GoLive, Retire, Uncovered
+from workers.control_messages import DIGEST_BYTES, GoLive, Retire, Uncovered
 from workers.dependencies import Dependency
 from workers.exit_status import ExitStatus
 from workers.gateway_bot import GatewayBot, GatewayBotError, fetch_gateway_bot
@@ -534,12 +534,7 @@ class Supervisor:
         if slot is None:
             return
         await slot.stop(signal.SIGTERM)
-        with trio.move_on_after(self.settings.shutdown_timeout_s) as deadline:
-            while slot.process is not None and slot.process.returncode is None:
-                await slot.process.wait()
-        if deadline.cancelled_caught:
-            LOGGER.warning("cluster.worker_killed", extra={"group": group})
-            slot.signal(signal.SIGKILL)
+        await self._wait_exit(slot, "cluster.worker_killed", group=group)
         if slot in self.slots:
             self.slots.remove(slot)
 
@@ -553,7 +548,7 @@ class Supervisor:
         )
         if slot.shard_count == self.shard_count:  # a shadow generation's 4011 is the reshard's own failure
             self._uncovered.add(shard)
-            self._reshard_send.send_nowait("4011")
+            self.request_reshard("4011")
 
     def request_reshard(self, trigger: Trigger) -> None:
         self._reshard_send.send_nowait(trigger)
@@ -666,7 +661,7 @@ class Supervisor:
                     "generation": self.generation,
                     "duration_s": round(trio.current_time() - started, 2),
                     "ready_s": round(ready_s, 2),
-                    "digests": len(digests) // 8,
+                    "digests": len(digests) // DIGEST_BYTES,
                 },
             )
         finally:
@@ -684,10 +679,7 @@ class Supervisor:
             while not self._stop.is_set():
                 ready = sum(slot.ready_shards() for slot in slots)
                 metrics.RESHARD_READY.labels(generation="next").set(ready)
-                if all(
-                    slot.ready_shards() == len(slot.shard_ids) and slot.guilds_pending() == 0
-                    for slot in slots
-                ):
+                if all(_generation_slot_ready(slot) for slot in slots):
                     return True
                 with trio.move_on_after(1.0):
                     await self._stop.wait()
@@ -709,7 +701,9 @@ class Supervisor:
             else:
                 LOGGER.warning("reshard.no_retire_report", extra={"worker": slot.index})
                 slot.signal(signal.SIGTERM)
-            nursery.start_soon(self._wait_retired_exit, slot)
+            nursery.start_soon(
+                functools.partial(self._wait_exit, slot, "reshard.worker_killed", worker=slot.index)
+            )
 
         async with trio.open_nursery() as reporting:
             for slot in slots:
@@ -720,12 +714,14 @@ class Supervisor:
             LOGGER.error("reshard.bad_retire_report", extra={"error": str(exc)})
             return b""
 
-    async def _wait_retired_exit(self, slot: WorkerSlot) -> None:
+    async def _wait_exit(self, slot: WorkerSlot, killed_event: str, **extra: int) -> None:
+        """Wait for the exit of a worker asked to stop; SIGKILL it (logging `killed_event`) after
+        SHUTDOWN_TIMEOUT."""
         with trio.move_on_after(self.settings.shutdown_timeout_s) as deadline:
             while slot.process is not None and slot.process.returncode is None:
                 await slot.process.wait()
         if deadline.cancelled_caught:
-            LOGGER.warning("reshard.worker_killed", extra={"worker": slot.index})
+            LOGGER.warning(killed_event, extra=extra)
             slot.signal(signal.SIGKILL)
 
     async def _keep_uncovered(self, slots: list[WorkerSlot]) -> None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from workers.identify import IDENTIFY_INTERVAL_S
+from workers.reshard import pack_digests, unpack_digests
 
 from .planning import check_session_budget
 
@@ -59,8 +60,6 @@ __all__ = [
 Trigger = Literal["interval", "signal", "4011", "start"]
 #: Beyond the identify bound, how long a new generation may take to be READY with its guilds.
 READY_SLACK_S: Final = 120.0
-#: Bytes per event digest in `Retired` and `GoLive` (big-endian, concatenated).
-DIGEST_BYTES: Final = 8
 
 
 class ReshardState(enum.Enum):
@@ -121,10 +120,6 @@ def ready_timeout_s(shard_count: int, max_concurrency: int) -> float:
 
 
 def merge_digests(reports: list[bytes]) -> bytes:
-    """The union of several `Retired` digest strings, sorted, as one digest string."""
-    digests: set[bytes] = set()
-    for report in reports:
-        if len(report) % DIGEST_BYTES:
-            raise ValueError(f"a digest report of {len(report)} bytes is not a multiple of {DIGEST_BYTES}")
-        digests.update(report[i : i + DIGEST_BYTES] for i in range(0, len(report), DIGEST_BYTES))
-    return b"".join(sorted(digests))
+    """The union of several `Retired` digest strings, sorted, as one digest string (`workers.reshard`'s
+    packing); ValueError for a report that is not whole digests."""
+    return pack_digests(sorted(frozenset().union(*(unpack_digests(report) for report in reports))))

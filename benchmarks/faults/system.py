@@ -130,10 +130,7 @@ class System:
     notes: dict[str, Any] = field(default_factory=dict)
 
     async def control(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        response = await self.http.post(f"{self.sim.control_url}/gateway/{action}", json=body or {})
-        response.raise_for_status()
-        result: dict[str, Any] = response.json()
-        return result
+        return await self.sim.control(action, body)
 
     def consumed(self) -> dict[str, Any]:
         """The consumer's latest snapshot (empty before its first)."""

@@ -47,5 +47,5 @@ def test_digest_reports_merge_into_one_sorted_set() -> None:
     b = (3).to_bytes(8, "big") + (2).to_bytes(8, "big")
     merged = merge_digests([a, b, b""])
     assert merged == b"".join(n.to_bytes(8, "big") for n in (1, 2, 3))
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match="8 bytes each, got 7 bytes"):
         merge_digests([b"\x00" * 7])
