@@ -209,7 +209,7 @@ async def run_worker(
                         send=link.send if link is not None else None,
                     )
                     status = await _run_shards(
-                        config, runners, pump, amqp, rest, stop, task_status, link, feed, cutover
+                        config, runners, pump, amqp, rest, stop, task_status, cutover, link, feed
                     )
         if stop.startup.cancelled_caught:
             status = ExitStatus.OK  # stopped while waiting for the broker: nothing ran, nothing to drain
@@ -290,9 +290,9 @@ async def _run_shards(
     rest: WorkerRestProxy,
     stop: _StopRequest,
     task_status: trio.TaskStatus[dict[int, ShardRunner]],
+    cutover: Cutover,
     link: SupervisorLink | None = None,
     feed: ShardMetricsFeed | None = None,
-    cutover: Cutover | None = None,
 ) -> int:
     """Run the shards, the command source and the REST proxy until `stop` or a fatal close code.
 
@@ -302,8 +302,6 @@ async def _run_shards(
     status: int = ExitStatus.OK
     stopping = False
     stop.running = True  # from here on a signal drains (below) instead of cancelling the start-up
-    if cutover is None:
-        cutover = Cutover({shard: runner.outlet for shard, runner in runners.items()}, pump)
     #: Shards stopped by close 4011 under `reshard` (the worker runs on without them).
     sharding_required: list[int] = []
     async with trio.open_nursery() as nursery:
@@ -315,7 +313,9 @@ async def _run_shards(
             try:
                 await runner.run()
             except FatalCloseCode as exc:
-                if exc.code == SHARDING_REQUIRED_CLOSE_CODE and not config.assignment.reshard:
+                if exc.code != SHARDING_REQUIRED_CLOSE_CODE:
+                    raise
+                if not config.assignment.reshard:
                     LOGGER.error(
                         "shard.sharding_required",
                         extra={
@@ -325,7 +325,6 @@ async def _run_shards(
                             "(DISCORD_SHARD_COUNT), or run --shards auto, where RESHARD=auto reshards live",
                         },
                     )
-                if not (config.assignment.reshard and exc.code == SHARDING_REQUIRED_CLOSE_CODE):
                     raise
                 sharding_required.append(runner.shard_id)
                 LOGGER.error("shard.sharding_required", extra={"shard": runner.shard_id})
@@ -356,12 +355,10 @@ async def _run_shards(
                     await _consume_stdin(config, runners, link)
 
         async def consume_commands_once_live() -> None:
-            assert cutover is not None
             await cutover.live.wait()
             await consume_commands()
 
         async def follow_cutover(link: SupervisorLink) -> None:
-            assert cutover is not None
             async for message in link.cutover_messages():
                 if isinstance(message, Uncovered):
                     cutover.uncover(message.shard_count, message.shards)
