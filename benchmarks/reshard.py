@@ -29,6 +29,10 @@ Figures (`reshard.*`):
 - `resumes`, `overlaps` (target 0: a connection that began to serve a shard of a shard count another
   connection still served), `events`, `published`, `unknown` (published ids the ledger never generated).
 
+`--nodes 2` runs the same measurement over a cluster: two supervisors with `CLUSTER_MODE=redis` (Redis on
+127.0.0.1:6379, a key prefix of the run's own, `CLUSTER_LEASE_TTL=2s`), the reshard led by one of them
+(supervisor/cluster_reshard.py); `duration_s` and `ready_s` are then the leader's.
+
 The harness (`open_reshard_system`, `measure_reshard`) also runs the fault suite's reshard phase
 (`benchmarks.faults.reshard`). Targets are informational unless `--strict`; the exit status is 1 when the run
 produced no figures.
@@ -55,6 +59,7 @@ import httpx
 import trio
 
 from benchmarks.children import free_port
+from benchmarks.cluster_nodes import delete_prefix_keys
 from benchmarks.faults.system import DRAIN_TIMEOUT_S, POLL_S, overlaps, supervisor_env
 from benchmarks.harness import (
     BenchmarkError,
@@ -163,6 +168,15 @@ class ReshardSystem:
     group: str
     #: What the running measurement adds to its figures (`figures`) and its reasons to fail (`failures`).
     notes: dict[str, Any] = field(default_factory=dict)
+    #: Cluster mode: every node after the first (`supervisor`), with its metrics URL.
+    others: list[tuple[ChildProcess, str]] = field(default_factory=list)
+    #: Cluster mode: the nodes' Redis and key prefix (empty on one host).
+    cluster_prefix: str = ""
+
+    @property
+    def nodes(self) -> list[tuple[ChildProcess, str]]:
+        """Every supervisor with its metrics URL: one on one host, each node in cluster mode."""
+        return [(self.supervisor, self.metrics_url), *self.others]
 
     async def control(self, action: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return await self.sim.control(action, body)
@@ -171,14 +185,15 @@ class ReshardSystem:
         """The simulator's whole `GET /_sim/ledger`: `gateway`, `rest` and `guilds`."""
         return await self.sim.ledger()
 
-    async def health(self) -> dict[str, Any]:
-        body: dict[str, Any] = (await self.http.get(self.metrics_url + "/healthz")).json()
+    async def health(self, url: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = (await self.http.get((url or self.metrics_url) + "/healthz")).json()
         return body
 
-    async def reshard_detail(self) -> dict[str, Any] | None:
-        """`/healthz`'s `detail.reshard`, or None while it does not answer or has none."""
+    async def reshard_detail(self, url: str | None = None) -> dict[str, Any] | None:
+        """`/healthz`'s `detail.reshard` (of the node at `url`, default the first), or None while it does
+        not answer or has none."""
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
-            detail: dict[str, Any] = (await self.health())["detail"]["reshard"]
+            detail: dict[str, Any] = (await self.health(url))["detail"]["reshard"]
             return detail
         return None
 
@@ -190,11 +205,12 @@ class ReshardSystem:
             return []
 
     def log_records(self, *events: str) -> list[dict[str, Any]]:
-        """The supervisor's (and its workers') JSON log records whose event is one of `events`."""
-        return log_records(self.supervisor.log_path, events)
+        """The supervisors' (and their workers') JSON log records whose event is one of `events`, node by
+        node."""
+        return [record for node, _ in self.nodes for record in log_records(node.log_path, events)]
 
     def check_alive(self) -> None:
-        for child in (self.sim.child, self.supervisor, self.consumer):
+        for child in (self.sim.child, self.consumer, *(node for node, _ in self.nodes)):
             child.check_alive()
 
 
@@ -230,12 +246,21 @@ def simulator_args(settings: Settings) -> list[str]:
 
 @contextlib.asynccontextmanager
 async def open_reshard_system(
-    settings: Settings, log_dir: Path, progress: Progress, amqp_url: str, *, name: str = "reshard"
+    settings: Settings,
+    log_dir: Path,
+    progress: Progress,
+    amqp_url: str,
+    *,
+    name: str = "reshard",
+    nodes: int = 1,
+    redis_url: str = "redis://127.0.0.1:6379",
+    lease_ttl_s: float = 2.0,
 ) -> AsyncIterator[ReshardSystem]:
     """Simulator, consumer (bound before any event is published), then `python -m supervisor --shards auto`
-    with RESHARD=auto; yields once every shard is READY and the reshard state is idle. Children stop in
-    reverse order: the supervisor (its workers with it), the consumer (deleting the run's queues and
-    exchange), the simulator."""
+    with RESHARD=auto (with `nodes` > 1: that many cluster nodes, `CLUSTER_MODE=redis` on `redis_url` under
+    a prefix of the run's own, each with `settings.workers` as its weight); yields once every shard is READY
+    and the reshard state is idle. Children stop in reverse order: the supervisors (their workers with
+    them), the consumer (deleting the run's queues and exchange), the simulator."""
     group = f"reshard-{uuid.uuid4().hex[:12]}"
     await trio.Path(log_dir).mkdir(parents=True, exist_ok=True)
     events_path = log_dir / f"{name}-events.tsv"
@@ -258,12 +283,29 @@ async def open_reshard_system(
         )
         await read_json_line(consumer, CONSUMER_START_TIMEOUT_S)
         shm_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="reshard-shm-"))
-        env = supervisor_env(sim, port=port, shm_dir=shm_dir, group=group, amqp_url=amqp_url)
-        env.update(RESHARD="auto", BROKER_ENCODING="json")
         argv = [sys.executable, "-m", "supervisor", "--shards", "auto", "--workers", str(settings.workers)]
-        supervisor = await stack.enter_async_context(
-            open_child(f"{name}-supervisor", argv, log_dir=log_dir, env=env)
-        )
+        prefix = f"{group}-cluster" if nodes > 1 else ""
+        if prefix:
+            stack.push_async_callback(delete_prefix_keys, redis_url, prefix)
+        started: list[tuple[ChildProcess, str]] = []
+        for index in range(nodes):
+            node_port = port if index == 0 else free_port()
+            env = supervisor_env(sim, port=node_port, shm_dir=shm_dir, group=group, amqp_url=amqp_url)
+            env.update(RESHARD="auto", BROKER_ENCODING="json")
+            child_name = f"{name}-supervisor"
+            if prefix:
+                child_name = f"{name}-node{index + 1}"
+                env.update(
+                    CLUSTER_MODE="redis",
+                    CLUSTER_NODE_ID=f"node{index + 1}",
+                    CLUSTER_LEASE_TTL=f"{lease_ttl_s:g}s",
+                    SHARD_STORE_TYPE="redis",
+                    SHARD_STORE_PREFIX=prefix,
+                    REDIS_URL=redis_url,
+                )
+            child = await stack.enter_async_context(open_child(child_name, argv, log_dir=log_dir, env=env))
+            started.append((child, f"http://127.0.0.1:{node_port}"))
+        supervisor = started[0][0]
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=10.0))
         system = ReshardSystem(
             settings,
@@ -276,6 +318,8 @@ async def open_reshard_system(
             log_dir,
             progress,
             group,
+            others=started[1:],
+            cluster_prefix=prefix,
         )
         progress.say(f"{name}: waiting for {settings.shards} shards (exchange {group})")
         await wait_serving(system, settings.shards, START_TIMEOUT_S)
@@ -283,20 +327,23 @@ async def open_reshard_system(
 
 
 async def wait_serving(system: ReshardSystem, shards: int, timeout_s: float) -> None:
-    """Until `/healthz` counts `shards` shards READY and the reshard state is idle."""
+    """Until `/healthz` counts `shards` shards READY (over every node, in cluster mode) and the reshard
+    state is idle."""
     detail: dict[str, Any] = {}
     with trio.move_on_after(timeout_s):
         while True:
             system.check_alive()
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                detail = (await system.health())["detail"]
-                reshard = detail.get("reshard")
-                if detail["ready_shards"] == shards and detail["shards"] == shards:
-                    if reshard is None:
+                details = [(await system.health(url))["detail"] for _, url in system.nodes]
+                detail = details[0]
+                ready = sum(int(d["ready_shards"]) for d in details)
+                total = sum(int(d["shards"]) for d in details)
+                if ready == shards and total == shards:
+                    if any(d.get("reshard") is None for d in details):
                         raise BenchmarkError(
-                            f"the supervisor's /healthz has no detail.reshard with RESHARD=auto: {detail}"
+                            f"the supervisor's /healthz has no detail.reshard with RESHARD=auto: {details}"
                         )
-                    if reshard.get("state") == "idle":
+                    if all(d["reshard"].get("state") == "idle" for d in details):
                         return
             await trio.sleep(POLL_S)
     raise BenchmarkError(
@@ -522,9 +569,12 @@ async def wait_generation(
             if new:
                 last = [r for r in records if r["event"] in new][-1]
                 raise BenchmarkError(f"the reshard failed: {json.dumps(last)}")
-            detail = await system.reshard_detail()
-            if detail is not None and int(detail["generation"]) > generation and detail["state"] == "idle":
-                return detail
+            details = [await system.reshard_detail(url) for _, url in system.nodes]
+            detail = details[0]
+            if all(
+                d is not None and int(d["generation"]) > generation and d["state"] == "idle" for d in details
+            ):
+                return details[0] or {}
             await trio.sleep(POLL_S)
     raise BenchmarkError(
         f"no new generation within {timeout_s:g} s of the trigger (detail.reshard {detail}); supervisor "
@@ -585,10 +635,15 @@ def figures_of(run: ReshardRun | None) -> dict[str, float | None]:
 
 
 async def run_bench(
-    settings: Settings, log_dir: Path, progress: Progress, amqp_url: str, errors: dict[str, str]
+    settings: Settings,
+    log_dir: Path,
+    progress: Progress,
+    amqp_url: str,
+    errors: dict[str, str],
+    nodes: int = 1,
 ) -> ReshardRun | None:
     try:
-        async with open_reshard_system(settings, log_dir, progress, amqp_url) as system:
+        async with open_reshard_system(settings, log_dir, progress, amqp_url, nodes=nodes) as system:
             return await measure_reshard(system, request_by_signal)
     except (BenchmarkError, OSError, httpx.HTTPError) as exc:
         errors["reshard"] = f"{exc.__class__.__name__}: {exc}"
@@ -597,12 +652,22 @@ async def run_bench(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, "reshard", "4 -> 8 shards at 100 guild events/s (about a minute)")
+    add_common_arguments(
+        parser, "reshard", "4 -> 8 shards at 100 guild events/s (about a minute); --nodes 2: over a cluster"
+    )
     add_amqp_url_argument(parser, "for the workers and the consumer")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="run the supervisor as this many cluster nodes (CLUSTER_MODE=redis on 127.0.0.1:6379, each "
+        "with --workers as its weight; default 1: one host)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     settings = SETTINGS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    nodes: int = max(1, getattr(args, "nodes", 1))
     json_path: Path = args.json
     log_dir: Path = args.logs or json_path.parent / "reshard-logs"
     progress = Progress()
@@ -610,10 +675,10 @@ def run(args: argparse.Namespace) -> int:
     progress.say(
         f"reshard benchmark ({settings.name}): {settings.shards} -> {settings.target} shards, "
         f"{settings.workers} workers, max_concurrency {settings.max_concurrency}, {settings.guild_count} "
-        f"guilds at {settings.guild_event_rate:g} events/s; logs in {log_dir}"
+        f"guilds at {settings.guild_event_rate:g} events/s, {nodes} node(s); logs in {log_dir}"
     )
     errors: dict[str, str] = {}
-    result = trio.run(run_bench, settings, log_dir, progress, args.amqp_url, errors)
+    result = trio.run(run_bench, settings, log_dir, progress, args.amqp_url, errors, nodes)
     targets = targets_for(settings)
     figures = with_missing(figures_of(result), targets)
     judged = verdicts(figures, targets)
@@ -623,6 +688,7 @@ def run(args: argparse.Namespace) -> int:
             **asdict(settings),
             "identify_bound_s": settings.identify_bound_s,
             "guild_period_s": settings.guild_period_s,
+            "nodes": nodes,
         },
         **nest(figures),
         "targets": {key: str(target) for key, target in targets.items()},

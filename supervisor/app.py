@@ -23,8 +23,9 @@ import shutil
 import signal
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import trio
 
@@ -43,18 +44,25 @@ from workers.identify import (
 from workers.metric_labels import MULTIPROC_DIR_ENV
 from workers.settings import KNOWN_VARIABLES, Settings
 
-from .cluster import ClusterNode
+from .cluster import SYNCS_PER_TTL, ClusterNode
+from .cluster_plan import ClusterPlan
 from .dependencies import needed_dependencies, wait_for_dependencies
 from .errors import SupervisorError
 from .metrics import HealthState, mark_worker_dead, prepare_multiprocess_dir, serve_metrics
 from .planning import MS_PER_S, ShardRange, check_session_budget, plan_workers
 from .processes import SessionBook, WorkerSlot
 from .progress import StartProgress
-from .reshard import ReshardState, Trigger, decide, merge_digests, ready_timeout_s
+from .reshard import ReshardDecision, ReshardState, Trigger, decide, merge_digests, ready_timeout_s
 from .restart import HEALTHY_UPTIME_S, RestartPolicy
 from .sdnotify import SystemdNotifier, child_environment
 from .shard_status import ShardBoard, publish_build_info
 from .stdin_commands import route_stdin_commands
+
+if TYPE_CHECKING:
+    from ratelimit.redis_client import RedisClient
+
+    from .cluster import ClusterStore
+    from .cluster_reshard import ReshardStore, ReshardView
 
 LOGGER: Final = logging.getLogger("supervisor")
 STATUS_PERIOD_S: Final = 2.0
@@ -75,6 +83,62 @@ PROGRESS_POLL_S: Final = 0.5
 #: While it waits for RabbitMQ or Redis, the supervisor asks systemd for this much more start time, every
 #: half of it, so a slow broker after a reboot does not fail the unit's start (TimeoutStartSec).
 START_EXTEND_S: Final = 60.0
+#: Cluster mode: a group's worker slot index is `epoch * _GROUP_INDEX_STRIDE + group` (groups are < 32).
+_GROUP_INDEX_STRIDE: Final = 1000
+#: After a cluster cut-over, the retired epoch's keys are deleted this much later (every node has read its
+#: digests by then: they poll every `cluster_reshard.POLL_S`).
+FORGET_EPOCH_AFTER_S: Final = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _ClusterEnv:
+    """What the groups' workers of every epoch are started with, in cluster mode."""
+
+    client: RedisClient
+    node_id: str
+    workers: int
+    info: GatewayBot
+    gate: BudgetedIdentifyGate
+    worker_env: dict[str, str]
+
+
+@dataclass(eq=False)
+class _Generation:
+    """Cluster mode: this node in one epoch (`cluster_reshard`): its `ClusterNode` and the worker slots of
+    the groups it holds; the node's `GroupRunner`."""
+
+    supervisor: Supervisor
+    epoch: int
+    plan: ClusterPlan
+    role: Literal["live", "shadow"]
+    groups: dict[int, WorkerSlot] = field(default_factory=dict)
+    node: ClusterNode | None = None
+    #: Cancel the node's syncs, and a shadow epoch's keeping of the uncovered shards, when this node
+    #: leaves the epoch (`close`).
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    side: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: A shadow epoch: the groups already marked READY in Redis.
+    marked: set[int] = field(default_factory=set)
+    #: A retiring epoch: the groups retired and their digests, and whether Redis has them.
+    report: tuple[list[int], bytes] | None = None
+    reported: bool = False
+
+    async def start_group(self, group: int, shard_ids: tuple[int, ...]) -> None:
+        await self.supervisor.start_group(self, group, shard_ids)
+
+    async def stop_group(self, group: int) -> None:
+        await self.supervisor.stop_group(self, group)
+
+    def group_ready(self, group: int) -> bool:
+        slot = self.groups.get(group)
+        return slot is not None and slot.ready_shards() == len(slot.shard_ids)
+
+    def close(self) -> None:
+        """This node leaves the epoch: it takes and gives no group, its syncs stop."""
+        if self.node is not None:
+            self.node.frozen = True
+        self.scope.cancel()
+        self.side.cancel()
 
 
 class Supervisor:
@@ -108,10 +172,11 @@ class Supervisor:
         self._progress: StartProgress | None = None
         #: Cluster mode: this supervisor as a node of the cluster (None with CLUSTER_MODE=off).
         self._cluster: ClusterNode | None = None
-        #: Cluster mode: the worker slot of each group this node runs.
-        self._groups: dict[int, WorkerSlot] = {}
-        #: Cluster mode: what each group's worker is started with (shard count, /gateway/bot, gate, env).
-        self._cluster_plan: tuple[int, GatewayBot, BudgetedIdentifyGate, dict[str, str]] | None = None
+        #: Cluster mode: what each group's worker is started with (Redis, node, /gateway/bot, gate, env).
+        self._cluster_env: _ClusterEnv | None = None
+        #: Cluster mode: the running epoch (its node and this node's groups), and a reshard's new one.
+        self._gen: _Generation | None = None
+        self._shadow: _Generation | None = None
 
     # -- health ----------------------------------------------------------------------------------------------
 
@@ -134,7 +199,7 @@ class Supervisor:
             "ready_shards": self.ready_shards(),
             "workers": [slot.statistics() for slot in self.slots],
         }
-        if self.settings.reshard == "auto":
+        if self.settings.reshard == "auto" or self._gen is not None:
             detail["reshard"] = {
                 "state": self.reshard_state.name.lower(),
                 "generation": self.generation,
@@ -144,6 +209,9 @@ class Supervisor:
                 "next_workers": [slot.statistics() for slot in self._next],
                 "uncovered": sorted(self._uncovered),
             }
+            if self._gen is not None:
+                detail["reshard"]["epoch"] = self._gen.epoch
+                detail["reshard"]["next_epoch"] = self._shadow.epoch if self._shadow is not None else None
         if node is not None:
             stats = node.statistics()
             detail["cluster"] = {
@@ -430,7 +498,7 @@ class Supervisor:
         nursery.start_soon(self._watch_budget, gate)
         if self.settings.broker_type == "stdio":
             nursery.start_soon(route_stdin_commands, self.slots, lambda: self.shard_count)
-        if self.settings.reshard == "auto":
+        if self.settings.reshard == "auto" and self._cluster is None:  # a cluster's: _cluster_reshard_loop
             nursery.start_soon(self._reshard_loop, nursery)
         nursery.start_soon(self._report_status)
         nursery.start_soon(self._report_progress)  # returns at once without a plan's progress (cluster mode)
@@ -452,19 +520,23 @@ class Supervisor:
     async def _serve_cluster(
         self, gate: BudgetedIdentifyGate, info: GatewayBot, shard_count: int, metrics_dir: Path
     ) -> None:
-        """Join the cluster (its plan, from Redis), then run the groups this node holds until stopped."""
+        """Join the cluster (its running epoch's plan, from Redis), then run the groups this node holds, and
+        follow (and, with RESHARD=auto, maybe lead) the cluster's live reshards, until stopped."""
         from ratelimit.redis_client import open_redis_client
         from ratelimit.resp import RedisError
 
-        from .cluster import ClusterNode, ClusterStore
+        from .cluster import ClusterStore
         from .cluster_plan import plan_cluster
+        from .cluster_reshard import ReshardStore
 
         settings = self.settings
         node_id = settings.cluster_node_id or f"{socket.gethostname()}-{os.getpid()}"
         workers = settings.workers or len(os.sched_getaffinity(0)) or 1
-        async with open_redis_client(settings.redis_url, max_connections=2) as client:
-            store = ClusterStore(client, settings.shard_store_prefix, node_id)
+        async with open_redis_client(settings.redis_url, max_connections=3) as client:
+            reshards = ReshardStore(client, settings.shard_store_prefix, node_id)
             try:
+                epoch, self.generation = await reshards.current()
+                store = ClusterStore(client, settings.shard_store_prefix, node_id, epoch)
                 stored = await store.stored_plan()
                 if (
                     stored is not None
@@ -488,55 +560,406 @@ class Supervisor:
                     "groups": plan.groups,
                     "workers": workers,
                     "lease_ttl_s": settings.cluster_lease_ttl_s,
+                    "epoch": epoch,
                 },
             )
             await self._spend_budget_check(gate, info, tuple(range(plan.shard_count)), plan.shard_count)
             self.shard_count = plan.shard_count
-            self._cluster_plan = (plan.shard_count, info, gate, self._worker_environment(metrics_dir))
-            node = ClusterNode(store, plan, workers=workers, ttl_s=settings.cluster_lease_ttl_s, runner=self)
-            self._cluster = node
+            self._cluster_env = _ClusterEnv(
+                client, node_id, workers, info, gate, self._worker_environment(metrics_dir)
+            )
             self.board.node = node_id
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(node.run)
+                generation = await self._open_generation(epoch, plan, "live", store)
+                self._gen = generation
+                self._cluster = generation.node
+                nursery.start_soon(self._cluster_reshard_loop, reshards)
                 await self._supervise(nursery, gate, info, plan.shard_count)
 
-    async def start_group(self, group: int, shard_ids: tuple[int, ...]) -> None:
-        """`GroupRunner`: run a worker for a group whose lease this node has just taken."""
-        assert self._nursery is not None and self._cluster is not None and self._cluster_plan is not None
-        shard_count, info, gate, worker_env = self._cluster_plan
+    async def _open_generation(
+        self,
+        epoch: int,
+        plan: ClusterPlan,
+        role: Literal["live", "shadow"],
+        store: ClusterStore | None = None,
+    ) -> _Generation:
+        """This node in one epoch of the cluster: its `ClusterNode`, running in the supervisor's nursery."""
+        from .cluster import ClusterNode, ClusterStore
+
+        assert self._nursery is not None and self._cluster_env is not None
+        env = self._cluster_env
+        if store is None:
+            store = ClusterStore(env.client, self.settings.shard_store_prefix, env.node_id, epoch)
+        generation = _Generation(self, epoch, plan, role)
+        ttl_s = self.settings.cluster_lease_ttl_s
+        node = ClusterNode(
+            store,
+            plan,
+            workers=env.workers,
+            ttl_s=ttl_s,
+            runner=generation,
+            # A new epoch has no owners to re-assert: one sync period lets every node register first.
+            observe_s=None if role == "live" else ttl_s / SYNCS_PER_TTL,
+        )
+        node.reports = role == "live"
+        generation.node = node
+
+        async def run_node(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with generation.scope:
+                await node.run(task_status=task_status)
+
+        await self._nursery.start(run_node)
+        return generation
+
+    async def start_group(self, generation: _Generation, group: int, shard_ids: tuple[int, ...]) -> None:
+        """Run a worker for a group whose lease this node has just taken in `generation`'s epoch."""
+        assert self._nursery is not None and self._cluster_env is not None and generation.node is not None
+        env = self._cluster_env
         assignment = ShardAssignment(
             shard_ids,
-            shard_count,
-            gateway_url=info.url,
-            max_concurrency=info.max_concurrency,
-            ratelimit_fallback_share=max(1, len(self._groups) + 1),
+            generation.plan.shard_count,
+            gateway_url=env.info.url,
+            max_concurrency=env.info.max_concurrency,
+            ratelimit_fallback_share=max(1, len(generation.groups) + 1),
             leased=True,
+            role=generation.role,
+            reshard=self.settings.reshard == "auto",
         )
         slot = WorkerSlot(
-            group,
+            _GROUP_INDEX_STRIDE * generation.epoch + group,
             shard_ids,
             config=WorkerConfig(self.settings, assignment),
-            environment=worker_env.copy,
-            gate=gate,
+            environment=env.worker_env.copy,
+            gate=env.gate,
             book=None,
             on_exit=self._on_worker_exit,
-            lease=self._cluster.wait_lease,
+            lease=generation.node.wait_lease,
+            on_sharding_required=self._on_sharding_required,
         )
-        self._groups[group] = slot
-        self.slots.append(slot)
+        generation.groups[group] = slot
+        (self.slots if generation.role == "live" else self._next).append(slot)
         await self._nursery.start(slot.run)
 
-    async def stop_group(self, group: int) -> None:
-        """`GroupRunner`: stop a group's worker gracefully (resumable closes, sessions flushed) and wait for
-        its exit; killed after SHUTDOWN_TIMEOUT."""
-        slot = self._groups.pop(group, None)
+    async def stop_group(self, generation: _Generation, group: int) -> None:
+        """Stop a group's worker gracefully (resumable closes, sessions flushed) and wait for its exit; killed
+        after SHUTDOWN_TIMEOUT."""
+        slot = generation.groups.pop(group, None)
         if slot is None:
             return
         await slot.stop(signal.SIGTERM)
         await self._wait_exit(slot, "cluster.worker_killed", group=group)
-        if slot in self.slots:
-            self.slots.remove(slot)
+        for slots in (self.slots, self._next):
+            if slot in slots:
+                slots.remove(slot)
+
+    # -- live resharding in cluster mode (supervisor/cluster_reshard.py) -------------------------------------
+
+    async def _cluster_reshard_loop(self, reshards: ReshardStore) -> None:
+        """Every POLL_S: pass this node's reshard requests on to the leader, follow the cluster's reshard, and
+        lead it while this node holds the leader lease (RESHARD=auto only)."""
+        from ratelimit.resp import RedisError
+
+        from .cluster_reshard import POLL_S
+
+        settings = self.settings
+        ttl_ms = math.ceil(settings.cluster_lease_ttl_s * 1000)
+        pending: Trigger | None = None
+        leading = False
+        next_check = math.inf
+        failing = False
+        while True:
+            await trio.sleep(POLL_S)
+            while True:
+                try:
+                    pending = self._reshard_requests.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            try:
+                if pending is not None:
+                    assert self._gen is not None
+                    for shard in sorted(self._uncovered):
+                        await reshards.request(pending, (self._gen.epoch, shard))
+                    await reshards.request(pending)
+                    pending = None
+                view = await reshards.poll(ttl_ms, may_lead=settings.reshard == "auto")
+                await self._follow_reshard(view, reshards)
+                if view.leader and not leading:
+                    LOGGER.info("reshard.leading", extra={"node": reshards.node_id})
+                    next_check = trio.current_time() + settings.reshard_check_interval_s
+                leading = view.leader
+                if leading:
+                    next_check = await self._lead_reshard(view, reshards, next_check)
+                failing = False
+            except (RedisError, OSError, trio.TooSlowError) as exc:
+                if not failing:
+                    LOGGER.warning("reshard.redis_failed", extra={"error": str(exc) or type(exc).__name__})
+                failing = True
+
+    async def _follow_reshard(self, view: ReshardView, reshards: ReshardStore) -> None:
+        """This node's part of the cluster's reshard: join the new epoch in the shadow, mark its groups READY,
+        retire the running groups at the switch, go live at the cut-over; drop the shadow if abandoned."""
+        from workers import metric_defs as metrics
+
+        running = self._gen
+        assert running is not None and running.node is not None
+        metrics.RESHARD_GENERATION.set(view.generation)
+        self.generation = view.generation
+        if view.epoch != running.epoch:
+            await self._cluster_go_live(view, reshards)
+            return
+        self._uncovered |= set(view.uncovered)  # and those of this node's not reported yet
+        underway = view.underway
+        shadow = self._shadow
+        if shadow is not None and (underway is None or underway.epoch != shadow.epoch):
+            await self._drop_shadow(shadow)
+            shadow = None
+        if underway is None:
+            self._set_reshard_state(ReshardState.IDLE)
+            return
+        if shadow is None:
+            LOGGER.info(
+                "reshard.joining",
+                extra={
+                    "epoch": underway.epoch,
+                    "shards": underway.plan.shard_count,
+                    "groups": underway.plan.groups,
+                },
+            )
+            self._set_reshard_state(ReshardState.STARTING)
+            metrics.RESHARD_SHARDS.labels(generation="next").set(underway.plan.shard_count)
+            shadow = self._shadow = await self._open_generation(underway.epoch, underway.plan, "shadow")
+            assert self._nursery is not None
+            self._nursery.start_soon(self._keep_shadow_uncovered, shadow)
+        ready = [
+            group
+            for group, slot in shadow.groups.items()
+            if group not in shadow.marked and _generation_slot_ready(slot)
+        ]
+        await reshards.mark_ready(shadow.epoch, ready)
+        shadow.marked.update(ready)
+        metrics.RESHARD_READY.labels(generation="next").set(sum(slot.ready_shards() for slot in self._next))
+        if underway.phase == "switching":
+            self._set_reshard_state(ReshardState.SWITCHING)
+            if running.report is None:
+                running.node.frozen = True  # it takes no group of the retiring epoch from now on
+                groups = sorted(running.groups)
+                LOGGER.info("reshard.retiring", extra={"epoch": running.epoch, "groups": groups})
+                assert self._nursery is not None
+                running.report = (groups, await self._retire(self._nursery, list(running.groups.values())))
+            if not running.reported:
+                groups, digests = running.report
+                await reshards.mark_retired(running.epoch, groups, digests)
+                running.reported = True
+
+    async def _keep_shadow_uncovered(self, shadow: _Generation) -> None:
+        """Tell the shadow epoch's workers which running shards were closed with 4011, while it is shadow."""
+        with shadow.side:
+            await self._keep_uncovered(self._next)
+
+    async def _cluster_go_live(self, view: ReshardView, reshards: ReshardStore) -> None:
+        """The cluster moved to `view.epoch`: this node's new groups go live with every node's digests, its
+        old epoch's node stops (its retired workers exiting, its leases released)."""
+        from workers import metric_defs as metrics
+
+        from .cluster import ClusterStore
+
+        old, new = self._gen, self._shadow
+        assert old is not None and old.node is not None and self._cluster_env is not None
+        _, reports = await reshards.retired(old.epoch)
+        try:
+            digests = merge_digests(reports)
+        except ValueError as exc:
+            LOGGER.error("reshard.bad_retire_report", extra={"error": str(exc)})
+            digests = b""
+        if new is not None and new.epoch == view.epoch:
+            self._shadow = None
+            new.role = "live"
+            assert new.node is not None
+            new.node.reports = True
+            self.slots.extend(self._next)
+            self._next.clear()
+            for slot in new.groups.values():
+                slot.promote()
+                if not await slot.send_control(GoLive(digests)):
+                    LOGGER.warning("reshard.go_live_missed", extra={"worker": slot.index})
+        else:  # this node had no part in the new epoch's shadow (it joined late): it joins it live
+            env = self._cluster_env
+            store = ClusterStore(env.client, self.settings.shard_store_prefix, env.node_id, view.epoch)
+            plan = await store.stored_plan()
+            if plan is None:
+                return  # its nodes have not written it yet: the next poll
+            if new is not None:
+                await self._drop_shadow(new)
+            new = await self._open_generation(view.epoch, plan, "live", store)
+        self._gen = new
+        self._cluster = new.node
+        self.shard_count = self.shard_total = new.plan.shard_count
+        self._uncovered = set()
+        old.close()
+        new.side.cancel()
+        assert self._nursery is not None
+        for group, slot in list(old.groups.items()):
+            if slot in self.slots:
+                self.slots.remove(slot)
+            if not slot.stopping:  # never retired (it missed the switch): stopped, its events may repeat
+                await slot.stop(signal.SIGTERM)
+                self._nursery.start_soon(
+                    functools.partial(self._wait_exit, slot, "cluster.worker_killed", group=group)
+                )
+        await old.node.release_all()
+        metrics.RESHARD_SHARDS.labels(generation="current").set(self.shard_count)
+        metrics.RESHARD_SHARDS.labels(generation="next").set(0)
+        LOGGER.info(
+            "reshard.live",
+            extra={
+                "epoch": new.epoch,
+                "shards": self.shard_count,
+                "generation": view.generation,
+                "groups": sorted(new.groups),
+                "digests": len(digests) // DIGEST_BYTES,
+            },
+        )
+        self._set_reshard_state(ReshardState.IDLE)
+
+    async def _drop_shadow(self, shadow: _Generation) -> None:
+        """An abandoned reshard: the shadow epoch's workers retire (sessions closed, nothing published), its
+        node stops and releases its leases."""
+        assert self._nursery is not None and shadow.node is not None
+        if self._shadow is shadow:
+            self._shadow = None
+        shadow.close()
+        LOGGER.warning(
+            "reshard.shadow_dropped", extra={"epoch": shadow.epoch, "groups": sorted(shadow.groups)}
+        )
+        await self._retire(self._nursery, list(shadow.groups.values()))
+        self._next.clear()
+        await shadow.node.release_all()
+        self._set_reshard_state(ReshardState.IDLE)
+
+    async def _lead_reshard(self, view: ReshardView, reshards: ReshardStore, next_check: float) -> float:
+        """The leader's step (`cluster_reshard.leader_step`); returns when it next asks Discord unasked."""
+        from workers import metric_defs as metrics
+
+        from .cluster_reshard import leader_step
+
+        running = self._gen
+        assert running is not None and running.node is not None and self._cluster_env is not None
+        underway = view.underway
+        if underway is None:
+            trigger = await reshards.take_request()
+            now = trio.current_time()
+            if trigger is None and now < next_check:
+                return next_check
+            await self._begin_cluster_reshard(
+                cast(Trigger, trigger) if trigger in ("signal", "4011", "interval") else "interval", reshards
+            )
+            return now + self.settings.reshard_check_interval_s
+        starting = underway.phase == "starting"
+        ready = await reshards.ready_groups(underway.epoch) if starting else frozenset()
+        retired = frozenset() if starting else (await reshards.retired(running.epoch))[0]
+        info = self._cluster_env.info
+        action = leader_step(
+            underway,
+            view.now_ms,
+            ready=ready,
+            old_groups=running.plan.groups,
+            retired=retired,
+            holders=running.node.holders(),
+            ready_timeout_s=ready_timeout_s(underway.plan.shard_count, info.max_concurrency),
+        )
+        extra = {
+            "epoch": underway.epoch,
+            "shards": running.plan.shard_count,
+            "target": underway.plan.shard_count,
+        }
+        if action == "switch" and await reshards.switch(underway.epoch):
+            ready_s = (view.now_ms - underway.started_ms) / MS_PER_S
+            LOGGER.info("reshard.switching", extra={**extra, "ready_s": round(ready_s, 2)})
+        elif action == "abandon" and await reshards.abandon(underway.epoch):
+            LOGGER.error("reshard.abandoned", extra=extra)
+            metrics.RESHARDS.labels(outcome="abandoned").inc()
+        elif action == "cut_over":
+            generation = await reshards.cut_over(running.epoch, underway.epoch)
+            if generation:
+                metrics.RESHARDS.labels(outcome="done").inc()
+                LOGGER.info(
+                    "reshard.done",
+                    extra={
+                        **extra,
+                        "trigger": underway.trigger,
+                        "previous": running.plan.shard_count,
+                        "shards": underway.plan.shard_count,
+                        "generation": generation,
+                        "duration_s": round((view.now_ms - underway.started_ms) / MS_PER_S, 2),
+                        "ready_s": round((underway.switched_ms - underway.started_ms) / MS_PER_S, 2),
+                        "retired": len(retired),
+                    },
+                )
+                assert self._nursery is not None
+                self._nursery.start_soon(self._forget_epoch, reshards, running.epoch)
+        return next_check
+
+    async def _begin_cluster_reshard(self, trigger: Trigger, reshards: ReshardStore) -> None:
+        """The leader asks Discord for the recommended count and, if it differs, starts a reshard."""
+        from workers import metric_defs as metrics
+
+        from .cluster_plan import plan_cluster
+
+        running = self._gen
+        assert running is not None and self._cluster_env is not None
+        checked = await self._check_recommended(trigger, running.plan.shard_count)
+        if checked is None:
+            return
+        decision, info, extra = checked
+        if decision.action in ("fatal", "refuse"):
+            # In a cluster a 4011 with nothing to move to stops that one shard, not every node.
+            LOGGER.error(f"reshard.{decision.action}", extra={**extra, "reason": decision.reason})
+            metrics.RESHARDS.labels(outcome="refused" if decision.action == "refuse" else "fatal").inc()
+            return
+        await self._cluster_env.gate.set_budget(info.remaining, info.reset_after_ms / MS_PER_S)
+        plan = plan_cluster(decision.target)
+        epoch = await reshards.begin(running.epoch, plan, trigger)
+        if epoch:
+            LOGGER.info(
+                "reshard.starting",
+                extra={**extra, "epoch": epoch, "groups": plan.groups, "reason": decision.reason},
+            )
+
+    async def _check_recommended(
+        self, trigger: Trigger, current: int
+    ) -> tuple[ReshardDecision, GatewayBot, dict[str, Any]] | None:
+        """Ask Discord for the recommended count and decide (`reshard.decide`) against `current`; None, with
+        its log line, when the check failed or there is nothing to do; else the decision, what Discord
+        said, and the log fields."""
+        settings = self.settings
+        try:
+            info = await fetch_gateway_bot(settings.api_url, settings.token)
+        except GatewayBotError as exc:
+            LOGGER.warning("reshard.check_failed", extra={"trigger": trigger, "error": str(exc)})
+            return None
+        decision = decide(
+            current,
+            info.shards,
+            trigger,
+            remaining=info.remaining,
+            total=info.total,
+            reset_after_ms=info.reset_after_ms,
+            reserve=settings.identify_reserve,
+        )
+        extra: dict[str, Any] = {"trigger": trigger, "shards": decision.current, "recommended": info.shards}
+        if decision.action == "none":
+            LOGGER.info("reshard.unchanged", extra={**extra, "reason": decision.reason})
+            return None
+        return decision, info, extra
+
+    async def _forget_epoch(self, reshards: ReshardStore, epoch: int) -> None:
+        """After a cut-over, once every node has read the retired epoch's digests: delete its keys."""
+        from ratelimit.resp import RedisError
+
+        await trio.sleep(FORGET_EPOCH_AFTER_S)
+        with contextlib.suppress(RedisError, OSError):
+            await reshards.forget_epoch(epoch)
 
     # -- live resharding (supervisor/reshard.py) -------------------------------------------------------------
 
@@ -582,24 +1005,10 @@ class Supervisor:
         from workers import metric_defs as metrics
 
         settings = self.settings
-        try:
-            info = await fetch_gateway_bot(settings.api_url, settings.token)
-        except GatewayBotError as exc:
-            LOGGER.warning("reshard.check_failed", extra={"trigger": trigger, "error": str(exc)})
+        checked = await self._check_recommended(trigger, self.shard_count)
+        if checked is None:
             return
-        decision = decide(
-            self.shard_count,
-            info.shards,
-            trigger,
-            remaining=info.remaining,
-            total=info.total,
-            reset_after_ms=info.reset_after_ms,
-            reserve=settings.identify_reserve,
-        )
-        extra = {"trigger": trigger, "shards": decision.current, "recommended": info.shards}
-        if decision.action == "none":
-            LOGGER.info("reshard.unchanged", extra={**extra, "reason": decision.reason})
-            return
+        decision, info, extra = checked
         if decision.action == "fatal":
             LOGGER.error("reshard.fatal", extra={**extra, "reason": decision.reason})
             self.status = ExitStatus.FATAL
@@ -737,10 +1146,6 @@ class Supervisor:
                     told[slot.index] = (slot.pid, shards)
             await trio.sleep(UNCOVERED_POLL_S)
 
-    def group_ready(self, group: int) -> bool:
-        slot = self._groups.get(group)
-        return slot is not None and slot.ready_shards() == len(slot.shard_ids)
-
     @contextlib.asynccontextmanager
     async def _own_ratelimit_segment(self) -> AsyncIterator[None]:
         """With the shm ratelimit backend, the supervisor creates the host's segment before any worker starts
@@ -836,8 +1241,10 @@ class Supervisor:
         saved), so other nodes RESUME them."""
         self._stop.set()
         self.notifier.stopping()
-        if self._cluster is not None:
-            await self._cluster.leave(self.settings.shutdown_timeout_s)
+        nodes = [gen.node for gen in (self._gen, self._shadow) if gen is not None and gen.node is not None]
+        async with trio.open_nursery() as leaving:  # the running epoch's groups, and a reshard's new ones
+            for node in nodes:
+                leaving.start_soon(node.leave, self.settings.shutdown_timeout_s)
         self.slots.extend(self._next)  # a reshard's shadow generation stops with the rest
         self._next = []
         for slot in self.slots:

@@ -35,6 +35,7 @@ Design note.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -58,6 +59,7 @@ __all__ = [
     "GroupRunner",
     "LeaseStore",
     "SyncResult",
+    "epoch_base",
 ]
 
 LOGGER: Final = logging.getLogger("supervisor.cluster")
@@ -142,6 +144,13 @@ return 0
 """
 
 
+def epoch_base(prefix: str, epoch: int) -> str:
+    """The key prefix of one epoch's plan, nodes and leases: the first epoch's are issue 15's keys, a live
+    reshard's new epoch gets keys of its own (supervisor/cluster_reshard.py)."""
+    base = f"{{{prefix}}}:cluster"
+    return base if epoch == 0 else f"{base}:e{epoch}"
+
+
 @dataclass(frozen=True, slots=True)
 class SyncResult:
     """What one sync saw: the plan's text, the live nodes, and each group's holder `(node, fence)`."""
@@ -157,10 +166,12 @@ class SyncResult:
 class ClusterStore:
     """The cluster's keys in Redis and the three scripts that change them (see the module note)."""
 
-    def __init__(self, client: RedisClient, prefix: str, node_id: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str, node_id: str, epoch: int = 0) -> None:
         self._client = client
         self.node_id = node_id
-        base = f"{{{prefix}}}:cluster"
+        #: Live resharding's epoch: each generation's plan, nodes and leases under keys of their own.
+        self.epoch = epoch
+        base = epoch_base(prefix, epoch)
         self.plan_key = f"{base}:plan"
         self.nodes_key = f"{base}:nodes"
         self.weights_key = f"{base}:node:workers"
@@ -295,6 +306,7 @@ class ClusterNode:
         ttl_s: float,
         runner: GroupRunner,
         on_change: Callable[[], None] = lambda: None,
+        observe_s: float | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
@@ -307,6 +319,13 @@ class ClusterNode:
         #: The last holder seen of each group (to tell a hand-over from a failover when a group is taken).
         self._last_holder: dict[int, str] = {}
         self.settled = trio.Event()
+        #: How long the node watches the cluster before it takes a group (default one TTL: owners re-assert
+        #: first); a reshard's new epoch, which nobody held before, needs only one sync period.
+        self.observe_s = ttl_s if observe_s is None else observe_s
+        #: Set when a reshard retires this node's generation: it takes and gives no more groups.
+        self.frozen = False
+        #: Whether this node's figures go to the cluster gauges (a reshard's shadow epoch's do not).
+        self.reports = True
         self._outage_logged = False
         self._nursery: trio.Nursery | None = None
 
@@ -339,6 +358,19 @@ class ClusterNode:
             shards=self.owned_shards(),
             connected=self._state.connected_since is not None,
         )
+
+    def holders(self) -> dict[int, str]:
+        """Each group's lease holder as the last sync saw it."""
+        last = self._state.last
+        return {} if last is None else last.owners()
+
+    async def release_all(self) -> None:
+        """Release every lease this node holds (its workers already stopped): a retired generation's."""
+        for group, held in list(self._state.held.items()):
+            with contextlib.suppress(RedisError, trio.TooSlowError, OSError), trio.fail_after(self.period_s):
+                await self.store.release(group, held.fence)
+            self._state.held.pop(group, None)
+        self._notify()
 
     def lease_valid(self, shard: int, now: float | None = None) -> bool:
         held = self._state.held.get(self.plan.group_of(shard))
@@ -384,8 +416,10 @@ class ClusterNode:
         if result is None or state.connected_since is None:
             return
         now = trio.current_time()
-        if now - state.connected_since < self.ttl_s:
+        if now - state.connected_since < self.observe_s:
             return  # still observing: owners re-assert their leases first
+        if self.frozen:
+            return
         owners = result.owners()
         live = {node.node_id for node in result.nodes}
         ready = {group for group in state.held if self._runner.group_ready(group)}
@@ -451,7 +485,8 @@ class ClusterNode:
                 self._start(self._drop, group)
         state.last = result
         self._last_holder.update({group: node for group, (node, _fence) in result.holders.items()})
-        metrics.CLUSTER_NODES.set(len(result.nodes))
+        if self.reports:
+            metrics.CLUSTER_NODES.set(len(result.nodes))
         self._notify()
         return result
 
@@ -532,7 +567,8 @@ class ClusterNode:
     def _notify(self) -> None:
         from workers import metric_defs as metrics
 
-        metrics.CLUSTER_SHARDS_OWNED.set(len(self.owned_shards()))
+        if self.reports:
+            metrics.CLUSTER_SHARDS_OWNED.set(len(self.owned_shards()))
         self._changed.set()
         self._changed = trio.Event()
         self._on_change()

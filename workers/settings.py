@@ -418,7 +418,8 @@ class Settings:
         "RESHARD",
         choice_parser(ReshardMode),
         "`auto`: follow Discord's recommended shard count live (checked every `RESHARD_CHECK_INTERVAL`, "
-        "on SIGUSR1 and on a close with 4011); `off` with an explicit `--shards` or in cluster mode",
+        "on SIGUSR1 and on a close with 4011; in cluster mode one `auto` node leads each reshard); `off` with "
+        "an explicit `--shards`",
         processes=_SUPERVISOR,
     )
     reshard_check_interval_s: float = setting(
@@ -588,8 +589,8 @@ MIN_RESHARD_CHECK_INTERVAL_S: Final = 10.0
 
 def _check_reshard(loaded: LoadedSettings) -> LoadedSettings:
     """`RESHARD=auto` follows the recommended shard count, so it needs `--shards auto` and a host that plans
-    its own shards: an explicit `--shards` or cluster mode turns the default off, and an explicit `auto`
-    with either is an error naming the key."""
+    its own shards (alone, or as a cluster node): an explicit `--shards` or `--shard-ids` turns the default
+    off, and an explicit `auto` with either is an error naming the key."""
     settings = loaded.settings
     if settings.reshard_check_interval_s < MIN_RESHARD_CHECK_INTERVAL_S:
         raise ConfigError(
@@ -603,8 +604,6 @@ def _check_reshard(loaded: LoadedSettings) -> LoadedSettings:
         conflict = "an explicit --shards (the shard count is yours, not Discord's)"
     elif settings.shard_ids is not None:
         conflict = "an explicit --shard-ids (this host runs a fixed part of the bot)"
-    elif settings.cluster_mode != "off":
-        conflict = "CLUSTER_MODE=redis (live resharding across nodes is not built yet)"
     if conflict is None:
         return loaded
     if loaded.sources["RESHARD"].kind != "default":

@@ -682,7 +682,9 @@ def test_reshard_is_auto_with_auto_shards_and_off_where_the_count_is_not_discord
     assert load_settings(["--shards", "auto"], token).settings.reshard == "auto"
     assert load_settings(["--shards", "8"], token).settings.reshard == "off"
     assert load_settings(["--shards", "8", "--shard-ids", "0-3"], token).settings.reshard == "off"
-    assert load_settings([], {**token, "CLUSTER_MODE": "redis"}).settings.reshard == "off"
+    # A cluster node follows the cluster's reshards; with `auto` it may lead them.
+    assert load_settings([], {**token, "CLUSTER_MODE": "redis"}).settings.reshard == "auto"
+    assert load_settings(["--shards", "8"], {**token, "CLUSTER_MODE": "redis"}).settings.reshard == "off"
     assert load_settings([], {**token, "RESHARD": "off"}).settings.reshard == "off"
 
 
@@ -691,7 +693,7 @@ def test_reshard_is_auto_with_auto_shards_and_off_where_the_count_is_not_discord
     [
         (["--shards", "8"], {"RESHARD": "auto"}, "RESHARD"),
         ([], {"DISCORD_SHARD_COUNT": "8", "RESHARD": "auto"}, "RESHARD"),
-        ([], {"CLUSTER_MODE": "redis", "RESHARD": "auto"}, "RESHARD"),
+        (["--shards", "8"], {"CLUSTER_MODE": "redis", "RESHARD": "auto"}, "RESHARD"),
         ([], {"RESHARD_CHECK_INTERVAL": "9s"}, "RESHARD_CHECK_INTERVAL"),
     ],
 )
