@@ -660,7 +660,7 @@ class Supervisor:
         lead it while this node holds the leader lease (RESHARD=auto only)."""
         from ratelimit.resp import RedisError
 
-        from .cluster_reshard import POLL_S
+        from .cluster_reshard import POLL_S, SWITCH_POLL_S
 
         settings = self.settings
         ttl_ms = math.ceil(settings.cluster_lease_ttl_s * 1000)
@@ -668,8 +668,9 @@ class Supervisor:
         leading = False
         next_check = math.inf
         failing = False
+        period = POLL_S
         while True:
-            await trio.sleep(POLL_S)
+            await trio.sleep(period)
             while True:
                 try:
                     pending = self._reshard_requests.receive_nowait()
@@ -683,6 +684,9 @@ class Supervisor:
                     await reshards.request(pending)
                     pending = None
                 view = await reshards.poll(ttl_ms, may_lead=settings.reshard == "auto")
+                # The switch's steps follow each other at once: no event is published between them.
+                switching = view.underway is not None and view.underway.phase == "switching"
+                period = SWITCH_POLL_S if switching else POLL_S
                 await self._follow_reshard(view, reshards)
                 if view.leader and not leading:
                     LOGGER.info("reshard.leading", extra={"node": reshards.node_id})

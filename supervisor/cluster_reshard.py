@@ -16,7 +16,7 @@ spread over the nodes, and Redis holds every decision, so any node can die at an
   the running generation closed with 4011, writes ``{prefix}:cluster:reshard:request``). It decides as one
   host does (`reshard.decide`: the budget guard, a 4011 with nothing to move to) and writes the reshard
   (``{prefix}:cluster:reshard``: the new epoch, its plan, phase `starting`, the server time).
-- **Every node** polls that state every `POLL_S` and follows it:
+- **Every node** polls that state every `POLL_S` (`SWITCH_POLL_S` during a switch) and follows it:
   `starting`: it joins the new epoch as a second `ClusterNode` whose groups run in the *shadow* role
   (identify through the shared gate, publish nothing) and marks each of its new groups whose shards are all
   READY with their guilds in ``...:e<epoch>:ready``.
@@ -53,6 +53,7 @@ from .cluster_plan import ClusterPlan
 __all__ = [
     "POLL_S",
     "RETIRE_WAIT_S",
+    "SWITCH_POLL_S",
     "Phase",
     "ReshardStore",
     "ReshardView",
@@ -60,8 +61,11 @@ __all__ = [
     "leader_step",
 ]
 
-#: How often every node reads the cluster's reshard state (and the leader renews its lease).
+#: How often every node reads the cluster's reshard state (and the leader renews its lease), and how often
+#: while a switch is underway (from the leader's switch to every node live, nobody publishes the guilds
+#: of the retired groups: each poll's wait is part of the cut-over's gap).
 POLL_S: Final = 0.2
+SWITCH_POLL_S: Final = 0.05
 #: How long the leader waits for the running groups to retire before it cuts over regardless (their
 #: events of the last seconds may then come out twice; none is lost).
 RETIRE_WAIT_S: Final = 20.0
