@@ -418,8 +418,8 @@ class Settings:
         "RESHARD",
         choice_parser(ReshardMode),
         "`auto`: follow Discord's recommended shard count live (checked every `RESHARD_CHECK_INTERVAL`, "
-        "on SIGUSR1 and on a close with 4011; in cluster mode one `auto` node leads each reshard); `off` with "
-        "an explicit `--shards`",
+        "on SIGUSR1 and on a close with 4011; in cluster mode one `auto` node leads each reshard); `off` "
+        "with an explicit `--shards`",
         processes=_SUPERVISOR,
     )
     reshard_check_interval_s: float = setting(
