@@ -1,20 +1,54 @@
 """The per-token global limit (R5): 50 requests per second by default, paced by GCRA. Pure: time is passed in.
 
 Rule (anchors/ratelimit.md 1.2, 1.3, R5, R9): Discord counts the global limit per token at *arrival*, over any
-1 s; interaction routes are exempt (their callers never ask this limiter). A fixed 1 s window, the obvious
-choice of discord.js and twilight, lets 2x the rate through across a window boundary; and counting when a
-request *arrives at the proxy* (nirn) rather than when it is dispatched lets requests that waited in
-different bucket queues leave together above the rate. So this limiter is asked at dispatch, one grant per
-request that leaves, and spaces grants with GCRA (a virtual scheduling "theoretical arrival time").
+1 s; interaction routes are exempt (their callers never ask this limiter). Discord documents only "50
+requests per second" (docs.discord.com, topics/rate-limits, "Global Rate Limit"), not where a second starts,
+so this limiter assumes the strictest reading, which is also the simulator's (benchmarks/simulator/rest.py,
+`SlidingLog`): at most `rate` arrivals in any half-open window `(t - 1 s, t]`, aligned to nothing. A fixed
+1 s window, the obvious choice of discord.js and twilight, lets 2x the rate through across a window
+boundary; and counting when a request *arrives at the proxy* (nirn) rather than when it is dispatched lets
+requests that waited in different bucket queues leave together above the rate. So this limiter is asked at
+dispatch, one grant per request that leaves, and spaces grants with GCRA (a virtual scheduling "theoretical
+arrival time", TAT).
 
-Jitter margin: requests sent `T` apart can arrive closer together when their latencies differ (#5144 saw
-global 429s from exactly that with 1 s windows). If latency varies by at most `jitter_margin_s`, the arrivals
-in any `window_s` at Discord left us within `window_s + jitter_margin_s`. GCRA with burst `B` admits at most
-`floor(L / T) + B` grants in any closed span of length `L`, so the emission interval is
-`T = (window_s + jitter_margin_s) / (rate - B)`, and at most `rate` requests land in any window. The default
-`B = 1` (no burst) and 25 ms margin give 49 / 1.025 s = 47.8 req/s sustained (95.6 % of 50): every extra
-burst slot would cost another 1/1.025 req/s and miss the 95 % target. A tolerance of less than one more
-interval (`SLACK`) keeps that bound and lets a late caller catch up.
+The bound. A grant is allowed once `now >= TAT - tolerance`, and each grant sets `TAT = max(TAT, now) +
+T`. So the TAT before grant `k` after grant 0 is at least `g_0 + k T`, and grant `rate` after grant 0
+comes no earlier than `g_0 + rate * T - tolerance`. Requests granted at `g` arrive at `g + d` where the
+delay `d` (grant to send, the network, the server reading the request) varies by at most
+`jitter_margin_s` (`J`) between requests; so arrivals `rate` grants apart are at least `rate * T -
+tolerance - J` apart, and choosing `rate * T - tolerance = window_s + J` makes that `window_s`: the two
+never fall in one half-open window, and no window holds more than `rate`. With `tolerance = (burst - 1 +
+SLACK) * T` that is `T = (window_s + J) / (rate - burst + 1 - SLACK)`, and the sustained rate `1 / T`.
+
+The margin that remains, and why (defaults: rate 50, burst 1, J = 20 ms, SLACK = 0.5): `T = 1.02 s /
+49.5 = 20.61 ms`, 48.5 requests per second, 97.1 % of 50 (before: 1.025 s / 49 = 20.92 ms, 95.6 %). In
+steady state every grant comes `tolerance` early, so the whole margin `M = rate * T - window_s = J +
+tolerance`, about 30 ms per second, is what stands between the arrivals and a global 429: two requests
+granted `rate` apart may reach Discord up to `M` closer than the pacing spaced them and no closer. The
+utilization ceiling is `1 / (1 + M)`; 98 % needs `M` <= 20 ms.
+
+- `J` (`EngineConfig.jitter_margin_s`) = 20 ms: how much sooner, after its grant, a request may reach
+  Discord than one granted a second earlier. It is everything between the grant and the server's count:
+  the reply of the shared backend (Redis), the caller's send path, its process being scheduled, the
+  network, the server reading the request. Measured in the ratelimit benchmark (8 client processes, a
+  2-core VM with a load average of 3-6): with `M` = 15 ms (J = 5 ms) the simulator counted 1-7 global 429s
+  per variant and run, so grant-to-arrival delays there do differ by more than 15 ms (a process
+  descheduled between its grant and its send, the simulator's process descheduled while requests queue);
+  with `M` = 44 ms (the old values) none in any run. `window_headroom_ms` in the benchmark's details (the
+  shortest span of `rate + 1` consecutive counted arrivals, less 1 s) shows what the margin left in a run.
+  On an idle host the spread is a few milliseconds (successive arrival gaps p10/p90 within about 3 ms of
+  `T`), and a deployment that measures its own spread may lower `jitter_margin_s` (`M` = 10 ms + J): the
+  bound above holds for any `J` that is honest.
+- `SLACK` = half an interval, about 10 ms: timers wake late (0.4 ms at the median here, milliseconds under
+  load), and a waiter that takes its slot late would lose that time for good (without any tolerance,
+  utilization measured 0.88-0.92). The tolerance lets it take its next slot up to 10 ms early, so lateness
+  below that costs nothing. Before, it was 0.9
+  intervals, and the interval was computed for `rate - burst` slots instead of the `rate - burst + 1 -
+  SLACK` the bound allows, which threw away the rest of a slot (about 2 ms of every second).
+
+`burst` > 1 lets that many go at once after an idle spell; it does not raise the sustained rate (every
+extra burst slot lengthens `T` by the same amount). The fallback limits while a shared backend is away use
+the same math at their share of the rate.
 """
 
 from __future__ import annotations
@@ -34,9 +68,10 @@ __all__ = [
 
 DEFAULT_GLOBAL_RATE: Final = 50  # requests per window per token; big bots get more by configuration
 GLOBAL_WINDOW_S: Final = 1.0
-DEFAULT_JITTER_MARGIN_S: Final = 0.025
+#: How much the delay from grant to arrival at Discord may differ between two requests (see the docstring).
+DEFAULT_JITTER_MARGIN_S: Final = 0.020
 #: The fraction of one emission interval a grant may come early (GCRA tolerance beyond the burst); < 1.
-SLACK: Final = 0.9
+SLACK: Final = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +101,12 @@ class GlobalLimiter:
             raise ValueError("window_s must be positive and jitter_margin_s not negative")
         self.rate = rate
         self.burst = burst
-        self.emission_interval_s = (window_s + jitter_margin_s) / (rate - burst)
+        # `rate * T - tolerance = window_s + jitter_margin_s`: see the module docstring for the bound.
+        self.emission_interval_s = (window_s + jitter_margin_s) / (rate - burst + 1 - SLACK)
         # A grant is allowed once now >= TAT - tolerance; each grant pushes TAT one interval on. The
         # tolerance holds `SLACK` of one interval beyond the burst: a caller that wakes up late (timers are
         # late by 0.4 ms at the median here, by milliseconds under load) may then take its slot early next
-        # time instead of losing it for good (without it utilization measured 0.88-0.92). The bound holds:
-        # floor((L + tolerance) / T) + 1 = rate - burst + floor(burst - 1 + SLACK) + 1 = rate for SLACK < 1.
+        # time instead of losing it for good.
         self._tolerance_s = (burst - 1 + SLACK) * self.emission_interval_s
         self._tat = -math.inf
         self._frozen_until = -math.inf

@@ -122,8 +122,8 @@ async def test_global_limit_paces_and_interactions_are_exempt(factory: BackendFa
     async with scenario_driver(factory, engine) as d:
         await d.backend.release(await d.permit(), ok(100, 99, 1.0))
         waiting = await d.wait()
-        # One interval (1 s / (5 - 1)) apart, less the tolerance of SLACK intervals.
-        assert waiting.reason == "global" and close(waiting.seconds, (1 - SLACK) / 4)
+        # One interval (1 s / (5 - SLACK)) apart, less the tolerance of SLACK intervals.
+        assert waiting.reason == "global" and close(waiting.seconds, (1 - SLACK) / (5 - SLACK))
         await d.permit(interaction)  # exempt: no global wait
         d.clock.advance(waiting.seconds)
         await d.permit()

@@ -182,7 +182,7 @@ async def test_one_task_per_process_waits_for_the_global_limit(
         for channel in range(40):
             nursery.start_soon(request, channel)
     assert len(sent) == 40
-    # One interval (1/9 s at rate 10 without burst) apart, the second early by the slack: (39 - 0.9) / 9.
-    assert sent[-1] == pytest.approx((39 - SLACK) / 9, abs=1e-6)
+    # One interval (1 / (10 - SLACK) s at rate 10 without burst) apart, the second early by the slack.
+    assert sent[-1] == pytest.approx((39 - SLACK) / (10 - SLACK), abs=1e-6)
     # Per grant: the fast path's ask, the stale slot's ask, the ask after sleeping (not 40 per slot).
     assert backend.calls <= 3 * 40

@@ -1,4 +1,4 @@
-"""The per-token global limiter (R5, R9): GCRA at 50/s with a jitter margin."""
+"""The per-token global limiter (R5, R9): GCRA at 50/s with a jitter margin and a tolerance."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ratelimit.global_limit import SLACK, GlobalLimiter
+from ratelimit.global_limit import DEFAULT_JITTER_MARGIN_S, SLACK, GlobalLimiter
 
-INTERVAL_S = 1.025 / 49
+#: `rate * T - tolerance = 1 s + J`: 1.02 s over 50 - 1 + 1 - SLACK = 49.5 slots (97.1 % of 50/s).
+INTERVAL_S = 1.02 / 49.5
 #: After a grant at t, the next may come at t + INTERVAL_S - EARLY_S (the tolerance of SLACK intervals).
 EARLY_S = SLACK * INTERVAL_S
 
@@ -21,6 +22,25 @@ def max_in_any_window(times: list[float], window_s: float = 1.0) -> int:
     """The most grants in any closed window [t, t + window_s]."""
     ordered = sorted(times)
     return max((bisect.bisect_right(ordered, t + window_s) - i for i, t in enumerate(ordered)), default=0)
+
+
+def max_in_any_open_window(times: list[float], window_s: float) -> int:
+    """The most grants in any half-open window [t, t + window_s): Discord's (and the simulator's) rule.
+    1 ns less than `window_s` absorbs the float rounding of TAT sums at the exact bound."""
+    ordered = sorted(times)
+    span = window_s - 1e-9
+    return max((bisect.bisect_right(ordered, t + span) - i for i, t in enumerate(ordered)), default=0)
+
+
+def test_the_defaults_sustain_97_percent() -> None:
+    limiter = GlobalLimiter()
+    assert DEFAULT_JITTER_MARGIN_S == 0.020 and SLACK == 0.5
+    assert limiter.emission_interval_s == pytest.approx(0.020606, abs=1e-6)
+    assert 1 / limiter.emission_interval_s / 50 == pytest.approx(0.9706, abs=1e-4)
+    # The bound the interval is chosen for: `rate` intervals less the tolerance span exactly 1 s + J.
+    assert 50 * limiter.emission_interval_s - limiter.tolerance_s == pytest.approx(1.02, abs=1e-12)
+    bursty = GlobalLimiter(50, burst=5)
+    assert 50 * bursty.emission_interval_s - bursty.tolerance_s == pytest.approx(1.02, abs=1e-12)
 
 
 def test_grants_are_spaced_by_the_emission_interval() -> None:
@@ -66,18 +86,37 @@ def test_invalid_configuration() -> None:
     burst=st.integers(min_value=1, max_value=5),
 )
 def test_never_more_than_rate_in_any_window(gaps: list[float], rate: int, burst: int) -> None:
-    """Requests asked at random times, each granted or dropped: at most `rate` grants in any 1 s, and also
-    in any 1 s of arrivals when latency varies by up to the jitter margin."""
+    """Requests asked at random times, each granted or dropped: at most `rate` grants in any half-open
+    1 s + J, so at most `rate` in any 1 s of arrivals when latency varies by up to the jitter margin J."""
     limiter = GlobalLimiter(rate, burst=burst)
     now, granted = 0.0, []
     for gap in gaps:
         now += gap
         if limiter.try_acquire(now) == 0.0:
             granted.append(now)
-    assert max_in_any_window(granted, 1.0 + 0.025) <= rate
+    assert max_in_any_open_window(granted, 1.0 + DEFAULT_JITTER_MARGIN_S) <= rate
 
 
-async def test_offered_twice_the_rate_it_sustains_over_95_percent(
+def test_the_worst_case_lands_exactly_on_the_bound() -> None:
+    """Idle, then asked at every instant it allows: grant 0 at its TAT, every later one at TAT - tolerance.
+    Grant 50 is then exactly 1 s + J after grant 0; delays that differ by J put their arrivals exactly 1 s
+    apart, which Discord's half-open window `(t - 1 s, t]` keeps apart."""
+    limiter = GlobalLimiter()
+    now, granted = 0.0, []
+    while len(granted) < 51:
+        wait = limiter.try_acquire(now)
+        if wait == 0.0:
+            granted.append(now)
+        else:
+            now += wait
+    assert granted[50] - granted[0] == pytest.approx(1.0 + DEFAULT_JITTER_MARGIN_S, abs=1e-9)
+    # Every request delayed by J more than the last one: still never 51 in any 1 s, but 1 us less would be.
+    arrivals = [at + DEFAULT_JITTER_MARGIN_S for at in granted[:50]]
+    assert max_in_any_open_window([*arrivals, granted[50]], 1.0) == 50
+    assert max_in_any_open_window([*arrivals, granted[50] - 1e-6], 1.0) == 51
+
+
+async def test_offered_twice_the_rate_it_sustains_over_97_percent(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """100 req/s offered for 10 s to a dispatcher that waits what the limiter says."""
@@ -92,7 +131,8 @@ async def test_offered_twice_the_rate_it_sustains_over_95_percent(
         if trio.current_time() >= 10.0:
             break
     in_10_s = sum(t < 10.0 for t in dispatched)
-    # 10 s at one interval (1.025 / 49) apart, plus the head start of the tolerance: 47.9 req/s, 95.8 %.
-    assert in_10_s == 479
-    assert max_in_any_window(dispatched) <= 49
-    assert dispatched[1] == 0.01  # its arrival: past the early slot
+    # Grant 0 at 0, grant k at k intervals (1.02 / 49.5) less the tolerance: 486 in 10 s, 97.2 %.
+    assert in_10_s == 486
+    assert max_in_any_window(dispatched) <= 50
+    assert max_in_any_open_window(dispatched, 1.0 + DEFAULT_JITTER_MARGIN_S) <= 50
+    assert dispatched[1] == pytest.approx(INTERVAL_S - EARLY_S, abs=1e-9)  # the early slot, after its arrival

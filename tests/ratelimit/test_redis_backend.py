@@ -504,8 +504,9 @@ async def test_global_limit_pacing_freeze_and_refund(twin_factory: Callable[...,
     ask = Ask("t1", "GET /a", "1")
     first = await twin.grant(ask)
     await twin.release(first, Outcome("response", 200, None))  # a global-only route
-    assert await twin.wait(ask, "global") == pytest.approx((1.0 - SLACK) / 3)  # an interval, less the slack
-    twin.at(START + (1.0 - SLACK) / 3 + 1e-9)  # (float rounding of TAT - tolerance)
+    # An interval (1 s / (4 - SLACK)), less the slack.
+    assert await twin.wait(ask, "global") == pytest.approx((1.0 - SLACK) / (4 - SLACK))
+    twin.at(START + (1.0 - SLACK) / (4 - SLACK) + 1e-9)  # (float rounding of TAT - tolerance)
     second = await twin.grant(ask)
     assert second.bucket is None and second.grant is None and second.global_counted
     await twin.release(second, Outcome("cancel"))  # the slot comes back
@@ -514,7 +515,7 @@ async def test_global_limit_pacing_freeze_and_refund(twin_factory: Callable[...,
     assert await twin.wait(ask, "global") == pytest.approx(4.0)
     exempt = replace(ask, route="POST /interactions", exempt=True)
     await twin.grant(exempt)  # interactions are never asked of the global limit
-    twin.at(START + (1.0 - SLACK) / 3 + 4.0 + 1e-9)
+    twin.at(START + (1.0 - SLACK) / (4 - SLACK) + 4.0 + 1e-9)
     fourth = await twin.grant(ask)
     await twin.release(fourth, limited(1.0, None, remaining=1))  # a sub-limit on a global-only route
     await twin.wait(ask, "sublimit")
