@@ -25,6 +25,7 @@ from benchmarks.ratelimit.workloads import (
     Plan,
     engine_config,
 )
+from benchmarks.simulator.rest import GLOBAL_WINDOW_S
 from benchmarks.simulator.rest_ledger import CATEGORIES
 
 MESSAGE_ROUTE: Final = "POST /channels/{channel_id}/messages"
@@ -172,6 +173,25 @@ def global_gaps(records: Sequence[Record], start: float, end: float) -> list[flo
     return [later - earlier for earlier, later in itertools.pairwise(arrivals)]
 
 
+def window_headroom(records: Sequence[Record], rate: int, window_s: float) -> float | None:
+    """How close the busiest window came to a global 429: the shortest span between an arrival the
+    simulator counted toward the global limit and the one `rate` counted arrivals later, less `window_s`.
+    The simulator admits at most `rate` in any `(t - window_s, t]`, so this is never negative for what it
+    admitted; it is the time by which the tightest `rate + 1` arrivals could have been closer without a
+    global 429 (for our engine: its margin, `jitter_margin_s` plus the tolerance, less the compression
+    that grant-to-arrival delays actually caused). None with too few arrivals to tell."""
+    arrivals = sorted(
+        float(record["arrival"])
+        for record in records
+        if record.get("template") != INTERACTION_ROUTE
+        and record.get("category") not in ("global", "ban")
+        and int(record["status"]) not in (401, 404)
+    )
+    if len(arrivals) <= rate:
+        return None
+    return min(later - earlier for earlier, later in zip(arrivals, arrivals[rate:], strict=False)) - window_s
+
+
 def percentile(values: Sequence[float], fraction: float) -> float | None:
     """Nearest-rank percentile (`fraction` in (0, 1]); None for no values."""
     if not values:
@@ -260,6 +280,7 @@ def analyse_http(
             end = first + plan.zipf.duration_s - settings.global_cooldown_s
             out["global_utilization"] = global_utilization(zipf, settings.global_rate, start, end)
             gaps = global_gaps(zipf, start, end)
+            headroom = window_headroom(zipf, settings.global_rate, GLOBAL_WINDOW_S)
             pacing: dict[str, float] = {}
             if plan.engine is not None:
                 interval = engine_config(plan.engine).global_limiter().emission_interval_s
@@ -274,6 +295,7 @@ def analyse_http(
                 "gap_p50_ms": scaled(percentile(gaps, 0.5), 1000),
                 "gap_p90_ms": scaled(percentile(gaps, 0.9), 1000),
                 "gap_p99_ms": scaled(percentile(gaps, 0.99), 1000),
+                "window_headroom_ms": scaled(headroom, 1000),
             }
         else:
             out["global_utilization"] = None

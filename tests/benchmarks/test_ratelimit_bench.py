@@ -178,6 +178,20 @@ def test_global_utilization_counts_successes_but_not_interactions() -> None:
     assert figures.global_gaps(records, 0.5, 1.5) == pytest.approx([0.02] * 49)
 
 
+def test_window_headroom_is_the_tightest_span_of_rate_plus_one_counted_arrivals() -> None:
+    # 50/s exactly, 0.02 s apart: 51 arrivals span 1.0 s, no headroom; one of them 3 ms late leaves 3 ms less.
+    at = [k / 50 for k in range(120)]
+    records = [record(t, figures.MESSAGE_ROUTE, zipf_channel(1)) for t in at]
+    records += [record(0.5, figures.MESSAGE_ROUTE, zipf_channel(2), 429, "global")]  # not counted
+    records += [record(0.5, figures.INTERACTION_ROUTE, 1_240_000_000_000_000_001)]  # exempt
+    records += [record(0.5, figures.MESSAGE_ROUTE, zipf_channel(3), 429, "avoidable")]  # counted
+    assert figures.window_headroom(records[:120], 50, 1.0) == pytest.approx(0.0, abs=1e-9)
+    assert figures.window_headroom(records, 50, 1.0) == pytest.approx(-0.02, abs=1e-9)
+    spaced = [record(t * 1.01, figures.MESSAGE_ROUTE, zipf_channel(1)) for t in at]
+    assert figures.window_headroom(spaced, 50, 1.0) == pytest.approx(0.01, abs=1e-9)
+    assert figures.window_headroom(spaced[:50], 50, 1.0) is None
+
+
 def test_ledger_counts_and_rates() -> None:
     records = [
         record(0.0, figures.MESSAGE_ROUTE, HOT_CHANNEL),
