@@ -70,8 +70,8 @@ wait and backend counters. Every figure the options chose (`--backends`, `--peer
 chosen have no verdict. Targets (issue 5; informational: the exit status is 0 unless every figure failed;
 with `--strict`, 3 when a verdict is FAIL or ERROR): 0 avoidable and 0 first-contact 429s, global and
 hot-bucket utilization >= 0.98 (issue 17), interaction wait p99 <= 1 ms (anchors 5.5), shm acquire p50
-<= 50 us, Redis acquire p50 <= 1 ms, >= 20,000 grants/s on shm and >= 5,000/s on Redis. Other work on the machine
-moves every timing figure: the load average is in `machine`.
+<= 50 us, Redis acquire p50 <= 1 ms, >= 20,000 grants/s on shm and >= 5,000/s on Redis. Other work on
+the machine moves every timing figure: the load average is in `machine`.
 """
 
 from benchmarks.ratelimit.settings import SETTINGS, TARGETS
