@@ -3,12 +3,13 @@
 Standalone asyncio script, run as a subprocess by `benchmarks/gateway.py` (never imported by it):
 
     python benchmarks/peers/discordpy_bench.py --rest-url URL --token TOKEN [--compression zlib-stream]
-        [--duration SECONDS]
+        [--raw] [--duration SECONDS]
 
 It points `discord.http.Route.BASE` at the simulator and lets discord.py ask `GET /gateway/bot` for the url
 and shard count (the simulator's `--shard-count` sets how many shards it runs). It runs until SIGTERM or
 SIGINT (or `--duration`), then closes the client and prints one JSON object on stdout:
-`{"shard_count", "compression", "ready_shards", "messages_received", "elapsed_s", "errors"}`. The
+`{"shard_count", "compression", "raw", "parsers_dropped", "ready_shards", "messages_received", "elapsed_s",
+"errors"}`. The
 benchmark takes its figures from the simulator's ledger and this process's /proc entries; the count here is
 a cross-check.
 
@@ -16,7 +17,18 @@ Changed from discord.py's defaults, neither touching the hot path: `before_ident
 between shards (the simulator runs with max_concurrency = shard count, so every shard may identify at once),
 and `log_receive`, which discord.py calls with each decompressed gateway message (a no-op unless debug
 events are on), counts messages instead. Everything else is stock: discord.py parses each dispatch into its
-models and caches, as a bot on it would.
+models and caches, as a bot on it would; that figure is what a bot on discord.py pays per event.
+
+`--raw` is discord.py on the work our worker does (equal work): every dispatch parser except READY, RESUMED
+and GUILD_CREATE (`KEPT_PARSERS`, which a shard needs to come up and resume) is replaced by a no-op in the
+client's parser table (`ConnectionState.parsers`, the dict each shard's websocket looks its dispatches up
+in), so each message is still read off the socket, decompressed, decoded from JSON and routed by `t`, then
+dropped. The report then says how many parsers were switched off (`parsers_dropped`).
+
+Transport compression: discord.py 2.x reads zstd-stream natively (`discord.utils._ZstdDecompressionContext`,
+a `zstandard` decompressobj, chosen whenever `zstandard` imports), so `--compression zstd-stream` needs no
+shim; `zlib-stream` hides zstandard from it (discordpy_setup.py). The report's `compression` is what
+discord.py actually negotiated.
 """
 
 from __future__ import annotations
@@ -26,9 +38,16 @@ import asyncio
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 from benchmarks.peers.discordpy_setup import run_discordpy_script
+
+#: The dispatch parsers `--raw` keeps: a shard needs them to become ready and to resume.
+KEPT_PARSERS: Final = frozenset({"READY", "RESUMED", "GUILD_CREATE"})
+
+
+def drop_dispatch(data: Any, /) -> None:
+    """The parser `--raw` puts in place of every other: the dispatch is dropped."""
 
 
 def main() -> int:
@@ -36,6 +55,9 @@ def main() -> int:
     parser.add_argument("--rest-url", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--compression", choices=("zstd-stream", "zlib-stream"), default="zlib-stream")
+    parser.add_argument(
+        "--raw", action="store_true", help="equal work: no-op every dispatch parser but KEPT_PARSERS"
+    )
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: never)")
     return run_discordpy_script(parser.parse_args(), run)
 
@@ -69,6 +91,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             errors.append(f"{event_method}: {sys.exc_info()[1]!r}")
 
     client = Client(intents=discord.Intents.default(), shard_count=None)
+    parsers_dropped = 0
+    if args.raw:
+        parsers = client._connection.parsers  # the same dict every shard's websocket dispatches through
+        for event in parsers:
+            if event not in KEPT_PARSERS:
+                parsers[event] = drop_dispatch
+                parsers_dropped += 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -91,6 +120,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "shard_count": client.shard_count,
         "compression": discord.utils._ActiveDecompressionContext.COMPRESSION_TYPE,
+        "raw": args.raw,
+        "parsers_dropped": parsers_dropped,
         "ready_shards": len(ready_shards),
         "messages_received": received,
         "elapsed_s": round(time.monotonic() - started, 3),
