@@ -160,9 +160,25 @@ def test_a_suite_that_fails_is_reported_and_fails_the_run(tmp_path: Path) -> Non
 CANNED_GATEWAY: dict[str, Any] = {
     "events_per_cpu_s": {"zlib": {"null": 44000, "amqp": 15000}, "zstd": {"null": 60000}},
     "rss_kib_per_idle_shard": {"zlib": 48.0, "zstd": 75.0},
-    "peer": {"discordpy": {"events_per_cpu_s": {"zlib": 9000}, "rss_kib_per_idle_shard": {"zlib": 60.0}}},
-    "targets": {"events_per_cpu_s.zlib.null": ">= 25000"},
-    "verdicts": {"events_per_cpu_s.zlib.null": "PASS"},
+    "peer": {
+        "discordpy": {"events_per_cpu_s": {"zlib": 9000}, "rss_kib_per_idle_shard": {"zlib": 60.0}},
+        "discordpy_raw": {"events_per_cpu_s": {"zlib": 88000}},
+    },
+    "ceiling": {"events_per_cpu_s": {"zlib": 220000}},
+    "ours_over_discordpy_raw": {"events_per_cpu_s": {"zlib": 0.5, "zstd": None}},
+    "ours_fraction_of_ceiling": {"events_per_cpu_s": {"zlib": 0.2}},
+    "targets": {
+        "events_per_cpu_s.zlib.null": ">= 25000",
+        "ours_over_discordpy_raw.events_per_cpu_s.zlib": ">= 1.25",
+        "ours_over_discordpy_raw.events_per_cpu_s.zstd": ">= 1.25",
+        "ours_fraction_of_ceiling.events_per_cpu_s.zlib": ">= 0.7",
+    },
+    "verdicts": {
+        "events_per_cpu_s.zlib.null": "PASS",
+        "ours_over_discordpy_raw.events_per_cpu_s.zlib": "FAIL",
+        "ours_over_discordpy_raw.events_per_cpu_s.zstd": "ERROR",
+        "ours_fraction_of_ceiling.events_per_cpu_s.zlib": "FAIL",
+    },
     "errors": {},
     "runs": {
         "idle": [
@@ -235,9 +251,17 @@ def test_report_and_plots_of_the_peer_suites_from_canned_results(tmp_path: Path)
     for name in names:
         assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
     text = report.render(results, drawn)
-    assert (
-        "| events per CPU-second, zlib-stream, null sink | 44,000 | 9,000 | 4.89 | >= 25000: PASS |" in text
+    rows = (
+        "| events per CPU-second, zlib-stream, null sink (discord.py with models: what a bot pays) | 44,000 "
+        "| 9,000 | 4.89 | >= 25000: PASS |",
+        "| events per CPU-second, zlib-stream, null sink (discord.py on equal work) | 44,000 | 88,000 | 0.50 "
+        "| >= 1.25: FAIL |",
+        "| events per CPU-second, zstd-stream, null sink (discord.py on equal work) | 60,000 | - | - "
+        "| >= 1.25: ERROR |",
+        "220,000 events per CPU-second; ours is 0.2 of it (>= 0.7: FAIL).",
     )
+    for row in rows:
+        assert row in text
     assert "| figure | ours (shm) | ours (Redis) | discord.py | hikari | target |" in text
     assert "| avoidable_429_per_10k | 0 | 0 | 1,068 | 330 | <= 0 |" in text
     assert "| discord.py | hot | 100 | 90 | 445 | 0 | - | - |" in text

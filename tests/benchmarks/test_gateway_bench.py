@@ -31,6 +31,12 @@ FIGURES = (
     ("rss_kib_per_idle_shard", "zstd"),
     ("peer", "discordpy", "events_per_cpu_s", "zlib"),
     ("peer", "discordpy", "rss_kib_per_idle_shard", "zlib"),
+    ("peer", "discordpy_raw", "events_per_cpu_s", "zlib"),
+    ("peer", "discordpy_raw", "events_per_cpu_s", "zstd"),
+    ("ceiling", "events_per_cpu_s", "zlib"),
+    ("ours_over_discordpy_raw", "events_per_cpu_s", "zlib"),
+    ("ours_over_discordpy_raw", "events_per_cpu_s", "zstd"),
+    ("ours_fraction_of_ceiling", "events_per_cpu_s", "zlib"),
 )
 
 
@@ -68,6 +74,12 @@ async def test_smoke_run_writes_every_figure(tmp_path: Path) -> None:
             assert run["counters"]["connections"] == run["shards"], "the client reconnected"
     peer_run = results["runs"]["throughput"]["peer.discordpy.events_per_cpu_s.zlib"]["runs"][0]
     assert peer_run["peer_report"]["messages_received"] > 0
+    assert not peer_run["peer_report"]["raw"]
+    for compression in ("zlib", "zstd"):
+        raw = results["runs"]["throughput"][f"peer.discordpy_raw.events_per_cpu_s.{compression}"]["runs"][0]
+        assert raw["peer_report"]["compression"] == f"{compression}-stream"
+        assert raw["peer_report"]["raw"] and raw["peer_report"]["parsers_dropped"] > 0
+    assert len(results["runs"]["ceiling"]) == gateway.SETTINGS["smoke"].repeats
     assert {run["shards"] for run in results["runs"]["idle"]} == set(gateway.SETTINGS["smoke"].idle_shards)
     machine = results["machine"]
     assert machine["python"] and machine["cpu_count"] and machine["date"]
@@ -80,7 +92,7 @@ def test_nest_turns_dotted_keys_into_objects() -> None:
 
 
 def test_verdicts_compare_against_targets_and_skip_what_was_not_measured() -> None:
-    figures = gateway.with_ratio(
+    figures = gateway.with_ratios(
         {
             "events_per_cpu_s.zlib.null": 30_000.0,
             "events_per_cpu_s.zlib.amqp": 9_000.0,

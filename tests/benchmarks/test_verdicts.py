@@ -141,7 +141,7 @@ def test_gateway_attempts_the_ratio_only_with_both_sides() -> None:
     assert gateway.RATIO_KEY not in only_ours and "rss_kib_per_idle_shard.zlib" not in only_ours
     # The peer was chosen but its run failed: the ratio is attempted and unmeasured, so ERROR.
     only = ("events_per_cpu_s.zlib.null", "peer.discordpy.events_per_cpu_s")
-    figures = gateway.with_ratio(
+    figures = gateway.with_ratios(
         {"events_per_cpu_s.zlib.null": 30_000.0, "peer.discordpy.events_per_cpu_s.zlib": None}
     )
     judged = verdicts(with_missing(figures, gateway.attempted_keys(only)), gateway.TARGETS)
@@ -151,6 +151,40 @@ def test_gateway_attempts_the_ratio_only_with_both_sides() -> None:
         with_missing({}, gateway.attempted_keys(("events_per_cpu_s.zlib.amqp",))), gateway.TARGETS
     )
     assert judged == {"events_per_cpu_s.zlib.amqp": "ERROR"}
+
+
+def test_gateway_judges_equal_work_and_the_ceiling_and_errors_what_is_missing() -> None:
+    raw_zlib, raw_zstd = gateway.RAW_RATIO_KEYS["zlib"], gateway.RAW_RATIO_KEYS["zstd"]
+    new_targets = {raw_zlib: ">= 1.25", raw_zstd: ">= 1.25", gateway.CEILING_FRACTION_KEY: ">= 0.7"}
+    assert {key: str(gateway.TARGETS[key]) for key in new_targets} == new_targets
+    assert set(new_targets) <= set(gateway.target_keys("quick"))
+    measured = {
+        "events_per_cpu_s.zlib.null": 50_000.0,
+        "events_per_cpu_s.zstd.null": 45_000.0,
+        "peer.discordpy_raw.events_per_cpu_s.zlib": 40_000.0,
+        "peer.discordpy_raw.events_per_cpu_s.zstd": 50_000.0,
+        gateway.CEILING_KEY: 100_000.0,
+    }
+    figures = gateway.with_ratios(measured)
+    assert (figures[raw_zlib], figures[raw_zstd], figures[gateway.CEILING_FRACTION_KEY]) == (1.25, 0.9, 0.5)
+    judged = verdicts(figures, gateway.TARGETS)
+    assert (judged[raw_zlib], judged[raw_zstd], judged[gateway.CEILING_FRACTION_KEY]) == (
+        "PASS",
+        "FAIL",
+        "FAIL",
+    )
+    # The zstd peer run and the ceiling failed (no key came back): their figures and ratios are ERROR.
+    failed = dict(measured)
+    del failed["peer.discordpy_raw.events_per_cpu_s.zstd"], failed[gateway.CEILING_KEY]
+    judged = verdicts(with_missing(gateway.with_ratios(failed), gateway.attempted_keys(())), gateway.TARGETS)
+    assert judged[raw_zlib] == "PASS"
+    assert judged[raw_zstd] == judged[gateway.CEILING_FRACTION_KEY] == "ERROR"
+    # A subset without our side attempts no ratio.
+    assert gateway.attempted_keys(("peer.discordpy_raw", "ceiling")) == [
+        "peer.discordpy_raw.events_per_cpu_s.zlib",
+        "peer.discordpy_raw.events_per_cpu_s.zstd",
+        gateway.CEILING_KEY,
+    ]
 
 
 def test_proxy_judges_every_chosen_path_and_only_those() -> None:
