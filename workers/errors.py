@@ -1,7 +1,8 @@
 """The worker's exception hierarchy.
 
 `WorkerError` is the root, so a shell can catch everything a worker raises on purpose in one place; library
-errors (orjson, trio-websocket, aio-pika) are translated into these at the boundary and chained with `from`.
+errors (orjson, the WebSocket codec, aio-pika) are translated into these at the boundary and chained with
+`from`.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ def configure_logging(level: str = "info", log_format: LogFormat = "auto") -> No
     # (a dozen ERROR lines with tracebacks per drop, from reconnect internals) say nothing the publish pump's
     # two lines (`publish.broker_unavailable`, `publish.broker_recovered`) do not: only critical ones pass.
     if root.level > logging.DEBUG:
-        for name in ("trio-websocket", "httpx", "httpcore"):
+        for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
         for name in ("aio_pika", "aiormq"):
             logging.getLogger(name).setLevel(logging.CRITICAL)

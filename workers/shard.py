@@ -11,15 +11,16 @@ dispatch reaches the core, so the core's seq (what RESUME sends) never covers an
 it reconnects and RESUMEs once the pump has drained below half, and Discord replays what was missed. Memory
 stays bounded, heartbeat ACKs never wait behind the broker, and no event is lost.
 
-trio-websocket details (anchors/gateway.md section 4): messages up to 64 MiB (a large GUILD_CREATE), a 64 KiB
-receive buffer, connect bounded by `CONNECT_TIMEOUT_S`, and a zombie is dropped by closing the TCP stream
-without a closing handshake. trio-websocket 0.12's client also leaves its socket open after a completed
-closing handshake, so every connection's stream is closed explicitly when its nursery ends.
+The WebSocket (workers/websocket.py, anchors/gateway.md section 4): messages up to 64 MiB (a large
+GUILD_CREATE), 64 KiB socket reads, connect bounded by `CONNECT_TIMEOUT_S`, and a zombie is dropped by
+closing the TCP stream without a closing handshake. The reader is this task: each `receive()` is one socket
+read and returns every message it completed, which are decompressed and handed to the core in one go (one
+scheduler round per read, not per message). Every connection's stream is closed explicitly when its nursery
+ends.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import math
@@ -30,7 +31,6 @@ from typing import Any, Final
 
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, connect_websocket_url
 
 from . import logs
 from .commands import GatewayCommand
@@ -61,6 +61,7 @@ from .publish.base import OutboundEvent
 from .publish.pump import CommittedSeq, PublishPump
 from .reshard import GuildArrivals, Offer, ShardOutlet
 from .sessions import SessionStore, StoredSession
+from .websocket import ConnectionClosed, HandshakeError, WebSocket, connect
 
 LOGGER: Final = logging.getLogger("workers.shard")
 CONNECT_TIMEOUT_S: Final = 10.0
@@ -69,8 +70,10 @@ CLOSE_HANDSHAKE_TIMEOUT_S: Final = 1.0
 NORMAL_CLOSE_CODE: Final = 1000
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 RECEIVE_BUFFER_BYTES: Final = 65_536
-#: Messages handled per scheduler round when trio-websocket has buffered several.
-DRAIN_MAX_MESSAGES: Final = 64
+#: Within one socket read's messages, the reader yields after this many when the pump is over half full, so
+#: the pump's tasks can drain it between them (a replay after RESUME arrives as full reads of hundreds of
+#: events, more than a small pump holds).
+YIELD_EVERY_MESSAGES: Final = 64
 #: Commands queued per shard while it is not READY; more are rejected.
 COMMAND_QUEUE: Final = 1024
 
@@ -121,7 +124,7 @@ class ShardRunner:
             COMMAND_QUEUE
         )
         self._held_command: tuple[GatewayCommand, CommandAck] | None = None
-        self._ws: WebSocketConnection | None = None
+        self._ws: WebSocket | None = None
         self._stopping = False
         #: Set once the current connection is READY or RESUMED; replaced per connection.
         self._ready = trio.Event()
@@ -266,19 +269,15 @@ class ShardRunner:
         """
         url = protocol.connect_url().rstrip("/") + "/?" + gateway_query(self.config.settings.compression)
         self._step = None
-        ws: WebSocketConnection | None = None
+        ws: WebSocket | None = None
         LOGGER.debug("shard.connecting", extra={"url": url})
         try:
             async with trio.open_nursery() as nursery:
                 self._connection_scope = nursery.cancel_scope
                 try:
                     with trio.fail_after(CONNECT_TIMEOUT_S):
-                        ws = await connect_websocket_url(
-                            nursery,
-                            url,
-                            max_message_size=MAX_MESSAGE_BYTES,
-                            receive_buffer_size=RECEIVE_BUFFER_BYTES,
-                            message_queue_size=64,
+                        ws = await connect(
+                            url, max_message_bytes=MAX_MESSAGE_BYTES, receive_bytes=RECEIVE_BUFFER_BYTES
                         )
                 except (HandshakeError, OSError, trio.TooSlowError) as exc:
                     LOGGER.warning("shard.connect_failed", extra={"url": url, "error": repr(exc)})
@@ -300,7 +299,7 @@ class ShardRunner:
         assert self._step is not None
         return self._step
 
-    async def _end_connection(self, ws: WebSocketConnection, step: Reconnect | Fatal) -> None:
+    async def _end_connection(self, ws: WebSocket, step: Reconnect | Fatal) -> None:
         """Carry out the core's Reconnect or Fatal: close the socket and end the connection's nursery."""
         if self._step is not None:
             return  # another task already ended this connection
@@ -311,52 +310,55 @@ class ShardRunner:
             await _close(ws, RESUMABLE_CLOSE_CODE if isinstance(step, Fatal) else step.close_code)
         self._connection_scope.cancel()
 
-    async def _read(
-        self, protocol: ShardProtocol, ws: WebSocketConnection, nursery: trio.Nursery
-    ) -> Reconnect | Fatal:
+    async def _read(self, protocol: ShardProtocol, ws: WebSocket, nursery: trio.Nursery) -> Reconnect | Fatal:
         decompressor = Decompressor(self.config.settings.compression)
-        pending: collections.deque[bytes | str] = collections.deque()
         while True:
-            if not pending:
-                try:
-                    pending.append(await ws.get_message())
-                except ConnectionClosed as closed:
-                    if self._step is not None:
-                        return self._step  # the close was ours, for a step the core already chose
-                    code = closed.reason.code if closed.reason is not None else None
-                    code = None if code in (None, 1005, 1006) else code
-                    return self._first_step(protocol.on_connection_lost(code, trio.current_time()))
-                _drain_buffered(ws, pending)
-            message = pending.popleft()
             try:
-                raw = decompressor.feed(message)
-                if raw is None:
-                    continue
-                payload = decode_payload(raw)
-                if (
-                    payload.op == 0
-                    and self._pump.free_slots <= 0
-                    and self.outlet.needs_pump
-                    and self._wants(payload.t)
-                ):
-                    # The broker is behind: stop reading before the core counts this dispatch (module note).
-                    self._counters.backpressure_drops += 1
-                    LOGGER.warning("shard.backpressure", extra={"queued": self._pump.statistics().queued})
+                messages = await ws.receive()
+            except ConnectionClosed as closed:
+                if self._step is not None:
+                    return self._step  # the close was ours, for a step the core already chose
+                code = None if closed.code in (1005, 1006) else closed.code
+                return self._first_step(protocol.on_connection_lost(code, trio.current_time()))
+            unyielded = 0
+            for message in messages:
+                unyielded += 1
+                if unyielded >= YIELD_EVERY_MESSAGES:
+                    unyielded = 0
+                    if self._pump.free_slots < self._pump.capacity // 2:
+                        await trio.lowlevel.checkpoint()
+                        if self._step is not None:
+                            return self._step
+                try:
+                    raw = decompressor.feed(message)
+                    if raw is None:
+                        continue
+                    payload = decode_payload(raw)
+                    if (
+                        payload.op == 0
+                        and self._pump.free_slots <= 0
+                        and self.outlet.needs_pump
+                        and self._wants(payload.t)
+                    ):
+                        # The broker is behind: stop reading before the core counts this dispatch (module
+                        # note).
+                        self._counters.backpressure_drops += 1
+                        LOGGER.warning("shard.backpressure", extra={"queued": self._pump.statistics().queued})
+                        await _close(ws, RESUMABLE_CLOSE_CODE)
+                        return self._first_step(protocol.on_connection_lost(None, trio.current_time()))
+                    events = protocol.receive(payload, trio.current_time())
+                except (TransportError, ProtocolError) as exc:
+                    # Corrupt input: the stream is unusable; drop it and RESUME on a fresh decompressor.
+                    self._counters.transport_errors += 1
+                    LOGGER.warning("shard.bad_payload", extra={"error": str(exc)})
                     await _close(ws, RESUMABLE_CLOSE_CODE)
                     return self._first_step(protocol.on_connection_lost(None, trio.current_time()))
-                events = protocol.receive(payload, trio.current_time())
-            except (TransportError, ProtocolError) as exc:
-                # Corrupt input: the stream is unusable; drop it and RESUME on a fresh decompressor.
-                self._counters.transport_errors += 1
-                LOGGER.warning("shard.bad_payload", extra={"error": str(exc)})
-                await _close(ws, RESUMABLE_CLOSE_CODE)
-                return self._first_step(protocol.on_connection_lost(None, trio.current_time()))
-            self._raw = raw
-            await self._perform(events, protocol, ws, nursery, payload)
+                self._raw = raw
+                await self._perform(events, protocol, ws, nursery, payload)
+                if self._step is not None:
+                    return self._step  # a step ended this connection: the rest of the batch is dropped
 
-    async def _run_timers(
-        self, protocol: ShardProtocol, ws: WebSocketConnection, nursery: trio.Nursery
-    ) -> None:
+    async def _run_timers(self, protocol: ShardProtocol, ws: WebSocket, nursery: trio.Nursery) -> None:
         """Fire the core's timers.
 
         An input to the core may move its next deadline earlier (HELLO schedules the first heartbeat before
@@ -371,13 +373,11 @@ class ShardRunner:
                 continue
             await self._perform(protocol.poll(trio.current_time()), protocol, ws, nursery, None)
 
-    async def _identify(
-        self, protocol: ShardProtocol, ws: WebSocketConnection, nursery: trio.Nursery
-    ) -> None:
+    async def _identify(self, protocol: ShardProtocol, ws: WebSocket, nursery: trio.Nursery) -> None:
         await self._gate.wait_for_permit(self.shard_id)
         await self._perform(protocol.on_identify_permitted(trio.current_time()), protocol, ws, nursery, None)
 
-    async def _send_commands(self, protocol: ShardProtocol, ws: WebSocketConnection) -> None:
+    async def _send_commands(self, protocol: ShardProtocol, ws: WebSocket) -> None:
         while True:
             if self._held_command is None:
                 self._held_command = await self._commands.receive()
@@ -402,7 +402,7 @@ class ShardRunner:
         self,
         events: list[Event],
         protocol: ShardProtocol,
-        ws: WebSocketConnection,
+        ws: WebSocket,
         nursery: trio.Nursery,
         payload: GatewayPayload | None,
     ) -> None:
@@ -529,31 +529,13 @@ def _data_bytes(raw: bytes, payload: GatewayPayload) -> bytes | None:
     return None
 
 
-def _drain_buffered(ws: WebSocketConnection, into: collections.deque[bytes | str]) -> None:
-    """Take the messages trio-websocket has already buffered, without a checkpoint per message.
-
-    When the shard is CPU-bound its reader falls behind and trio-websocket's queue fills; `get_message()`
-    then still yields to the scheduler once per message. Taking what is buffered in one go cut the worker's
-    CPU per event in the gateway benchmark. Uses trio-websocket's receive channel (private: it has no public
-    non-blocking read); a closed channel is left for the next `get_message()` to report.
-    """
-    channel = ws._recv_channel
-    while len(into) < DRAIN_MAX_MESSAGES:
-        try:
-            into.append(channel.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-            return
-
-
-async def _close(ws: WebSocketConnection, code: int) -> None:
+async def _close(ws: WebSocket, code: int) -> None:
     """Close with `code` (never 1000/1001, but for a retiring shard's 1000), waiting briefly for the
     handshake, then drop the stream."""
     with trio.move_on_after(CLOSE_HANDSHAKE_TIMEOUT_S):
-        with contextlib.suppress(ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws.aclose(code=code)
+        await ws.close(code)
     await _close_stream(ws)
 
 
-async def _close_stream(ws: WebSocketConnection) -> None:
-    # trio-websocket has no public abort; closing its stream is what its own abort path does.
-    await trio.aclose_forcefully(ws._stream)
+async def _close_stream(ws: WebSocket) -> None:
+    await ws.abort()
