@@ -70,10 +70,9 @@ CLOSE_HANDSHAKE_TIMEOUT_S: Final = 1.0
 NORMAL_CLOSE_CODE: Final = 1000
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 RECEIVE_BUFFER_BYTES: Final = 65_536
-#: Within one socket read's messages, the reader yields after this many when the pump is over half full, so
-#: the pump's tasks can drain it between them (a replay after RESUME arrives as full reads of hundreds of
-#: events, more than a small pump holds).
-YIELD_EVERY_MESSAGES: Final = 64
+#: How long the reader lets a full pump free a slot before it closes for backpressure (`_pump_freed_room`):
+#: four times the pump's batching delay.
+PUMP_GRACE_S: Final = 0.02
 #: Commands queued per shard while it is not READY; more are rejected.
 COMMAND_QUEUE: Final = 1024
 
@@ -320,15 +319,7 @@ class ShardRunner:
                     return self._step  # the close was ours, for a step the core already chose
                 code = None if closed.code in (1005, 1006) else closed.code
                 return self._first_step(protocol.on_connection_lost(code, trio.current_time()))
-            unyielded = 0
             for message in messages:
-                unyielded += 1
-                if unyielded >= YIELD_EVERY_MESSAGES:
-                    unyielded = 0
-                    if self._pump.free_slots < self._pump.capacity // 2:
-                        await trio.lowlevel.checkpoint()
-                        if self._step is not None:
-                            return self._step
                 try:
                     raw = decompressor.feed(message)
                     if raw is None:
@@ -339,7 +330,10 @@ class ShardRunner:
                         and self._pump.free_slots <= 0
                         and self.outlet.needs_pump
                         and self._wants(payload.t)
+                        and not await self._pump_freed_room()
                     ):
+                        if self._step is not None:
+                            return self._step
                         # The broker is behind: stop reading before the core counts this dispatch (module
                         # note).
                         self._counters.backpressure_drops += 1
@@ -357,6 +351,19 @@ class ShardRunner:
                 await self._perform(events, protocol, ws, nursery, payload)
                 if self._step is not None:
                     return self._step  # a step ended this connection: the rest of the batch is dropped
+
+    async def _pump_freed_room(self) -> bool:
+        """The pump is full: give it `PUMP_GRACE_S` to free a slot. True if it did (and no step ended the
+        connection meanwhile).
+
+        One socket read holds hundreds of events (a RESUME replay arrives as full reads), and the reader
+        handles them without a checkpoint. A pump that is only forming a batch (it waits up to 5 ms for one
+        to fill) would otherwise be found full within one read, and the shard would close for backpressure on
+        every resume; a broker that is really behind frees nothing in that time.
+        """
+        with trio.move_on_after(PUMP_GRACE_S):
+            await self._pump.wait_drained_below(self._pump.capacity)
+        return self._pump.free_slots > 0 and self._step is None
 
     async def _run_timers(self, protocol: ShardProtocol, ws: WebSocket, nursery: trio.Nursery) -> None:
         """Fire the core's timers.
