@@ -6,7 +6,8 @@ timeout deadlines), the identify waiter and the command sender, plus its own `De
 connection ends the nursery is cancelled, so nothing of an old connection can touch a new one (STYLE).
 
 The reader never blocks on the broker (anchors/gateway.md 6.4, F11): dispatches go to the publish pump with
-`try_put`. When the pump is full the shard closes its connection with a resumable code *before* the
+`try_put`. When the pump is full (and stays full for `PUMP_GRACE_S`, 20 ms: a pump that is only forming a
+batch frees room in that time) the shard closes its connection with a resumable code *before* the
 dispatch reaches the core, so the core's seq (what RESUME sends) never covers an event that was not queued;
 it reconnects and RESUMEs once the pump has drained below half, and Discord replays what was missed. Memory
 stays bounded, heartbeat ACKs never wait behind the broker, and no event is lost.

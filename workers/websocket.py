@@ -29,9 +29,9 @@ in passing; a server's close frame is answered (its code echoed) and reported as
 
 Measured (`python -m benchmarks gateway --quick --only events_per_cpu_s.zlib.null --only
 events_per_cpu_s.zstd.null`: events per client CPU-second, null sink, 16 shards, the simulator's 1.1 KB
-MESSAGE_CREATEs). Before (trio-websocket, 8ada6d0) and after, run alternately three times each on the shared
-2-core VM while other work loaded it (load average 5-6: the client got 20-70% of a core, so absolute figures
-are low and noisy; each run is the median of its two repeats):
+MESSAGE_CREATEs). Before (trio-websocket, 8ada6d0) and after (7a39e90), run alternately three times each on
+the shared 2-core VM while other work loaded it (load average 5-6: the client got 20-70% of a core, so
+absolute figures are low and noisy; each run is the median of its two repeats):
 
 | events_per_cpu_s | before, runs 1 / 2 / 3   | median | after, runs 1 / 2 / 3       | median  | ratio |
 |------------------|--------------------------|--------|-----------------------------|---------|-------|
