@@ -695,7 +695,8 @@ class Supervisor:
                 if leading:
                     next_check = await self._lead_reshard(view, reshards, next_check)
                 failing = False
-            except (RedisError, OSError, trio.TooSlowError) as exc:
+            except (RedisError, OSError, trio.TooSlowError, ValueError) as exc:
+                # ValueError: a reshard state in Redis this node cannot read (a plan written by hand).
                 if not failing:
                     LOGGER.warning("reshard.redis_failed", extra={"error": str(exc) or type(exc).__name__})
                 failing = True
