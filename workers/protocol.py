@@ -306,6 +306,11 @@ class ShardProtocol:
             return None
         return SessionSnapshot(self._session_id, self._seq or 0, self._resume_url)
 
+    @property
+    def session_id(self) -> str | None:
+        """`session.session_id` without building the snapshot (None when `session` is)."""
+        return self._session_id if self._resume_url is not None else None
+
     def connect_url(self) -> str:
         """The base URL (no query string) to dial now."""
         if self._resume_url is not None and self._session_id is not None and not self._resume_url_failed:
