@@ -35,7 +35,7 @@ import random
 import reprlib
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -44,6 +44,7 @@ import orjson
 from .backoff import ReconnectBackoff
 from .errors import CommandRejected, CommandTooLarge, ProtocolError
 from .sendwindow import SendWindow
+from .slots import slot_constructor
 
 __all__ = [
     "ACK_TIMEOUT_S",
@@ -137,7 +138,13 @@ def decode_payload(raw: bytes | str) -> GatewayPayload:
         raise ProtocolError(f"gateway payload has a non-int s: {_shown(s)}")
     if t is not None and not isinstance(t, str):
         raise ProtocolError(f"gateway payload has a non-string t: {_shown(t)}")
-    return GatewayPayload(op, obj.get("d"), s, t, len(obj))  # positional: cheaper, once per message
+    return _new_payload(op, obj.get("d"), s, t, len(obj))
+
+
+#: `GatewayPayload(...)` without its frozen `__init__` (once per message: `workers.slots`).
+_new_payload: Final[Callable[[int, Any, int | None, str | None, int], GatewayPayload]] = slot_constructor(
+    GatewayPayload
+)
 
 
 #: Shows a malformed field in an error message: a few levels and characters of it, since it may be
@@ -227,6 +234,9 @@ class Fatal:
     code: int | None
     reason: str
 
+
+#: `Dispatch(...)` without its frozen `__init__` (once per dispatch: `workers.slots`).
+_new_dispatch: Final[Callable[[str, int | None], Dispatch]] = slot_constructor(Dispatch)
 
 Event: TypeAlias = (
     Send | RequestIdentify | Ready | Resumed | Dispatch | HeartbeatAck | RateLimited | Reconnect | Fatal
@@ -497,7 +507,7 @@ class ShardProtocol:
             if type(opcode) is not int or not isinstance(retry_after, int | float):
                 raise ProtocolError("RATE_LIMITED without opcode and retry_after")
             return [Dispatch(name, s), RateLimited(opcode, float(retry_after), d.get("meta"))]
-        return [Dispatch(name, s)]
+        return [_new_dispatch(name, s)]
 
     def _on_hello(self, payload: GatewayPayload, now: float) -> list[Event]:
         if self._hello_seen:

@@ -58,7 +58,7 @@ from .protocol import (
     ShardState,
     decode_payload,
 )
-from .publish.base import OutboundEvent
+from .publish.base import OutboundEvent, new_outbound_event
 from .publish.pump import CommittedSeq, PublishPump
 from .reshard import GuildArrivals, Offer, ShardOutlet
 from .sessions import SessionStore, StoredSession
@@ -498,7 +498,7 @@ class ShardRunner:
             return  # a replayed copy of an event this process already holds or published
         if self._wants(name):
             data = _data_bytes(self._raw, payload) or orjson.dumps(payload.d)
-            offer = self.outlet.offer(OutboundEvent(self.shard_id, session_id, seq, name, data, now))
+            offer = self.outlet.offer(new_outbound_event(self.shard_id, session_id, seq, name, data, now))
             if offer is not Offer.SKIPPED:
                 # Put, buffered or dropped: the committed seq waits for it (a dropped one forever: the
                 # retiring worker ends the session).
