@@ -159,18 +159,10 @@ async def run_worker(
     feed = ShardMetricsFeed(runners) if metrics else None
 
     def on_confirmed(batch: Sequence[OutboundEvent]) -> None:
-        # Grouped by shard, so each runner persists its committed seq once per batch, not once per event.
-        by_shard: dict[int, list[OutboundEvent]] = {}
         for event in batch:
-            events = by_shard.get(event.shard_id)
-            if events is None:
-                by_shard[event.shard_id] = [event]
-            else:
-                events.append(event)
-        for shard_id, events in by_shard.items():
-            runner = runners.get(shard_id)
+            runner = runners.get(event.shard_id)
             if runner is not None:
-                runner.on_confirmed(events)
+                runner.on_confirmed(event)
         if cutover is not None:
             cutover.on_confirmed(batch)
         if metrics:

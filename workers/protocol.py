@@ -35,7 +35,7 @@ import random
 import reprlib
 import sys
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -44,7 +44,6 @@ import orjson
 from .backoff import ReconnectBackoff
 from .errors import CommandRejected, CommandTooLarge, ProtocolError
 from .sendwindow import SendWindow
-from .slots import slot_constructor
 
 __all__ = [
     "ACK_TIMEOUT_S",
@@ -138,13 +137,7 @@ def decode_payload(raw: bytes | str) -> GatewayPayload:
         raise ProtocolError(f"gateway payload has a non-int s: {_shown(s)}")
     if t is not None and not isinstance(t, str):
         raise ProtocolError(f"gateway payload has a non-string t: {_shown(t)}")
-    return _new_payload(op, obj.get("d"), s, t, len(obj))
-
-
-#: `GatewayPayload(...)` without its frozen `__init__` (once per message: `workers.slots`).
-_new_payload: Final[Callable[[int, Any, int | None, str | None, int], GatewayPayload]] = slot_constructor(
-    GatewayPayload
-)
+    return GatewayPayload(op, obj.get("d"), s, t, len(obj))  # positional: cheaper, once per message
 
 
 #: Shows a malformed field in an error message: a few levels and characters of it, since it may be
@@ -235,9 +228,6 @@ class Fatal:
     reason: str
 
 
-#: `Dispatch(...)` without its frozen `__init__` (once per dispatch: `workers.slots`).
-_new_dispatch: Final[Callable[[str, int | None], Dispatch]] = slot_constructor(Dispatch)
-
 Event: TypeAlias = (
     Send | RequestIdentify | Ready | Resumed | Dispatch | HeartbeatAck | RateLimited | Reconnect | Fatal
 )
@@ -315,11 +305,6 @@ class ShardProtocol:
         if self._session_id is None or self._resume_url is None:
             return None
         return SessionSnapshot(self._session_id, self._seq or 0, self._resume_url)
-
-    @property
-    def session_id(self) -> str | None:
-        """`session.session_id` without building the snapshot (None when `session` is)."""
-        return self._session_id if self._resume_url is not None else None
 
     def connect_url(self) -> str:
         """The base URL (no query string) to dial now."""
@@ -507,7 +492,7 @@ class ShardProtocol:
             if type(opcode) is not int or not isinstance(retry_after, int | float):
                 raise ProtocolError("RATE_LIMITED without opcode and retry_after")
             return [Dispatch(name, s), RateLimited(opcode, float(retry_after), d.get("meta"))]
-        return [_new_dispatch(name, s)]
+        return [Dispatch(name, s)]
 
     def _on_hello(self, payload: GatewayPayload, now: float) -> list[Event]:
         if self._hello_seen:

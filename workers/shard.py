@@ -26,7 +26,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -58,7 +58,7 @@ from .protocol import (
     ShardState,
     decode_payload,
 )
-from .publish.base import OutboundEvent, new_outbound_event
+from .publish.base import OutboundEvent
 from .publish.pump import CommittedSeq, PublishPump
 from .reshard import GuildArrivals, Offer, ShardOutlet
 from .sessions import SessionStore, StoredSession
@@ -174,22 +174,14 @@ class ShardRunner:
             await _close(ws, NORMAL_CLOSE_CODE)
         self._store.delete(self.shard_id)
 
-    def on_confirmed(self, events: Sequence[OutboundEvent]) -> None:
-        """The pump reports events of this shard accepted by the broker (in order): advance the committed seq
-        and persist it, once for all of them (the store keeps only the newest anyway)."""
-        self._counters.confirmed += len(events)
+    def on_confirmed(self, event: OutboundEvent) -> None:
+        """The pump reports an event accepted by the broker: advance the committed seq and persist it."""
+        self._counters.confirmed += 1
         committed = self.committed
-        if committed is None:
-            return
-        session_id = committed.session_id
-        confirmed = committed.confirmed
-        ours = False
-        for event in events:
-            if event.session_id == session_id:  # else an event of a session this shard has since left
-                confirmed(event.seq)
-                ours = True
-        if ours:
-            self._save_committed()
+        if committed is None or committed.session_id != event.session_id:
+            return  # an event of a session this shard has since left
+        committed.confirmed(event.seq)
+        self._save_committed()
 
     def statistics(self) -> ShardStatistics:
         stats = self.protocol.statistics() if self.protocol else None
@@ -319,11 +311,7 @@ class ShardRunner:
         self._connection_scope.cancel()
 
     async def _read(self, protocol: ShardProtocol, ws: WebSocket, nursery: trio.Nursery) -> Reconnect | Fatal:
-        feed = Decompressor(self.config.settings.compression).feed
-        receive = protocol.receive
-        dispatch = self._dispatch
-        pump = self._pump
-        current_time = trio.current_time
+        decompressor = Decompressor(self.config.settings.compression)
         while True:
             try:
                 messages = await ws.receive()
@@ -334,13 +322,13 @@ class ShardRunner:
                 return self._first_step(protocol.on_connection_lost(code, trio.current_time()))
             for message in messages:
                 try:
-                    raw = feed(message)
+                    raw = decompressor.feed(message)
                     if raw is None:
                         continue
                     payload = decode_payload(raw)
                     if (
                         payload.op == 0
-                        and pump.free_slots <= 0
+                        and self._pump.free_slots <= 0
                         and self.outlet.needs_pump
                         and self._wants(payload.t)
                         and not await self._pump_freed_room()
@@ -353,8 +341,7 @@ class ShardRunner:
                         LOGGER.warning("shard.backpressure", extra={"queued": self._pump.statistics().queued})
                         await _close(ws, RESUMABLE_CLOSE_CODE)
                         return self._first_step(protocol.on_connection_lost(None, trio.current_time()))
-                    now = current_time()
-                    events = receive(payload, now)
+                    events = protocol.receive(payload, trio.current_time())
                 except (TransportError, ProtocolError) as exc:
                     # Corrupt input: the stream is unusable; drop it and RESUME on a fresh decompressor.
                     self._counters.transport_errors += 1
@@ -362,12 +349,6 @@ class ShardRunner:
                     await _close(ws, RESUMABLE_CLOSE_CODE)
                     return self._first_step(protocol.on_connection_lost(None, trio.current_time()))
                 self._raw = raw
-                if len(events) == 1 and type(event := events[0]) is Dispatch:
-                    # The common case, a plain dispatch: it moves none of the core's deadlines (only READY,
-                    # RESUMED and other ops do), so `_perform` has nothing else to do, and a step ended this
-                    # connection only with the core's input (it answers nothing more, so never this).
-                    dispatch(event, payload, protocol, now)
-                    continue
                 await self._perform(events, protocol, ws, nursery, payload)
                 if self._step is not None:
                     return self._step  # a step ended this connection: the rest of the batch is dropped
@@ -441,7 +422,7 @@ class ShardRunner:
                     await ws.send_message(event.data.decode())
             elif isinstance(event, Dispatch):
                 assert payload is not None
-                self._dispatch(event, payload, protocol, trio.current_time())
+                self._dispatch(event, payload, protocol)
             elif isinstance(event, RequestIdentify):
                 nursery.start_soon(self._identify, protocol, ws, nursery)
             elif isinstance(event, Ready):
@@ -477,28 +458,27 @@ class ShardRunner:
                 return event
         raise AssertionError(f"the core answered a lost connection with {events!r}")
 
-    def _dispatch(
-        self, event: Dispatch, payload: GatewayPayload, protocol: ShardProtocol, now: float
-    ) -> None:
-        """`now`: when the dispatch arrived (the time the core was given with it)."""
+    def _dispatch(self, event: Dispatch, payload: GatewayPayload, protocol: ShardProtocol) -> None:
         self._counters.dispatches += 1
         name = event.name
         if name == "READY":
-            self._guilds.on_ready(payload.d, now)
+            self._guilds.on_ready(payload.d, trio.current_time())
         elif name == "GUILD_CREATE" or name == "GUILD_DELETE":
             self._guilds.on_guild(payload.d)
         seq = event.seq
-        session_id = protocol.session_id
-        if seq is None or session_id is None:
+        session = protocol.session
+        if seq is None or session is None:
             return  # a dispatch outside a session (none in practice) has nothing to commit
         committed = self.committed
-        if committed is None or committed.session_id != session_id:
-            committed = self.committed = CommittedSeq(session_id, 0)
+        if committed is None or committed.session_id != session.session_id:
+            committed = self.committed = CommittedSeq(session.session_id, 0)
         if seq <= committed.last_received:
             return  # a replayed copy of an event this process already holds or published
         if self._wants(name):
             data = _data_bytes(self._raw, payload) or orjson.dumps(payload.d)
-            offer = self.outlet.offer(new_outbound_event(self.shard_id, session_id, seq, name, data, now))
+            offer = self.outlet.offer(
+                OutboundEvent(self.shard_id, session.session_id, seq, name, data, trio.current_time())
+            )
             if offer is not Offer.SKIPPED:
                 # Put, buffered or dropped: the committed seq waits for it (a dropped one forever: the
                 # retiring worker ends the session).
@@ -523,19 +503,18 @@ class ShardRunner:
         if self._retired:
             return
         committed = self.committed
-        if committed is None or committed.committed <= self._saved_seq:
-            return
         protocol = self.protocol
         session = protocol.session if protocol else None
-        if session is None or session.session_id != committed.session_id:
+        if committed is None or session is None or session.session_id != committed.session_id:
             return
-        self._saved_seq = committed.committed
-        self._store.save(
-            self.shard_id,
-            StoredSession(
-                session.session_id, committed.committed, session.resume_url, self.config.shard_count
-            ),
-        )
+        if committed.committed > self._saved_seq:
+            self._saved_seq = committed.committed
+            self._store.save(
+                self.shard_id,
+                StoredSession(
+                    session.session_id, committed.committed, session.resume_url, self.config.shard_count
+                ),
+            )
 
 
 def _data_bytes(raw: bytes, payload: GatewayPayload) -> bytes | None:

@@ -55,28 +55,6 @@ itself, idle epoll waits left out; the profiler inflates every figure, the share
 Framing now costs about 2.5 µs an event where wsproto, trio-websocket and their per-message scheduling cost
 about 50; what is left is the shard's own per-event work (`_dispatch`, `decode_payload`, the committed-seq
 bookkeeping), which is the next place to look.
-
-The shard's per-event work, next (672d09f: confirmed events persisted once per pump batch per shard, a plain
-dispatch straight to `_dispatch`, one clock read per message, the three per-event frozen dataclasses built by
-`workers.slots`). cProfile as above, zlib, one repeat each, µs per event (the profiler's own shares; object
-creation through `object.__new__` now counts under "everything else"):
-
-| where the worker's CPU went          | 6e04108 µs/event | share | 672d09f µs/event | share |
-|--------------------------------------|------------------|-------|------------------|-------|
-| trio                                 | 5.9              | 10%   | 3.0              | 9%    |
-| wsframes + this module               | 1.9              | 3%    | 1.4              | 4%    |
-| zlib + orjson                        | 5.0              | 9%    | 4.1              | 12%   |
-| shard, protocol core, pump, sessions | 37.2             | 66%   | 20.9             | 60%   |
-| everything else                      | 6.1              | 11%   | 5.3              | 15%   |
-| total                                | 56.1             |       | 34.6             |       |
-
-Throughput (zlib.null, `--quick`, each run the median of its 2 repeats, baseline and change run alternately on
-the shared VM, 4 pairs): 91,088 / 97,404 / 53,945 / 68,231 against 126,064 / 132,934 / 78,844 / 72,876,
-per-pair 1.38x / 1.36x / 1.46x / 1.07x; the fraction of the ceiling went from 0.16 / 0.22 to 0.26 / 0.26 in
-the two pairs that measured it. What is left is spread thin: no function takes a tenth of the worker's
-time by itself (`_read`'s loop and `_dispatch` about 9% each, then `orjson.loads`, `decode_payload`,
-`try_put`, `_data_bytes`, zlib, the decompressor's `feed`, CommittedSeq), so reaching 0.70 means doing less
-per event, not making one step cheaper.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def test_identify_permit_after_the_connection_dropped_sends_nothing() -> None:
 def test_hello_with_session_resumes() -> None:
     session = SessionSnapshot("sess-9", 42, RESUME_URL)
     proto, _ = make(session=session)
-    assert proto.session == session and proto.session_id == "sess-9"
+    assert proto.session == session
     assert proto.connect_url() == RESUME_URL
     proto.on_connected(0.0)
     [event] = proto.receive(hello(), 0.0)
@@ -405,7 +405,7 @@ def test_op9_false_drops_the_session_and_identifies_after_1_to_5_s() -> None:
     events = proto.receive(invalid_session(False), 100.0)
     assert events == [Reconnect(False, delay, RESUMABLE_CLOSE_CODE, "invalid-session")]
     assert 1.0 <= delay <= 5.0
-    assert proto.session is None and proto.session_id is None
+    assert proto.session is None
     assert proto.connect_url() == GATEWAY_URL
     proto.on_connected(100.0 + delay)
     assert proto.receive(hello(), 100.0 + delay) == [RequestIdentify()]

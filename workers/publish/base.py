@@ -13,14 +13,12 @@ Encodings (DESIGN 3.4):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol, get_args
 
 import msgpack
 import orjson
-
-from workers.slots import slot_constructor
 
 Encoding = Literal["spectacles", "msgpack", "json"]
 ENCODINGS: Final[tuple[Encoding, ...]] = get_args(Encoding)
@@ -40,13 +38,6 @@ class OutboundEvent:
     data: bytes
     #: `trio.current_time()` when the dispatch arrived (for the publish-confirm lag metric).
     received_at: float = 0.0
-
-
-#: `OutboundEvent(...)` with every field given, without its frozen `__init__` (once per dispatch:
-#: `workers.slots`).
-new_outbound_event: Final[Callable[[int, str, int, str, bytes, float], OutboundEvent]] = slot_constructor(
-    OutboundEvent
-)
 
 
 class Publisher(Protocol):
