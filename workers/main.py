@@ -269,8 +269,23 @@ async def _open_stop_request() -> AsyncIterator[_StopRequest]:
             except Exception as exc:
                 failure = exc  # re-raised below, outside the nursery, bare (not in an ExceptionGroup)
             listener.cancel_scope.cancel()
+    if stop.requested.is_set() and _late_sigterm.ignored:
+        # The worker is on its way out, its drain done. A terminal's Ctrl-C reaches the whole process
+        # group, and the supervisor's SIGTERM that follows may come only now: with the default action
+        # restored it would turn this clean exit into -15. The process is exiting; nothing is left to stop.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if failure is not None:
         raise failure
+
+
+class _LateSigterm:
+    """Whether a SIGTERM after the drain is ignored: in the worker process (`main`), not in a test that
+    runs `run_worker` in its own process."""
+
+    ignored = False
+
+
+_late_sigterm: Final = _LateSigterm()
 
 
 def _register_secrets(config: WorkerConfig) -> None:
@@ -474,6 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m workers`: configured by the supervisor over the control channel when it started this
     process, else by the environment and the command line (standalone: tests, benchmarks)."""
     args = build_parser().parse_args(argv)
+    _late_sigterm.ignored = True
     fd = control_fd_from_env()
     if fd is not None:
         return _guarded(_run_supervised, fd)
