@@ -679,9 +679,7 @@ class Supervisor:
             try:
                 if pending is not None:
                     assert self._gen is not None
-                    for shard in sorted(self._uncovered):
-                        await reshards.request(pending, (self._gen.epoch, shard))
-                    await reshards.request(pending)
+                    await reshards.request(pending, self._gen.epoch, self._uncovered)
                     pending = None
                 view = await reshards.poll(ttl_ms, may_lead=settings.reshard == "auto")
                 # The switch's steps follow each other at once: no event is published between them.

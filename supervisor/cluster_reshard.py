@@ -222,13 +222,12 @@ class ReshardStore:
             uncovered=tuple(sorted(int(_text(shard)) for shard in uncovered)),
         )
 
-    async def request(self, trigger: str, uncovered: tuple[int, int] | None = None) -> None:
-        """Ask the leader to check the recommended count (`trigger`); with `uncovered` (epoch, shard), that
-        shard of the running epoch was closed with 4011."""
+    async def request(self, trigger: str, epoch: int = 0, uncovered: Collection[int] = ()) -> None:
+        """Ask the leader to check the recommended count (`trigger`); `uncovered`: shards of the running
+        `epoch` closed with 4011. One round trip."""
         commands: list[list[Arg]] = [["SET", self.request_key, trigger]]
-        if uncovered is not None:
-            epoch, shard = uncovered
-            commands.append(["SADD", f"{self._uncovered_prefix}{epoch}", shard])
+        if uncovered:
+            commands.append(["SADD", f"{self._uncovered_prefix}{epoch}", *sorted(uncovered)])
         await self._client.pipeline(commands, key=self.request_key)
 
     async def take_request(self) -> str | None:

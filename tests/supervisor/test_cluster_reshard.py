@@ -101,7 +101,7 @@ async def test_reshard_store_one_leader_one_reshard_per_epoch_and_each_step_from
         assert not (await b.poll(5_000, may_lead=True)).leader
         assert (await a.poll(5_000, may_lead=True)).leader  # renewed, still a's
 
-        await b.request("signal", (0, 3))
+        await b.request("signal", 0, {3})
         assert await a.take_request() == "signal"
         assert await a.take_request() is None
         assert (await a.poll(5_000, may_lead=True)).uncovered == (3,)
